@@ -1,0 +1,64 @@
+"""Device identity: IDs, the MQTT topics they own, and the backend's reserved name.
+
+The device ID is the common name of the device's certificate, and the broker's ACL
+substitutes it into topic patterns (``%u``), so it must never contain anything that
+MQTT treats as structure: ``+`` and ``#`` are wildcards, ``/`` is a level separator,
+``$`` starts the broker's own topics (MQTT v5 §4.7, §4.7.2).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from agent.errors import InvalidDeviceId
+
+MAX_DEVICE_ID_LENGTH: Final = 64
+# The backend's certificate CN. The ACL grants it read on every device's up/ and
+# write on every down/, so no device may ever be issued this name.
+BACKEND_ID: Final = "smartmi-backend"
+TOPIC_ROOT: Final = "smartmi/v1"
+UP_KINDS: Final = ("activation", "crash", "deletion-request")
+
+_ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+
+
+def validate_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is safe as a certificate CN and MQTT topic level."""
+    if not device_id:
+        raise InvalidDeviceId(device_id, "it is empty")
+    if len(device_id) > MAX_DEVICE_ID_LENGTH:
+        raise InvalidDeviceId(
+            device_id, f"it has {len(device_id)} characters, at most {MAX_DEVICE_ID_LENGTH}"
+        )
+    bad = sorted({c for c in device_id if c in "+#/$" or c.isspace()})
+    if bad:
+        raise InvalidDeviceId(device_id, f"it contains {''.join(bad)!r} (MQTT wildcard or path)")
+    if not _ALLOWED.fullmatch(device_id):
+        raise InvalidDeviceId(
+            device_id,
+            "use letters, digits and . _ : - only, starting with a letter or digit",
+        )
+    if device_id == BACKEND_ID:
+        raise InvalidDeviceId(device_id, "it is the backend identity's reserved name")
+    return device_id
+
+
+def up_topic(device_id: str, kind: str) -> str:
+    """The device -> cloud topic for one message kind."""
+    if kind not in UP_KINDS:
+        raise ValueError(f"unknown up kind {kind!r}")
+    return f"{TOPIC_ROOT}/{device_id}/up/{kind}"
+
+
+def down_topic(device_id: str, command: str) -> str:
+    """The cloud -> device topic for one command."""
+    return f"{TOPIC_ROOT}/{device_id}/down/{command}"
+
+
+def down_filter(device_id: str) -> str:
+    """The subscription filter a device uses for its own commands."""
+    return f"{TOPIC_ROOT}/{device_id}/down/+"
+
+
+UP_FILTER_ALL: Final = f"{TOPIC_ROOT}/+/up/+"

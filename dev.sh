@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up this checkout (idempotent) and run one job.
+#   ./dev.sh fleet   simulated fleet against a local mutual-TLS Mosquitto (the main job)
+#   ./dev.sh broker  a local mutual-TLS Mosquitto until Ctrl-C
+#   ./dev.sh test    ruff, mypy (strict) and the test suite
+#   ./dev.sh bench   the benchmark suite
+#   ./dev.sh setup   only install
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+setup() {
+    local missing=()
+    command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    command -v openssl >/dev/null || missing+=(openssl)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing ${missing[*]} (apt-get)" >&2
+        as_root apt-get update -q
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    fi
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+}
+
+job="${1:-}"
+shift || true
+case "$job" in
+    fleet|broker|test|bench|setup) ;;
+    *) echo "usage: ./dev.sh fleet|broker|test|bench|setup [ARGS...]" >&2; exit 2 ;;
+esac
+setup
+case "$job" in
+    setup) ;;
+    broker) exec .venv/bin/smartmi-sim broker up "$@" ;;
+    fleet)
+        exec .venv/bin/smartmi-sim run --devices 200 \
+            --scenario simulator/scenarios/smoke.toml --report report.json "$@"
+        ;;
+    test)
+        .venv/bin/ruff check .
+        .venv/bin/mypy
+        exec .venv/bin/pytest "$@"
+        ;;
+    bench) exec .venv/bin/python -m bench "$@" ;;
+esac

@@ -1,0 +1,212 @@
+"""Start, restart and stop a local Mosquitto rendered from ``broker-config/``.
+
+Used by ``smartmi-sim broker up``, the fleet simulator, the test fixtures and the
+benchmarks, so that all of them run the very configuration that is documented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Final, Self
+
+from agent.errors import BrokerError
+from simulator.pki import DevPki
+
+_SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
+_START_TIMEOUT: Final = 15.0
+
+
+def repo_broker_config() -> Path:
+    """The ``broker-config/`` directory (overridable with SMARTMI_BROKER_CONFIG)."""
+    env = os.environ.get("SMARTMI_BROKER_CONFIG")
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "broker-config"
+    if not (path / "mosquitto.conf").is_file():
+        raise BrokerError(
+            f"broker configuration not found at {path}; run from a checkout of the project "
+            "or set SMARTMI_BROKER_CONFIG to its broker-config/ directory"
+        )
+    return path
+
+
+def find_mosquitto() -> str:
+    """The path of the mosquitto binary, or a BrokerError naming the package to install."""
+    found = shutil.which("mosquitto") or shutil.which(
+        "mosquitto", path=os.pathsep.join(_SEARCH_PATH)
+    )
+    if not found:
+        raise BrokerError(
+            "the 'mosquitto' binary was not found; install it with "
+            "'sudo apt-get install mosquitto' (Debian / Raspberry Pi OS)"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _mosquitto_user() -> pwd.struct_passwd | None:
+    """The account mosquitto drops to when started as root, if there is one."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("mosquitto")
+    except KeyError:
+        return None
+
+
+class MosquittoBroker:
+    """One local Mosquitto process on loopback with the fleet's TLS configuration."""
+
+    def __init__(
+        self,
+        pki: DevPki,
+        *,
+        port: int | None = None,
+        bind: str = "127.0.0.1",
+        config_dir: Path | None = None,
+        connection_messages: bool = False,
+    ) -> None:
+        self.pki = pki.ensure()
+        self.bind = bind
+        self.port = port or free_port(bind)
+        self.config_dir = config_dir or repo_broker_config()
+        self.connection_messages = connection_messages
+        self.binary = find_mosquitto()
+        # A fresh directory under the system temp dir, not inside the caller's tree:
+        # as root, mosquitto drops to the 'mosquitto' user, which cannot traverse
+        # private directories such as /root or pytest's 0700 basetemp.
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="smartmi-broker-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: int | None = None
+        self._render()
+
+    @property
+    def host(self) -> str:
+        """The address clients connect to."""
+        return self.bind
+
+    @property
+    def url(self) -> str:
+        """An ``mqtts://`` URL for this broker."""
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"mqtts://{host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the broker's log goes."""
+        return self.runtime_dir / "mosquitto.log"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _render(self) -> None:
+        rd = self.runtime_dir
+        (rd / "data").mkdir()
+        shutil.copyfile(self.pki.ca_cert, rd / "ca.pem")
+        shutil.copyfile(self.pki.broker.cert, rd / "broker.pem")
+        shutil.copyfile(self.pki.broker.key, rd / "broker.key")
+        shutil.copyfile(self.config_dir / "acl", rd / "acl")
+        template = string.Template((self.config_dir / "mosquitto.conf").read_text())
+        try:
+            text = template.substitute(
+                port=self.port,
+                bind=self.bind,
+                acl_file=rd / "acl",
+                cafile=rd / "ca.pem",
+                certfile=rd / "broker.pem",
+                keyfile=rd / "broker.key",
+                data_dir=rd / "data",
+                connection_messages="true" if self.connection_messages else "false",
+            )
+        except (KeyError, ValueError) as exc:
+            raise BrokerError(f"bad field in {self.config_dir / 'mosquitto.conf'}: {exc}") from exc
+        (rd / "mosquitto.conf").write_text(text)
+        os.chmod(rd / "broker.key", 0o600)
+        user = _mosquitto_user()
+        if user is not None:
+            for path in [rd, *rd.rglob("*")]:
+                os.chown(path, user.pw_uid, user.pw_gid)
+
+    def start(self) -> Self:
+        """Start mosquitto and wait until it accepts TCP connections."""
+        if self.running:
+            return self
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._log_file = log
+        self._proc = subprocess.Popen(
+            [self.binary, "-c", str(self.runtime_dir / "mosquitto.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
+        )
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(
+                    f"mosquitto exited with code {self._proc.returncode} at start; "
+                    f"its log:\n{self.log_tail()}"
+                )
+            with contextlib.suppress(OSError), socket.create_connection(
+                (self.bind, self.port), timeout=0.5
+            ):
+                return self
+            time.sleep(0.02)  # no readiness event to await: mosquitto has no notify socket
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within "
+                          f"{_START_TIMEOUT:.0f} s; its log:\n{self.log_tail()}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the broker: SIGTERM (it saves its persistence file) or SIGKILL."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_file is not None:
+            os.close(self._log_file)
+            self._log_file = None
+
+    def restart(self, *, kill: bool = False) -> Self:
+        """Stop and start again on the same port, keeping persisted sessions."""
+        self.stop(kill=kill)
+        return self.start()
+
+    def cleanup(self) -> None:
+        """Stop the broker and remove its runtime directory."""
+        self.stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the broker's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

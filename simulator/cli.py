@@ -1,0 +1,147 @@
+"""``smartmi-sim``: the dev PKI, a local TLS broker, and the fleet simulator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from agent.errors import AgentError
+from agent.identity import validate_device_id
+
+DEFAULT_DEV_DIR = Path(os.environ.get("SMARTMI_DEV_DIR", ".smartmi-dev"))
+
+
+def _pki(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # deferred import
+    from simulator.pki import DevPki
+
+    return DevPki(Path(args.dir).resolve() / "pki")
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    """Create the dev CA, broker and backend identities."""
+    pki = _pki(args).ensure()
+    print(f"dev PKI ready in {pki.root}")
+    print(f"  CA       {pki.ca_cert}")
+    print(f"  broker   {pki.broker.cert}")
+    print(f"  backend  {pki.backend.cert}")
+    return 0
+
+
+def cmd_pki_device(args: argparse.Namespace) -> int:
+    """Issue device certificates."""
+    ids: list[str] = list(args.device_id)
+    if args.count:
+        ids += [f"{args.prefix}{i:05d}" for i in range(args.count)]
+    if not ids:
+        print("error: name at least one device ID or give --count", file=sys.stderr)
+        return 2
+    for device_id in ids:
+        validate_device_id(device_id)  # refuse the whole batch before writing anything
+    pki = _pki(args).ensure()
+    if len(ids) == 1 or args.force:
+        for device_id in ids:
+            ident = pki.issue_device(device_id)
+            print(f"{device_id}: {ident.cert} {ident.key}")
+    else:
+        made = pki.ensure_devices(ids)
+        print(f"{len(made)} device identities in {pki.root / 'devices'}")
+    return 0
+
+
+def cmd_broker_up(args: argparse.Namespace) -> int:
+    """Run a local Mosquitto with the fleet's TLS configuration until Ctrl-C."""
+    from simulator.broker import MosquittoBroker, find_mosquitto
+
+    find_mosquitto()  # fail before generating anything if the binary is missing
+    pki = _pki(args).ensure()
+    pki.ensure_devices([args.sample_device])
+    sample = pki.device(args.sample_device)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    with MosquittoBroker(pki, port=args.port, bind=args.bind, connection_messages=True) as broker:
+        host = broker.host
+        print(f"Mosquitto (mutual TLS) listening on {broker.url}")
+        print(f"  CA:             {pki.ca_cert}")
+        print(f"  backend:        --cert {pki.backend.cert} --key {pki.backend.key}")
+        print(f"  sample device:  --cert {sample.cert} --key {sample.key}")
+        print(f"  broker log:     {broker.log_path}")
+        print("Watch every device's uplink as the backend:")
+        print(
+            f"  mosquitto_sub -h {host} -p {broker.port} -V mqttv5 -i watcher "
+            f"--cafile {pki.ca_cert} --cert {pki.backend.cert} --key {pki.backend.key} "
+            "-t 'smartmi/v1/+/up/#' -v"
+        )
+        print("Press Ctrl-C to stop.", flush=True)
+        while not stop.wait(0.5):
+            if not broker.running:
+                print(f"mosquitto stopped unexpectedly; log:\n{broker.log_tail()}", file=sys.stderr)
+                return 1
+    print("broker stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of smartmi-sim."""
+    parser = argparse.ArgumentParser(
+        prog="smartmi-sim",
+        description="Development tools for the Smartmi agent: a dev PKI, a local "
+        "mutual-TLS Mosquitto, and a simulated fleet with a cloud-side privacy checker.",
+    )
+    parser.add_argument(
+        "--dir",
+        default=str(DEFAULT_DEV_DIR),
+        help="where the dev PKI and simulator state live (default: %(default)s, "
+        "or $SMARTMI_DEV_DIR)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pki = sub.add_parser("pki", help="dev CA, broker, backend and device certificates")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
+    p = pki_sub.add_parser("init", help="create the dev CA, broker and backend identities")
+    p.set_defaults(func=cmd_pki_init)
+    p = pki_sub.add_parser("device", help="issue device certificates (CN = device ID)")
+    p.add_argument("device_id", nargs="*", help="device IDs to issue")
+    p.add_argument("--count", type=int, default=0, help="also issue this many numbered IDs")
+    p.add_argument("--prefix", default="sim-", help="prefix of numbered IDs (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="re-issue even if a certificate exists")
+    p.set_defaults(func=cmd_pki_device)
+
+    broker = sub.add_parser("broker", help="a local Mosquitto with the fleet configuration")
+    b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
+    p = b_sub.add_parser(
+        "up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C"
+    )
+    p.add_argument("--port", type=int, default=8883, help="TCP port (default %(default)s; 0 = any)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--sample-device", default="dev-0001", help="device identity to print")
+    p.set_defaults(func=cmd_broker_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of smartmi-sim."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "port", None) == 0:
+        args.port = None
+    try:
+        rc: int = args.func(args)
+    except AgentError as exc:
+        print(f"smartmi-sim: error: {exc}", file=sys.stderr)
+        return 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
