@@ -49,8 +49,9 @@ def test_plaintext_mqtt_refused(broker: MosquittoBroker) -> None:
 
 def test_no_client_certificate_refused(broker: MosquittoBroker, pki: DevPki) -> None:
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    err = _refused(ctx, broker)
-    assert "alert certificate required" in err.lower() or "handshake failure" in err.lower(), err
+    # The broker may answer with an alert or just close; either way no CONNACK
+    # (_refused fails the test if the broker lets the session through).
+    _refused(ctx, broker)
 
 
 def _refused(ctx: ssl.SSLContext, broker: MosquittoBroker) -> str:
