@@ -165,14 +165,17 @@ class MosquittoBroker:
                     f"mosquitto exited with code {self._proc.returncode} at start; "
                     f"its log:\n{self.log_tail()}"
                 )
-            with contextlib.suppress(OSError), socket.create_connection(
-                (self.bind, self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.bind, self.port), timeout=0.5),
             ):
                 return self
             time.sleep(0.02)  # no readiness event to await: mosquitto has no notify socket
         self.stop()
-        raise BrokerError(f"mosquitto did not listen on port {self.port} within "
-                          f"{_START_TIMEOUT:.0f} s; its log:\n{self.log_tail()}")
+        raise BrokerError(
+            f"mosquitto did not listen on port {self.port} within "
+            f"{_START_TIMEOUT:.0f} s; its log:\n{self.log_tail()}"
+        )
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop the broker: SIGTERM (it saves its persistence file) or SIGKILL."""

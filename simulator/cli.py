@@ -119,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="a local Mosquitto with the fleet configuration")
     b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
-    p = b_sub.add_parser(
-        "up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C"
-    )
+    p = b_sub.add_parser("up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C")
     p.add_argument("--port", type=int, default=8883, help="TCP port (default %(default)s; 0 = any)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--sample-device", default="dev-0001", help="device identity to print")

@@ -212,8 +212,9 @@ class DevPki:
             )
         cert = builder.sign(ca_key, hashes.SHA256())
         write_private(ident.key, _key_pem(key), durable=durable)
-        write_private(ident.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644,
-                      durable=durable)
+        write_private(
+            ident.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, durable=durable
+        )
         return ident
 
     def issue_server(self, ident: Identity, common_name: str) -> Identity:
@@ -234,7 +235,11 @@ class DevPki:
         """Issue (or re-issue) the client certificate of one device; CN = ``device_id``."""
         ident = self.device(device_id)  # validates the ID before anything is written
         return self._leaf(
-            ident, device_id, server=False, not_before=not_before, not_after=not_after,
+            ident,
+            device_id,
+            server=False,
+            not_before=not_before,
+            not_after=not_after,
             durable=durable,
         )
 

@@ -72,9 +72,7 @@ class PahoClient:
     connect_rc: ReasonCode | None = None
 
     def __post_init__(self) -> None:
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
-        )
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         c.tls_set_context(ctx_for(self.ca, self.ident))
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
@@ -95,9 +93,7 @@ class PahoClient:
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         self._done(mid, [rc])
 
-    def _on_subscribe(
-        self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any
-    ) -> None:
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
         self._done(mid, rcs)
 
     def _wait(self, mid: int) -> list[ReasonCode]:

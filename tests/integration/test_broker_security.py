@@ -188,9 +188,7 @@ def test_backend_sees_every_devices_up(clients: dict[str, PahoClient]) -> None:
     }
 
 
-def test_client_id_is_forced_to_certificate_cn(
-    broker: MosquittoBroker, pki: DevPki
-) -> None:
+def test_client_id_is_forced_to_certificate_cn(broker: MosquittoBroker, pki: DevPki) -> None:
     # A device that claims another's client ID still acts as itself (use_username_as_clientid).
     c = PahoClient(broker, pki.ca_cert, pki.issue_device("acl-liar"), "acl-b")
     assert c.connect() == 0
