@@ -135,6 +135,9 @@ class DeviceCore:
         self.config = config
         self._new_id = new_id
         self._in_flight: dict[str, Outgoing] = {}
+        # In flight when their purpose was withdrawn: a PUBACK may still come for
+        # them (they left the device before the withdrawal), and is then ledgered.
+        self._recalled: dict[str, Outgoing] = {}
         # Called with msg_ids that must not leave the device any more (P2): the
         # transport removes them from whatever the MQTT client still holds.
         self.purge_listeners: list[PurgeListener] = []
@@ -210,8 +213,10 @@ class DeviceCore:
         self.dropped[reason] += len(msg_ids)
         self._queued -= len(msg_ids)
         for msg_id in msg_ids:
-            if self._in_flight.pop(msg_id, None) is not None:
+            out = self._in_flight.pop(msg_id, None)
+            if out is not None:
                 item_step(ItemState.IN_FLIGHT, ItemEvent.DROP)
+                self._recalled[msg_id] = out
         for listener in self.purge_listeners:
             listener(msg_ids)
 
@@ -339,6 +344,7 @@ class DeviceCore:
             self.store.begin_wipe(reason, request)
         self.store.finish_wipe()
         self._in_flight = {k: v for k, v in self._in_flight.items() if v.purpose is None}
+        self._recalled.clear()
         doomed = [m for m in doomed if m not in self._in_flight]
         self.dropped[DropReason.WIPED] += len(doomed)
         self._queued = 0
@@ -477,6 +483,11 @@ class DeviceCore:
         """The broker acknowledged ``msg_id``: remove it and ledger it, atomically."""
         out = self._in_flight.pop(msg_id, None)
         if out is None:
+            recalled = self._recalled.pop(msg_id, None)
+            if recalled is not None and recalled.purpose is not None:
+                self.store.append_ledger(
+                    ledger.sent_entry(msg_id, recalled.purpose.value, recalled.payload, now=now)
+                )
             return False
         item_step(ItemState.IN_FLIGHT, ItemEvent.ACK)
         if out.purpose is None:
@@ -495,6 +506,7 @@ class DeviceCore:
 
     def connection_lost(self) -> None:
         """Every in-flight item goes back to queued (same msg_id: at-least-once)."""
+        self._recalled.clear()  # the transport forgot them: no PUBACK can come now
         for msg_id in list(self._in_flight):
             self.requeue(msg_id)
 

@@ -23,19 +23,26 @@ _RULES: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     # JSON Web Tokens.
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "<token>"),
     # E-mail addresses.
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "<email>"),
+    # Bounded local part: an unbounded one backtracks quadratically on long runs.
+    (re.compile(r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9.-]{1,255}\.[A-Za-z]{2,}"), "<email>"),
     # Home directories: /home/alice/..., /Users/alice/..., C:\Users\alice\...
     (re.compile(r"(/home/|/Users/|/var/home/)[^/\s\"']+"), r"\1<user>"),
     (re.compile(r"(?i)([A-Z]:\\+Users\\+)[^\\\s\"']+"), r"\1<user>"),
-    # Long opaque strings: hex keys, base64 secrets (20+ chars, letters and digits mixed).
-    (
-        re.compile(
-            r"\b(?=[A-Za-z0-9+/_-]*\d)(?=[A-Za-z0-9+/_-]*[A-Za-z])[A-Za-z0-9+/_-]{32,}={0,2}"
-        ),
-        "<token>",
-    ),
     (re.compile(r"\b[0-9a-fA-F]{20,}\b"), "<hex>"),
 )
+
+
+# Long opaque strings: base64/url-safe secrets of 32+ characters that mix letters and
+# digits. '/' is left out so that file paths survive. Matched as plain runs and
+# tested in Python: a look-ahead here would make scrubbing quadratic.
+_OPAQUE: Final = re.compile(r"[A-Za-z0-9+_-]{32,}={0,2}")
+
+
+def _opaque(match: re.Match[str]) -> str:
+    run = match.group(0)
+    if any(c.isdigit() for c in run) and any(c.isalpha() for c in run):
+        return "<token>"
+    return run
 
 
 def scrub(text: str) -> str:
@@ -43,4 +50,5 @@ def scrub(text: str) -> str:
     out = text[: MAX_STACK * 2]
     for pattern, repl in _RULES:
         out = pattern.sub(repl, out)
+    out = _OPAQUE.sub(_opaque, out)
     return out[:MAX_STACK]
