@@ -147,11 +147,10 @@ class DeviceCore:
         raw = store.load_state()
         self.settings = _Settings.from_json(raw) if raw else _Settings()
         if raw is None and store.has_data_key():
-            # The key exists but the state is gone (quarantined): anything queued
-            # was captured under consent we can no longer show, so it goes too.
-            self._drop(
-                store.delete_items([i.msg_id for i in store.queued(1 << 30)]), DropReason.TAMPERED
-            )
+            # The key exists but the state is gone (quarantined): queued items were
+            # captured under consent we can no longer show, and the ledger belongs to
+            # an owner we no longer know. All of it goes to quarantine, none is sent.
+            store.quarantine_all("state record unreadable")
         self._queued = store.count()
         self._purge_superseded()
         if (

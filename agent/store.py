@@ -206,6 +206,10 @@ class DeviceStore:
         """Move this device's data-key records to quarantine if the key is gone."""
         if self.has_data_key():
             return 0
+        return self.quarantine_all("data key missing")
+
+    def quarantine_all(self, reason: str) -> int:
+        """Move every data-key record of this device (outbox, ledger, state) to quarantine."""
         moved = 0
         with self.db.transaction() as c:
             tables = (("outbox", "msg_id"), ("ledger", "entry_id"), ("state", "device_id"))
@@ -217,10 +221,10 @@ class DeviceStore:
                 for row_ref, blob in rows:
                     c.execute(
                         "INSERT INTO quarantine (device_id, source, row_ref, reason, blob) "
-                        "VALUES (?, ?, ?, 'data key missing', ?)",
-                        (self.device_id, table, row_ref, blob),
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (self.device_id, table, row_ref, reason, blob),
                     )
-                    self.problems.append(TamperedRecord(table, row_ref, "data key missing"))
+                    self.problems.append(TamperedRecord(table, row_ref, reason))
                 moved += len(rows)
                 c.execute(f"DELETE FROM {table} WHERE device_id = ?", (self.device_id,))  # noqa: S608
         return moved

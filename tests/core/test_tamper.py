@@ -1,0 +1,126 @@
+"""Tampered, truncated, swapped or keyless records are detected, quarantined and never sent."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.device import CrashReport
+from agent.errors import StorageError
+from agent.purposes import Purpose
+from agent.store import Database
+from tests.core.helpers import Rig
+
+CRASH = CrashReport(signature="boom", stack="trace")
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path)
+    core = r.open()
+    core.bind("b", now=r.tick())
+    core.grant(Purpose.DIAGNOSTICS, now=r.tick())
+    for _ in range(3):
+        core.capture_crash(CRASH, now=r.tick())
+    assert r.db is not None
+    r.db.close()
+    r.db = None
+    return r
+
+
+def _edit(rig: Rig, sql: str, *args: object) -> None:
+    with sqlite3.connect(rig.root / "state.db") as c:
+        c.execute(sql, args)
+
+
+def _first_blob(rig: Rig, table: str = "outbox") -> tuple[int, bytes]:
+    with sqlite3.connect(rig.root / "state.db") as c:
+        row = c.execute(f"SELECT rowid, blob FROM {table} ORDER BY rowid LIMIT 1").fetchone()  # noqa: S608
+    return int(row[0]), bytes(row[1])
+
+
+def test_flipped_bit(rig: Rig) -> None:
+    rowid, blob = _first_blob(rig)
+    flipped = bytearray(blob)
+    flipped[20] ^= 0x01
+    _edit(rig, "UPDATE outbox SET blob = ? WHERE rowid = ?", bytes(flipped), rowid)
+    core = rig.open()
+    sent = rig.deliver_all()
+    assert len(sent) == 2
+    assert core.store.quarantined() == 1
+    assert core.store.problems[0].table == "outbox"
+
+
+def test_truncated(rig: Rig) -> None:
+    rowid, blob = _first_blob(rig)
+    _edit(rig, "UPDATE outbox SET blob = ? WHERE rowid = ?", blob[:10], rowid)
+    core = rig.open()
+    assert len(rig.deliver_all()) == 2
+    assert "truncated" in core.store.problems[0].reason
+
+
+def test_swapped_rows(rig: Rig) -> None:
+    with sqlite3.connect(rig.root / "state.db") as c:
+        (a, ba), (b, bb) = c.execute("SELECT rowid, blob FROM outbox LIMIT 2").fetchall()
+        c.execute("UPDATE outbox SET blob = ? WHERE rowid = ?", (bb, a))
+        c.execute("UPDATE outbox SET blob = ? WHERE rowid = ?", (ba, b))
+    core = rig.open()
+    assert len(rig.deliver_all()) == 1
+    assert core.store.quarantined() == 2
+
+
+def test_edited_plaintext_column(rig: Rig) -> None:
+    rowid, _ = _first_blob(rig)
+    _edit(rig, "UPDATE outbox SET captured_ms = captured_ms + 1 WHERE rowid = ?", rowid)
+    core = rig.open()
+    assert len(rig.deliver_all()) == 2
+    assert core.store.quarantined() == 1
+
+
+def test_tampered_state_record_sends_nothing(rig: Rig) -> None:
+    rowid, blob = _first_blob(rig, "state")
+    _edit(rig, "UPDATE state SET blob = ? WHERE rowid = ?", blob[:-1] + b"\0", rowid)
+    core = rig.open()
+    # Without its state, the device cannot show the consent its items were taken
+    # under: nothing is sent, the state is quarantined, and the device is not bound.
+    assert rig.deliver_all() == []
+    assert core.queued_count() == 0
+    assert core.store.quarantined() >= 1
+    assert core.status()["lifecycle"] == "factory-new"
+
+
+def test_missing_key(rig: Rig) -> None:
+    (rig.root / "keys" / "dev-1.data.key").unlink()
+    core = rig.open()
+    assert rig.deliver_all() == []
+    assert core.store.quarantined() == 4 + 1  # 3 items, 1 ledger entry, the state
+    assert all(p.reason == "data key missing" for p in core.store.problems)
+
+
+def test_corrupt_key_file_is_a_clear_error(rig: Rig) -> None:
+    (rig.root / "keys" / "dev-1.data.key").write_bytes(b"short")
+    with pytest.raises(StorageError, match=r"dev-1\.data\.key is corrupt"):
+        rig.open()
+
+
+def test_not_a_database_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageError, match="cannot be opened.*left untouched"):
+        Database(path)
+    assert path.read_bytes() == b"this is not sqlite" * 100
+
+
+def test_tampered_deletion_request_is_quarantined(rig: Rig) -> None:
+    core = rig.open()
+    core.unbind(now=rig.tick())
+    assert rig.db is not None
+    rig.db.close()
+    rig.db = None
+    rowid, blob = _first_blob(rig, "deletion_requests")
+    _edit(rig, "UPDATE deletion_requests SET blob = ? WHERE rowid = ?", blob[:-2] + b"xx", rowid)
+    core = rig.open()
+    assert rig.deliver_all() == []
+    assert core.store.problems[0].table == "deletion_requests"
