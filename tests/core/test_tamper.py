@@ -108,7 +108,7 @@ def test_corrupt_key_file_is_a_clear_error(rig: Rig) -> None:
 def test_not_a_database_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StorageError, match="cannot be opened.*left untouched"):
+    with pytest.raises(StorageError, match=r"cannot be opened.*left untouched"):
         Database(path)
     assert path.read_bytes() == b"this is not sqlite" * 100
 
