@@ -1,0 +1,186 @@
+"""``agent.toml``: the agent's configuration, validated strictly with clear errors.
+
+Example (see ``agent.example.toml``)::
+
+    [device]
+    id = "dev-0001"
+    serial = "SN0001"
+    model = "smartmi.fan.za5"
+    firmware_version = "2.1.0"
+
+    [privacy]
+    policy_version = "2026-01"
+
+    [paths]
+    state_dir = "/var/lib/smartmi-agent"
+
+    [broker]
+    url = "mqtts://127.0.0.1:8883"
+    ca = "/etc/smartmi-agent/ca.pem"
+    cert = "/etc/smartmi-agent/device.pem"
+    key = "/etc/smartmi-agent/device.key"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.device import CoreConfig
+from agent.errors import ConfigError, InvalidDeviceId
+from agent.identity import validate_device_id
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSection(_Section):
+    """What the device is."""
+
+    id: str
+    serial: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=64)
+    firmware_version: str = Field(min_length=1, max_length=64)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        try:
+            return validate_device_id(value)
+        except InvalidDeviceId as exc:
+            raise ValueError(exc.reason) from None
+
+
+class PrivacySection(_Section):
+    """The privacy policy in force and the outbox bound."""
+
+    policy_version: str = Field(min_length=1, max_length=64)
+    outbox_cap: int = Field(default=10_000, ge=1, le=1_000_000)
+
+
+class PathsSection(_Section):
+    """Where the agent keeps its state."""
+
+    state_dir: Path
+    crash_dir: Path | None = None
+    socket: Path | None = None
+
+
+class BrokerSection(_Section):
+    """How to reach the broker: mutual TLS only, so CA, certificate and key are required."""
+
+    url: str
+    ca: Path
+    cert: Path
+    key: Path
+    protocol: Literal["v5", "v311"] = "v5"
+    keepalive: int = Field(default=60, ge=5, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _mqtts(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "mqtts":
+            raise ValueError("must be an mqtts:// URL: the agent never speaks plaintext MQTT (P8)")
+        if not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"has a bad port: {exc}") from None
+        return value
+
+    @property
+    def host(self) -> str:
+        """The broker's host name or address."""
+        host = urlsplit(self.url).hostname
+        assert host is not None  # checked by the validator  # noqa: S101
+        return host
+
+    @property
+    def port(self) -> int:
+        """The broker's port (8883 by default)."""
+        return urlsplit(self.url).port or 8883
+
+
+class AgentConfig(_Section):
+    """The whole of agent.toml."""
+
+    device: DeviceSection
+    privacy: PrivacySection
+    paths: PathsSection
+    broker: BrokerSection | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        """The state directory."""
+        return self.paths.state_dir
+
+    @property
+    def crash_dir(self) -> Path:
+        """Where other device processes drop crash reports."""
+        return self.paths.crash_dir or self.paths.state_dir / "crash"
+
+    @property
+    def socket_path(self) -> Path:
+        """The control socket."""
+        return self.paths.socket or self.paths.state_dir / "control.sock"
+
+    def core_config(self) -> CoreConfig:
+        """The device core's view of this configuration."""
+        return CoreConfig(
+            device_id=self.device.id,
+            serial=self.device.serial,
+            model=self.device.model,
+            firmware_version=self.device.firmware_version,
+            policy_version=self.privacy.policy_version,
+            outbox_cap=self.privacy.outbox_cap,
+            crash_dir=self.crash_dir,
+        )
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``path``; ConfigError names the file, the key and the problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("file not found", where=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", where=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(path)) from exc
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}")
+        raise ConfigError("; ".join(problems), where=str(path)) from exc
+    base = path.parent
+    # Relative paths are relative to the config file, not to the working directory.
+    paths = config.paths.model_copy(
+        update={
+            k: (base / v if v is not None and not v.is_absolute() else v)
+            for k, v in config.paths.model_dump().items()
+        }
+    )
+    broker = config.broker
+    if broker is not None:
+        broker = broker.model_copy(
+            update={
+                k: (
+                    base / getattr(broker, k)
+                    if not getattr(broker, k).is_absolute()
+                    else getattr(broker, k)
+                )
+                for k in ("ca", "cert", "key")
+            }
+        )
+    return config.model_copy(update={"paths": paths, "broker": broker})

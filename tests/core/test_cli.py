@@ -1,0 +1,135 @@
+"""The agent's configuration errors and CLI verbs acting on a state directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_config
+from agent.errors import ConfigError, StoreLocked
+from agent.statedir import locked
+
+GOOD = """
+[device]
+id = "cli-1"
+serial = "SN1"
+model = "smartmi.fan.za5"
+firmware_version = "1.0"
+
+[privacy]
+policy_version = "7"
+
+[paths]
+state_dir = "state"
+
+[broker]
+url = "mqtts://127.0.0.1:8883"
+ca = "pki/ca.pem"
+cert = "pki/dev.pem"
+key = "pki/dev.key"
+"""
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD)
+    return path
+
+
+def run(conf: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, object]:
+    rc = main(["--config", str(conf), *argv])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if rc == 0 else err)
+
+
+def test_relative_paths_follow_the_config_file(conf: Path) -> None:
+    config = load_config(conf)
+    assert config.state_dir == conf.parent / "state"
+    assert config.broker is not None
+    assert config.broker.ca == conf.parent / "pki" / "ca.pem"
+    assert (config.broker.host, config.broker.port) == ("127.0.0.1", 8883)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("mqtts://", "mqtt://"), "broker.url: must be an mqtts:// URL"),
+        (('id = "cli-1"', 'id = "a/b"'), "device.id: it contains '/'"),
+        (
+            ('policy_version = "7"', 'policy_version = "7"\nextra = 1'),
+            "privacy.extra: Extra inputs",
+        ),
+        (('serial = "SN1"\n', ""), "device.serial: Field required"),
+        (("[paths]", "[paths"), "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(conf: Path, edit: tuple[str, str], message: str) -> None:
+    conf.write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as info:
+        load_config(conf)
+    assert message in str(info.value)
+    assert str(conf) in str(info.value)
+
+
+def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = run(tmp_path / "nope.toml", "status", capsys=capsys)
+    assert rc == 1
+    assert "nope.toml: file not found" in str(err)
+
+
+def test_verbs_end_to_end(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out = run(conf, "status", capsys=capsys)
+    assert rc == 0
+    assert isinstance(out, dict)
+    assert out["lifecycle"] == "factory-new"
+    rc, err = run(conf, "crash", "--simulate", capsys=capsys)
+    assert rc == 1
+    assert "not-bound" in str(err)
+    assert run(conf, "location", "precision", "country", capsys=capsys)[0] == 0
+    rc, out = run(conf, "location", "set", "48.8566", "2.3522", capsys=capsys)
+    assert out == {"stored": {"lat": 49.0, "lon": 2.0, "precision": "country"}}
+    assert run(conf, "bind", "--binding-id", "B1", capsys=capsys)[0] == 0
+    assert run(conf, "consent", "grant", "diagnostics", capsys=capsys)[0] == 0
+    rc, out = run(conf, "crash", "--simulate", capsys=capsys)
+    assert rc == 0
+    rc, out = run(conf, "status", capsys=capsys)
+    assert isinstance(out, dict)
+    assert out["queued"] == 1
+    assert out["consent"] == {"activation": "not-granted", "diagnostics": "ok"}
+    rc, out = run(conf, "consent", "withdraw", "diagnostics", capsys=capsys)
+    assert out == {"withdrawn": "diagnostics", "pending_items_deleted": 1}
+    rc, out = run(conf, "export", capsys=capsys)
+    assert isinstance(out, dict)
+    assert [e["action"] for e in out["entries"]] == ["grant", "withdraw"]
+    rc, out = run(conf, "unbind", capsys=capsys)
+    assert isinstance(out, dict)
+    assert out["deletion_request"]
+    rc, out = run(conf, "status", capsys=capsys)
+    assert isinstance(out, dict)
+    assert (out["lifecycle"], out["deletion_requests_pending"]) == ("factory-new", 1)
+
+
+def test_bad_arguments_are_refused(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--config", str(conf), "consent", "grant", "marketing"])
+    assert "unknown purpose 'marketing'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--config", str(conf), "location", "precision", "street"])
+    assert "off, country, region, city" in capsys.readouterr().err
+    rc, err = run(conf, "location", "set", "95", "0", capsys=capsys)
+    assert rc == 1
+    assert "latitude 95.0 is outside" in str(err)
+
+
+def test_locked_state_dir(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with locked(conf.parent / "state"):
+        with pytest.raises(StoreLocked):
+            with locked(conf.parent / "state"):
+                pass
+        rc, err = run(conf, "status", capsys=capsys)
+    assert rc == 1
+    assert "holds" in str(err)
