@@ -127,9 +127,8 @@ def test_bad_arguments_are_refused(conf: Path, capsys: pytest.CaptureFixture[str
 
 def test_locked_state_dir(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with locked(conf.parent / "state"):
-        with pytest.raises(StoreLocked):
-            with locked(conf.parent / "state"):
-                pass
+        with pytest.raises(StoreLocked), locked(conf.parent / "state"):
+            pass
         rc, err = run(conf, "status", capsys=capsys)
     assert rc == 1
     assert "holds" in str(err)
