@@ -338,7 +338,7 @@ class DeviceCore:
             )
             request = (msg_id, now, payload)
         # Everything personal that the transport still holds must go too.
-        doomed = list(self._in_flight) + [i.msg_id for i in self.store.queued(1 << 30)]
+        doomed = list(self._in_flight) + self.store.msg_ids()
         if step.effect == "wipe":
             self.store.begin_wipe(reason, request)
         self.store.finish_wipe()

@@ -291,6 +291,13 @@ class DeviceStore:
         ).fetchone()
         return int(row[0])
 
+    def msg_ids(self) -> list[str]:
+        """The msg_ids of every queued item, without opening the records."""
+        rows = self.db.conn.execute(
+            "SELECT msg_id FROM outbox WHERE device_id = ? ORDER BY seq", (self.device_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def queued(self, limit: int, exclude: frozenset[str] = frozenset()) -> list[StoredItem]:
         """Up to ``limit`` queued items, oldest first; records that fail to open are quarantined."""
         rows = self.db.conn.execute(

@@ -129,3 +129,6 @@ class PahoClient:
         """Disconnect and stop the network thread."""
         self.client.disconnect()
         self.client.loop_stop()
+        # paho 2.2's loop_stop() leaves its wake-up socket pair open (a ResourceWarning,
+        # an error under our warnings policy); its own reset closes it.
+        self.client._reset_sockets()
