@@ -24,6 +24,7 @@ from simulator.broker import MosquittoBroker
 from simulator.pki import Identity
 
 TIMEOUT = 10.0
+ALERT_WAIT = 1.0  # how long a refusing broker gets to send its alert
 
 
 def connect_packet(client_id: str = "probe") -> bytes:
@@ -43,9 +44,18 @@ def raw_connect(ctx: ssl.SSLContext | None, host: str, port: int) -> bytes:
     with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
         sock: socket.socket = ctx.wrap_socket(raw, server_hostname=host) if ctx else raw
         try:
+            if ctx is not None:
+                # Under TLS 1.3 the server checks our certificate after the client's side
+                # of the handshake is done, and refuses with an alert. Read first: if we
+                # wrote CONNECT into a connection the server already closed, the reset
+                # could discard that alert before we see it.
+                sock.settimeout(ALERT_WAIT)
+                try:
+                    return sock.recv(4)  # b"" (closed) or an alert (raises): refused
+                except TimeoutError:
+                    pass  # accepted: the broker is waiting for our CONNECT
+                sock.settimeout(TIMEOUT)
             sock.sendall(connect_packet())
-            # Under TLS 1.3 the server checks our certificate after the client's
-            # handshake completes, so a refusal shows up here, on the first read.
             return sock.recv(4)
         finally:
             sock.close()

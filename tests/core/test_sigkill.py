@@ -44,7 +44,7 @@ def _check(root: Path, log: Path) -> tuple[int, int]:
         for msg_id in acking - acked:  # killed mid-acknowledgement: all or nothing
             assert (msg_id in in_outbox) != (msg_id in ledgered), msg_id
         assert not (in_outbox & ledgered)
-        return len(in_outbox), len(ledgered)
+        return len(queued), len(acked)
     finally:
         core.store.db.close()
 
@@ -67,6 +67,7 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
         proc.join()
         assert proc.exitcode == -signal.SIGKILL, "the writer died on its own"
         totals = _check(tmp_path, log)
-    queued, sent = totals
+    queued, acked = totals
     # The writer made progress across the kills (otherwise nothing was tested).
-    assert queued + sent > KILLS
+    assert queued >= KILLS // 2, queued
+    assert acked >= 10, acked
