@@ -13,14 +13,19 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 setup() {
     local missing=()
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
-    python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
     command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing ${missing[*]} (apt-get)" >&2
         as_root apt-get update -q
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
     fi
-    [ -x .venv/bin/python ] || python3 -m venv .venv
+    if [ ! -x .venv/bin/python ] && ! python3 -m venv .venv 2>/dev/null; then
+        # Debian ships venv's pip bootstrap separately.
+        rm -rf .venv
+        as_root apt-get update -q
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+        python3 -m venv .venv
+    fi
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 }
 
