@@ -337,14 +337,14 @@ class DeviceCore:
                 receipt=None,
             )
             request = (msg_id, now, payload)
-        # Everything personal that the transport still holds must go too.
-        doomed = list(self._in_flight) + self.store.msg_ids()
+        # Everything personal that the transport still holds must go too. An item in
+        # flight keeps its outbox row until acknowledged, so the rows name them all.
+        doomed = self.store.msg_ids()
         if step.effect == "wipe":
             self.store.begin_wipe(reason, request)
         self.store.finish_wipe()
         self._in_flight = {k: v for k, v in self._in_flight.items() if v.purpose is None}
         self._recalled.clear()
-        doomed = [m for m in doomed if m not in self._in_flight]
         self.dropped[DropReason.WIPED] += len(doomed)
         self._queued = 0
         for listener in self.purge_listeners:

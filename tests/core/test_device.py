@@ -199,10 +199,17 @@ def test_wipe_shreds_and_leaves_one_deletion_request(rig: Rig, how: str) -> None
     crash_dir.mkdir()
     (crash_dir / "core.1").write_text("dump")
     core.capture_crash(CRASH, now=rig.tick())
+    core.capture_crash(CRASH, now=rig.tick())
+    flying = core.next_batch(now=rig.now, limit=1)
+    told: list[str] = []
+    core.purge_listeners.append(told.extend)
     key = rig.root / "keys" / "dev-1.data.key"
     assert key.exists()
     dr = getattr(core, how)(now=rig.tick())
     assert dr is not None
+    # The transport is told of every personal item once: in flight and queued alike.
+    assert len(told) == len(set(told)) == core.dropped[DropReason.WIPED]
+    assert flying[0].msg_id in told
     assert not key.exists()
     assert not any(crash_dir.iterdir())
     assert (rig.root / "keys" / "dev-1.system.key").exists()  # survives: sends the request
