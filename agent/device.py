@@ -141,6 +141,9 @@ class DeviceCore:
         # Called with msg_ids that must not leave the device any more (P2): the
         # transport removes them from whatever the MQTT client still holds.
         self.purge_listeners: list[PurgeListener] = []
+        # Called when something may have become sendable (a capture, a deletion
+        # request, a resume, a requeue): the transport wakes its drain loop.
+        self.wake_listeners: list[Callable[[], None]] = []
         self.dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
@@ -197,6 +200,10 @@ class DeviceCore:
         return list(self._in_flight)
 
     # -- persistence helpers -----------------------------------------------
+    def _wake(self) -> None:
+        for listener in self.wake_listeners:
+            listener()
+
     def _save(self) -> None:
         self.settings.firmware_version = self.config.firmware_version
         self.store.save_state(self.settings.to_json())
@@ -354,6 +361,8 @@ class DeviceCore:
                 if crash_file.is_file():
                     crash_file.unlink()
         self.settings = _Settings()
+        if request is not None:
+            self._wake()
         return request[0] if request else None
 
     # -- consent -----------------------------------------------------------
@@ -399,6 +408,7 @@ class DeviceCore:
                 self.requeue(msg_id)  # held, not sent, while suspended
         else:
             self._maybe_activate(now)
+            self._wake()  # held items may leave again
 
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:
@@ -447,6 +457,7 @@ class DeviceCore:
             excess = overflow(self._queued, self.config.outbox_cap)
             if excess:
                 self._drop(self.store.purge_oldest(excess), DropReason.CAPACITY)
+        self._wake()
         return msg_id
 
     # -- hand-off to the transport -----------------------------------------
@@ -502,6 +513,7 @@ class DeviceCore:
         """A hand-off failed (connection lost, PUBACK refused): the item waits again."""
         if self._in_flight.pop(msg_id, None) is not None:
             item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
+            self._wake()
 
     def connection_lost(self) -> None:
         """Every in-flight item goes back to queued (same msg_id: at-least-once)."""

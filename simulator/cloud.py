@@ -1,0 +1,140 @@
+"""The cloud side of the fleet: a backend client that receives every ``up/`` and sends commands.
+
+It connects with the backend identity (the only one the ACL lets read every
+device's ``up/`` and write every ``down/``), records each message with its arrival
+time for the checker, and lets callers await a condition on what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.identity import BACKEND_ID, UP_FILTER_ALL
+from agent.purposes import rfc3339
+from agent.tls import client_context
+from simulator.pki import DevPki
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as the cloud received it."""
+
+    device_id: str
+    kind: str
+    payload: bytes
+    arrived_at: float
+
+    def envelope(self) -> dict[str, Any]:
+        """The decoded JSON envelope ({} if it is not JSON)."""
+        try:
+            value = json.loads(self.payload)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass
+class Cloud:
+    """The backend's MQTT client and what it has received so far."""
+
+    host: str
+    port: int
+    pki: DevPki
+    clock: Callable[[], float] = time.time
+    received: list[Received] = field(default_factory=list)
+    _changed: asyncio.Condition | None = None
+    _client: aiomqtt.Client | None = None
+    online: asyncio.Event = field(default_factory=asyncio.Event)
+    connects: int = 0
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[Cloud]:
+        """Connect, subscribe to every device's up/, and collect until the block ends.
+
+        The backend keeps a persistent session (clean start only the first time), so
+        messages that arrive while it reconnects after a broker restart are kept.
+        """
+        ctx = client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=BACKEND_ID,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=ctx,
+            properties=props,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
+        )
+        self._changed = asyncio.Condition()
+        self.online = asyncio.Event()
+        task = asyncio.create_task(self._run(client), name="cloud:collect")
+        try:
+            async with asyncio.timeout(30):
+                await self.online.wait()
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, client: aiomqtt.Client) -> None:
+        while True:
+            try:
+                async with client:
+                    self._client = client
+                    await client.subscribe(UP_FILTER_ALL, qos=1)
+                    self.online.set()
+                    self.connects += 1
+                    await self._collect(client)
+            except aiomqtt.MqttError:
+                self.online.clear()
+                self._client = None
+                await asyncio.sleep(0.2)
+
+    async def _collect(self, client: aiomqtt.Client) -> None:
+        assert self._changed is not None  # noqa: S101  # set by connected()
+        async for message in client.messages:
+            parts = message.topic.value.split("/")
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
+                self.received.append(Received(parts[2], parts[4], payload, self.clock()))
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[list[Received]], bool]) -> list[Received]:
+        """Wait until ``predicate(received)`` holds (callers bound it with asyncio.timeout)."""
+        assert self._changed is not None, "use Cloud.connected() first"  # noqa: S101
+        async with self._changed:
+            await self._changed.wait_for(lambda: predicate(self.received))
+        return self.received
+
+    async def command(self, device_id: str, name: str, body: dict[str, Any]) -> str:
+        """Send a command (QoS 1) with a fresh command_id and issued_at; returns the id."""
+        command_id = body.get("command_id") or uuid.uuid4().hex
+        doc = {"command_id": command_id, "issued_at": rfc3339(self.clock()), **body}
+        await self.send_raw(device_id, name, json.dumps(doc).encode())
+        return str(command_id)
+
+    async def send_raw(self, device_id: str, name: str, payload: bytes) -> None:
+        """Publish raw bytes to a device's down/ topic (for hostile-input tests)."""
+        async with asyncio.timeout(30):
+            await self.online.wait()
+        assert self._client is not None  # noqa: S101  # online
+        await self._client.publish(f"smartmi/v1/{device_id}/down/{name}", payload, qos=1)
+
+    def of(self, device_id: str, kind: str | None = None) -> list[Received]:
+        """What arrived from one device (optionally of one kind)."""
+        return [r for r in self.received if r.device_id == device_id and kind in (None, r.kind)]

@@ -1,0 +1,145 @@
+"""Full agents over a real store, a real transport and a real Mosquitto, for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.device import CoreConfig, CrashReport, DeviceCore
+from agent.store import Database, DeviceStore
+from agent.tls import client_context
+from agent.transport import BrokerTarget, Transport
+from agent.vault import FileKeyStore
+from simulator.broker import MosquittoBroker
+from simulator.cloud import Cloud
+from simulator.pki import DevPki
+
+CONNECT_TIMEOUT = 20.0
+
+
+@dataclass
+class Agent:
+    """One device agent whose store survives ``reboot``."""
+
+    root: Path
+    device_id: str
+    broker: MosquittoBroker
+    pki: DevPki
+    policy_version: str = "1"
+    firmware: str = "1.0.0"
+    protocol: str = "v5"
+    ca: Path | None = None
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+    db: Database | None = None
+    core: DeviceCore | None = None
+    transport: Transport | None = None
+    task: asyncio.Task[None] | None = None
+    commands: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
+
+    def open(self) -> DeviceCore:
+        """Open (or reopen, as after a reboot) the device's store and core."""
+        self.db = Database(self.root / "state.db", synchronous="NORMAL")
+        store = DeviceStore(self.db, self.device_id, FileKeyStore(self.root / "keys"))
+        config = CoreConfig(
+            device_id=self.device_id,
+            serial="SN-" + self.device_id,
+            model="smartmi.fan.test",
+            firmware_version=self.firmware,
+            policy_version=self.policy_version,
+            crash_dir=self.root / "crash",
+        )
+        prefix = f"{self.device_id}-{int(time.time() * 1000)}-"
+        self.core = DeviceCore(
+            store, config, now=time.time(), new_id=lambda: f"{prefix}{next(self.ids)}"
+        )
+        return self.core
+
+    def start(self) -> Transport:
+        """Start the transport (the core must be open)."""
+        assert self.core is not None
+        ident = self.pki.ensure_devices([self.device_id])[self.device_id]
+        ctx = client_context(self.ca or self.pki.ca_cert, ident.cert, ident.key)
+        target = BrokerTarget(
+            self.broker.host,
+            self.broker.port,
+            ctx,
+            protocol="v5" if self.protocol == "v5" else "v311",
+            connect_timeout=5.0,
+        )
+        self.transport = Transport(
+            self.core,
+            target,
+            command_listener=lambda name, result: self.commands.put_nowait((name, result)),
+        )
+        self.task = asyncio.create_task(self.transport.run(), name=f"agent:{self.device_id}")
+        return self.transport
+
+    async def connected(self) -> None:
+        """Wait until the transport is connected."""
+        assert self.transport is not None
+        await asyncio.wait_for(self.transport.connected.wait(), CONNECT_TIMEOUT)
+
+    async def next_command(self) -> tuple[str, object]:
+        """The next command outcome (a result dict or a CommandRejected)."""
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            return await self.commands.get()
+
+    async def stop(self) -> None:
+        """Stop the transport and close the store (the device powers off)."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self.core = None
+        self.transport = None
+
+    async def reboot(self) -> DeviceCore:
+        """Power off and on again: the same state directory, a new process's memory."""
+        await self.stop()
+        core = self.open()
+        self.start()
+        return core
+
+    async def idle(self) -> None:
+        """Wait until the transport has nothing in flight and nothing sendable."""
+        assert self.transport is not None
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await self.transport.idle.wait()
+
+
+@contextlib.asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    """Open, start and connect an agent; stop it at the end."""
+    agent.open()
+    agent.start()
+    try:
+        await agent.connected()
+        yield agent
+    finally:
+        await agent.stop()
+
+
+async def until(cloud: Cloud, predicate: Callable[[], bool], within: float = 20.0) -> None:
+    """Wait, bounded, until ``predicate()`` holds for what the cloud received."""
+    async with asyncio.timeout(within):
+        await cloud.wait_for(lambda _received: predicate())
+
+
+def crash(n: int = 0) -> CrashReport:
+    """A crash report as a collector would make it."""
+    return CrashReport(
+        signature=f"SIGSEGV in fan_ctl #{n}",
+        stack='Traceback (most recent call last):\n  File "/home/alice/fan.py", line 3',
+        ip_addresses=("192.168.1.20",),
+        default_gateway="192.168.1.1",
+        uptime_s=12.0,
+    )
