@@ -110,9 +110,9 @@ async def test_p2_withdraw_while_sending_takes_back_what_paho_holds(
                 core.capture_crash(crash(n), now=now)
         # Let the drain hand a window to paho, then withdraw before it is all written.
         async with asyncio.timeout(10):
-            while transport.stats.published == 0:
-                # Yield, not sleep: the drain runs just until it hands paho a window.
-                await asyncio.sleep(0)  # noqa: ASYNC110
+            # Yield, not sleep: the drain runs just until it hands paho a window.
+            while transport.stats.published == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0)
         core.withdraw(Purpose.DIAGNOSTICS, now=time.time())
         core.grant(Purpose.ACTIVATION, now=time.time())  # marker
         await until(cloud, lambda: "activation" in kinds(cloud, agent))
