@@ -82,6 +82,7 @@ class TransportStats:
     commands_rejected: int = 0
     first_connected_at: float | None = None
     last_error: str | None = None
+    last_error_kind: str | None = None
     rejections: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,6 +115,25 @@ class _Client(aiomqtt.Client):
         """Why the connection broke, if it did (aiomqtt keeps it on a private future)."""
         fut = self._disconnected
         return fut.exception() if fut.done() and not fut.cancelled() else None
+
+
+class _PahoLog(logging.LoggerAdapter[logging.Logger]):
+    """paho's log for one device; keeps its last error, which may name a TLS alert.
+
+    When the broker refuses our certificate after a TLS 1.3 handshake, the alert
+    arrives on paho's first read, and paho logs it rather than raising it.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(logging.getLogger("smartmi.mqtt"), {"device": transport.device_id})
+        self.last_error: str | None = None
+        self._transport = transport
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            self.last_error = str(msg) % args if args else str(msg)
+            self._transport.paho_error = self.last_error
+        super().log(level, msg, *args, **kwargs)
 
 
 def _unsend(client: paho.Client, mid: int) -> bool:
@@ -179,6 +199,8 @@ class Transport:
         self.connected = asyncio.Event()
         # Set while connected with nothing in flight and nothing sendable right now.
         self.idle = asyncio.Event()
+        # Set on every failed connection or refused PUBLISH; callers clear it.
+        self.trouble = asyncio.Event()
         self._wake = asyncio.Event()
         self._client: _Client | None = None
         self._mids: dict[int, str] = {}  # paho mid -> msg_id, in flight on this connection
@@ -186,8 +208,15 @@ class Transport:
         self._paused_until = 0.0
         self._refusals = 0
         self._connected_once_this_round = False
+        self.paho_error: str | None = None  # the last error paho logged
+        self._stopping = False
         core.purge_listeners.append(self._recall)
         core.wake_listeners.append(self.poke)
+
+    def stop(self, task: asyncio.Task[None]) -> None:
+        """Stop ``task`` (the one running ``run``) for good; await it afterwards."""
+        self._stopping = True
+        task.cancel()
 
     def poke(self) -> None:
         """Something may have become sendable: run the drain loop."""
@@ -219,6 +248,9 @@ class Transport:
                 self._failed(exc)
             finally:
                 self._lost()
+            if self._stopping:
+                # aiomqtt's disconnect may turn our cancellation into an MqttError.
+                raise asyncio.CancelledError
             if self.stats.connects and self._connected_once_this_round:
                 attempt = 0
             delay = schedule.delay(attempt, self.rng)
@@ -228,6 +260,8 @@ class Transport:
 
     def _failed(self, exc: TransportError) -> None:
         self.stats.last_error = str(exc)
+        self.stats.last_error_kind = getattr(exc, "kind", type(exc).__name__)
+        self.trouble.set()
         level = logging.ERROR if isinstance(exc, CertificateProblem) else logging.WARNING
         log.log(
             level,
@@ -248,7 +282,10 @@ class Transport:
             identifier=self.device_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
-            clean_start=False,  # resume the broker-side session: queued commands (v5)
+            # v5: resume the broker-side session (queued commands); paho refuses the
+            # option on 3.1.1, where clean_session=False does the same.
+            clean_start=False if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            logger=_PahoLog(self),  # a LoggerAdapter: paho and aiomqtt only call .log and friends
             properties=props,
             keepalive=t.keepalive,
             tls_context=t.tls,
@@ -260,6 +297,7 @@ class Transport:
     async def _session(self) -> None:
         """One connection, from CONNECT to its loss; always ends with an exception."""
         self._connected_once_this_round = False
+        self.paho_error = None
         client = self._new_client()
         self._client = client
         try:
@@ -276,9 +314,14 @@ class Transport:
                     tg.create_task(self._receive(client), name=f"commands:{self.device_id}")
         except* aiomqtt.MqttError as group:
             cause = client.failure() or group.exceptions[0]
-            raise _classify(cause) from None
+            problem = classify_tls_error(Exception(self.paho_error or ""))
+            raise (problem or _classify(cause)) from None
         except* (OSError, ssl.SSLError) as group:
             raise _classify(group.exceptions[0]) from None
+        finally:
+            # A connection that failed half-way (a refused certificate, a timeout)
+            # leaves paho's socket open; close it and its wake-up pair now.
+            client.paho._reset_sockets()  # paho has no public close
         raise TransportError("the connection ended")
 
     def _lost(self) -> None:
@@ -307,7 +350,8 @@ class Transport:
                     if not batch and not self._mids:
                         self.idle.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _publish(self, client: _Client, msg_id: str, kind: str, payload: bytes) -> None:
         info = client.paho.publish(up_topic(self.device_id, kind), payload, qos=1)
@@ -328,6 +372,8 @@ class Transport:
             self.stats.refused += 1
             refused = PublishRefused(msg_id, int(reason_code.value), str(reason_code))
             self.stats.last_error = str(refused)
+            self.stats.last_error_kind = "publish-refused"
+            self.trouble.set()
             log.error("publish refused", extra={"device": self.device_id, "error": str(refused)})
             self.core.requeue(msg_id)
             self._paused_until = now + backoff.REFUSED.delay(self._refusals, self.rng)

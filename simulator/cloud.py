@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.identity import BACKEND_ID, UP_FILTER_ALL
 from agent.purposes import rfc3339
@@ -58,40 +56,47 @@ class Cloud:
     _client: aiomqtt.Client | None = None
     online: asyncio.Event = field(default_factory=asyncio.Event)
     connects: int = 0
+    _stopping: bool = False
 
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[Cloud]:
         """Connect, subscribe to every device's up/, and collect until the block ends.
 
-        The backend keeps a persistent session (clean start only the first time), so
-        messages that arrive while it reconnects after a broker restart are kept.
+        The backend starts a clean session on every connection and reconnects at once.
+        Mosquitto 2.0.11 restores a resumed subscriber session after a restart but
+        never re-sends the QoS 1 messages that were in flight to it, so the window
+        stays full and nothing more is delivered; a clean session avoids that.
+        Messages the broker held for the backend at the restart are the broker's.
         """
         ctx = client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        client = aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=BACKEND_ID,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=ctx,
-            properties=props,
-            clean_start=MQTT_CLEAN_START_FIRST_ONLY,
-        )
         self._changed = asyncio.Condition()
         self.online = asyncio.Event()
-        task = asyncio.create_task(self._run(client), name="cloud:collect")
+        task = asyncio.create_task(self._run(ctx), name="cloud:collect")
         try:
             async with asyncio.timeout(30):
                 await self.online.wait()
             yield self
         finally:
+            self._stopping = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _run(self, client: aiomqtt.Client) -> None:
+    def _client_for(self, ctx: ssl.SSLContext) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=BACKEND_ID,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=ctx,
+            clean_start=True,
+        )
+
+    async def _run(self, ctx: ssl.SSLContext) -> None:
         while True:
+            # A fresh client per connection: aiomqtt's is not reliably reusable after a
+            # connection broke.
+            client = self._client_for(ctx)
             try:
                 async with client:
                     self._client = client
@@ -100,9 +105,11 @@ class Cloud:
                     self.connects += 1
                     await self._collect(client)
             except aiomqtt.MqttError:
+                if self._stopping:  # aiomqtt's disconnect can turn a cancel into this
+                    raise asyncio.CancelledError from None
                 self.online.clear()
                 self._client = None
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.02)
 
     async def _collect(self, client: aiomqtt.Client) -> None:
         assert self._changed is not None  # noqa: S101  # set by connected()

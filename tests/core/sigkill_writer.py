@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from agent.device import CoreConfig, CrashReport, DeviceCore
@@ -28,7 +29,7 @@ def open_core(root: Path) -> DeviceCore:
     return DeviceCore(store, config, now=time.time())
 
 
-def run(root: Path, log_path: Path, seed: int) -> None:
+def run(root: Path, log_path: Path, seed: int, started: Event) -> None:
     """Work until killed."""
     rng = random.Random(seed)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -37,6 +38,7 @@ def run(root: Path, log_path: Path, seed: int) -> None:
         core.bind("b", now=time.time())
         core.grant(Purpose.DIAGNOSTICS, now=time.time())
     report = CrashReport("sig", "stack " * rng.randint(1, 50))
+    started.set()
     while True:
         if rng.random() < 0.6:
             msg_id = core.capture_crash(report, now=time.time())

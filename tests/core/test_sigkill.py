@@ -58,10 +58,18 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
     log.touch()
     totals = (0, 0)
     for i in range(KILLS):
-        proc = ctx.Process(target=sigkill_writer.run, args=(tmp_path, log, i), daemon=True)
+        started = ctx.Event()
+        proc = ctx.Process(
+            target=sigkill_writer.run, args=(tmp_path, log, i, started), daemon=True
+        )
         proc.start()
-        # A random kill point: not a wait for an event, the point is not to wait for one.
-        time.sleep(rng.uniform(0.005, 0.06))
+        # A random kill point, not a wait for an event: one kill in five lands while
+        # the writer opens the store, the rest once it has started working.
+        if rng.random() < 0.2:
+            time.sleep(rng.uniform(0.0, 0.03))
+        else:
+            assert started.wait(30), "the writer did not start"
+            time.sleep(rng.uniform(0.0, 0.05))
         assert proc.pid is not None
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()

@@ -34,6 +34,7 @@ class Agent:
     firmware: str = "1.0.0"
     protocol: str = "v5"
     ca: Path | None = None
+    cert_for: str | None = None  # present another device's certificate
     ids: itertools.count[int] = field(default_factory=itertools.count)
     db: Database | None = None
     core: DeviceCore | None = None
@@ -62,7 +63,8 @@ class Agent:
     def start(self) -> Transport:
         """Start the transport (the core must be open)."""
         assert self.core is not None
-        ident = self.pki.ensure_devices([self.device_id])[self.device_id]
+        cn = self.cert_for or self.device_id
+        ident = self.pki.ensure_devices([cn])[cn]
         ctx = client_context(self.ca or self.pki.ca_cert, ident.cert, ident.key)
         target = BrokerTarget(
             self.broker.host,
@@ -92,7 +94,8 @@ class Agent:
     async def stop(self) -> None:
         """Stop the transport and close the store (the device powers off)."""
         if self.task is not None:
-            self.task.cancel()
+            assert self.transport is not None
+            self.transport.stop(self.task)
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
