@@ -1,7 +1,7 @@
 """``smartmi-agent``: the device agent's command line.
 
-The verbs act on the state directory directly, under its lock. While the daemon
-runs it holds that lock, and the verbs say so.
+``run`` is the daemon. The other verbs talk to it over its control socket, or,
+when no daemon runs, act on the state directory directly under its lock.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent import control
 from agent.config import AgentConfig, load_config
-from agent.device import CrashReport, DeviceCore
-from agent.errors import AgentError
+from agent.errors import AgentError, ControlError
 from agent.location import Precision, parse_precision
 from agent.purposes import Purpose
 from agent.statedir import open_device
@@ -43,53 +43,35 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _act(args: argparse.Namespace, core: DeviceCore, now: float) -> Any:  # noqa: PLR0911  # one branch per verb
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """The control request for the parsed command line."""
     verb = args.verb
-    if verb == "status":
-        return core.status()
+    body: dict[str, Any] = {"verb": verb}
     if verb == "bind":
-        binding = args.binding_id or f"local-{int(now)}"
-        core.bind(binding, now=now, minor=args.minor)
-        return {"bound": binding, "minor": args.minor, "lifecycle": core.lifecycle.value}
-    if verb in ("unbind", "factory-reset", "account-cancelled"):
-        method = {
-            "unbind": core.unbind,
-            "factory-reset": core.factory_reset,
-            "account-cancelled": core.account_cancelled,
-        }[verb]
-        request = method(now=now)
-        return {"wiped": True, "deletion_request": request}
-    if verb == "consent":
-        if args.action == "grant":
-            changed = core.grant(args.purpose, now=now, source="local")
-            return {"granted": args.purpose.value, "changed": changed}
-        removed = core.withdraw(args.purpose, now=now, source="local")
-        return {"withdrawn": args.purpose.value, "pending_items_deleted": len(removed)}
-    if verb == "location":
+        body.update(binding_id=args.binding_id, minor=args.minor)
+    elif verb == "consent":
+        body.update(action=args.action, purpose=args.purpose.value)
+    elif verb == "location":
         if args.action == "set":
-            loc = core.set_location(args.lat, args.lon, now=now)
-            stored = (
-                None
-                if loc is None
-                else {"lat": loc.lat, "lon": loc.lon, "precision": loc.precision.value}
-            )
-            return {"stored": stored}
-        core.set_precision(args.level, now=now)
-        return {"precision": args.level.value}
-    if verb == "export":
-        doc = core.export(now=now)
-        if args.output:
-            Path(args.output).write_text(json.dumps(doc, indent=2))
-            return {"exported": args.output, "entries": len(doc["entries"])}
-        return doc
-    if verb == "crash":
-        report = CrashReport(
-            signature="simulated crash (smartmi-agent crash --simulate)",
-            stack='Traceback (most recent call last):\n  File "agent/cli.py", line 1\n'
-            "RuntimeError: simulated",
-        )
-        return {"queued": core.capture_crash(report, now=now)}
-    raise AgentError(f"unknown verb {verb!r}")
+            body.update(action="set", lat=args.lat, lon=args.lon)
+        else:
+            body.update(action="precision", level=args.level.value)
+    return body
+
+
+def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
+    """Through the daemon's socket if one answers, else on the state directory."""
+    sock = config.socket_path
+    if sock.exists():
+        try:
+            return control.request(sock, body)
+        except ControlError as exc:
+            if "cannot talk" not in str(exc):
+                raise
+            # A socket left behind by a daemon that is gone: act directly below,
+            # where the state lock says whether a daemon really runs.
+    with open_device(config) as core:
+        return control.act(core, body, now=time.time())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help="agent.toml (default: %(default)s)"
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    sub.add_parser("run", help="run the agent daemon (systemd starts this)")
     sub.add_parser("status", help="lifecycle, consent, outbox and quarantine summary")
     p = sub.add_parser("bind", help="bind the device to an owner")
     p.add_argument("--binding-id", help="the binding's ID (default: generated)")
@@ -141,8 +124,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config: AgentConfig = load_config(Path(args.config))
-        with open_device(config) as core:
-            _print(_act(args, core, time.time()))
+        if args.verb == "run":
+            from agent import daemon  # the verbs need not import asyncio MQTT
+
+            return daemon.main(config)
+        result = _perform(config, _request(args))
+        if args.verb == "export" and args.output:
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            result = {"exported": args.output, "entries": len(result.get("entries", []))}
+        _print(result)
     except AgentError as exc:
         print(f"smartmi-agent: error: {exc}", file=sys.stderr)
         return 1

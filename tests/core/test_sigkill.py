@@ -59,9 +59,7 @@ def test_sigkill_at_random_points(tmp_path: Path) -> None:
     totals = (0, 0)
     for i in range(KILLS):
         started = ctx.Event()
-        proc = ctx.Process(
-            target=sigkill_writer.run, args=(tmp_path, log, i, started), daemon=True
-        )
+        proc = ctx.Process(target=sigkill_writer.run, args=(tmp_path, log, i, started), daemon=True)
         proc.start()
         # A random kill point, not a wait for an event: one kill in five lands while
         # the writer opens the store, the rest once it has started working.

@@ -1,0 +1,248 @@
+"""Collectors: network facts, crash files of other processes, the agent's own crashes.
+
+What a collector finds goes through ``DeviceCore.capture_crash``, which gates it on
+diagnostics consent and scrubs it (P1, P12). Without consent a crash file is
+deleted unread beyond what it takes to know it is a crash file: it is not
+collected and not kept.
+
+Other device processes drop crash reports into the crash directory, written to a
+dot-file and renamed into place so a half-written file is never read. A report
+is JSON (``{"signature": ..., "stack": ..., "uptime_s": ...}``) or plain text
+(first line the signature, the whole text the stack). A file that is neither is
+renamed ``*.invalid`` and left for inspection; a wipe removes it with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import fcntl
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, TextIO
+
+from agent.device import CrashReport, DeviceCore
+from agent.errors import AgentError, SchemaError
+from agent.purposes import Purpose
+
+log = logging.getLogger("smartmi.collectors")
+
+MAX_CRASH_FILE: Final = 256 * 1024
+FATAL_LOG: Final = "agent-fatal.log"  # faulthandler writes here; never read while live
+_SIOCGIFADDR: Final = 0x8915
+_RTF_GATEWAY: Final = 0x2
+
+
+@dataclass(frozen=True, slots=True)
+class NetInfo:
+    """The device's addresses and routes, as sent in crash diagnostics."""
+
+    ip_addresses: tuple[str, ...] = ()
+    default_gateway: str | None = None
+    routes: tuple[dict[str, Any], ...] = ()
+
+
+def _le_ipv4(hex_text: str) -> str:
+    return str(ipaddress.IPv4Address(struct.pack("<I", int(hex_text, 16))))
+
+
+def parse_proc_route(text: str) -> tuple[str | None, tuple[dict[str, Any], ...]]:
+    """The default gateway and the IPv4 routes from Linux's ``/proc/net/route``."""
+    gateway: str | None = None
+    routes: list[dict[str, Any]] = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8:  # Iface Destination Gateway Flags ... Mask
+            continue
+        try:
+            dest, gw, mask = _le_ipv4(fields[1]), _le_ipv4(fields[2]), _le_ipv4(fields[7])
+            flags = int(fields[3], 16)
+            prefix = ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen
+        except ValueError:
+            continue
+        routes.append(
+            {
+                "destination": f"{dest}/{prefix}",
+                "gateway": None if gw == "0.0.0.0" else gw,  # noqa: S104  # on-link, not a bind
+                "interface": fields[0][:32],
+            }
+        )
+        if prefix == 0 and flags & _RTF_GATEWAY and gateway is None:
+            gateway = gw
+    return gateway, tuple(routes[:32])
+
+
+def parse_if_inet6(text: str) -> tuple[str, ...]:
+    """Global IPv6 addresses from Linux's ``/proc/net/if_inet6``."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or len(fields[0]) != 32:  # 128 bits in hex
+            continue
+        addr = ipaddress.IPv6Address(int(fields[0], 16))
+        if addr.is_global:
+            out.append(str(addr))
+    return tuple(out)
+
+
+def _ipv4_addresses() -> tuple[str, ...]:
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _index, name in socket.if_nameindex():
+            if name == "lo":
+                continue
+            try:
+                packed = fcntl.ioctl(
+                    sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15])
+                )
+            except OSError:
+                continue  # the interface has no IPv4 address
+            out.append(socket.inet_ntoa(packed[20:24]))
+    return tuple(out)
+
+
+def network_snapshot(proc: Path = Path("/proc/net")) -> NetInfo:
+    """Addresses and routes from the OS; empty where the platform does not expose them."""
+    try:
+        gateway, routes = parse_proc_route((proc / "route").read_text())
+    except OSError:
+        gateway, routes = None, ()
+    addresses: tuple[str, ...] = ()
+    try:
+        addresses = _ipv4_addresses()
+    except (OSError, AttributeError):
+        addresses = ()
+    with contextlib.suppress(OSError):
+        addresses += parse_if_inet6((proc / "if_inet6").read_text())
+    return NetInfo(addresses[:16], gateway, routes)
+
+
+def parse_crash_file(data: bytes) -> tuple[str, str, float]:
+    """(signature, stack, uptime_s) from a crash file's bytes; ValueError if unusable."""
+    if len(data) > MAX_CRASH_FILE:
+        raise ValueError(f"larger than {MAX_CRASH_FILE} bytes")
+    text = data.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or not isinstance(doc.get("stack"), str):
+            raise ValueError("a JSON crash report needs a string 'stack'")
+        uptime = doc.get("uptime_s", 0.0)
+        uptime = float(uptime) if isinstance(uptime, int | float) else 0.0
+        return str(doc.get("signature") or "unknown"), doc["stack"], uptime
+    if not text.strip():
+        raise ValueError("empty")
+    first = text.strip().splitlines()[-1]  # Python tracebacks end with the error line
+    return first, text, 0.0
+
+
+class CrashDirCollector:
+    """Picks up crash files from the crash directory and captures them."""
+
+    def __init__(self, core: DeviceCore, crash_dir: Path, *, started: float) -> None:
+        self.core = core
+        self.crash_dir = crash_dir
+        self.started = started
+        self.captured = 0
+        self.discarded = 0
+        self.invalid = 0
+
+    def _candidates(self) -> list[Path]:
+        if not self.crash_dir.is_dir():
+            return []
+        return sorted(
+            p
+            for p in self.crash_dir.iterdir()
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p.suffix != ".invalid"
+            and p.name != FATAL_LOG
+        )
+
+    def scan(self, now: float) -> int:
+        """Process every waiting crash file once; returns how many were captured."""
+        done = 0
+        for path in self._candidates():
+            try:
+                signature, stack, uptime = parse_crash_file(path.read_bytes())
+            except (OSError, ValueError) as exc:
+                self.invalid += 1
+                log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
+                path.rename(path.with_name(path.name + ".invalid"))
+                continue
+            if self.core.decide(Purpose.DIAGNOSTICS).allowed:
+                net = network_snapshot()
+                report = CrashReport(
+                    signature=signature,
+                    stack=stack,
+                    ip_addresses=net.ip_addresses,
+                    default_gateway=net.default_gateway,
+                    routes=net.routes,
+                    uptime_s=uptime or max(0.0, now - self.started),
+                )
+                try:
+                    self.core.capture_crash(report, now=now)
+                except SchemaError as exc:
+                    self.invalid += 1
+                    log.warning(
+                        "crash report refused", extra={"file": path.name, "error": str(exc)}
+                    )
+                    path.rename(path.with_name(path.name + ".invalid"))
+                    continue
+                except AgentError as exc:
+                    log.warning("crash not captured", extra={"error": str(exc)})
+                    continue  # left in place, tried again on the next scan
+                self.captured += 1
+                done += 1
+            else:
+                self.discarded += 1  # P1: not collected without diagnostics consent
+            path.unlink(missing_ok=True)
+        return done
+
+    async def run(self, interval: float = 5.0) -> None:
+        """Scan every ``interval`` seconds (a stat of one directory: no busy polling)."""
+        while True:
+            self.scan(time.time())
+            await asyncio.sleep(interval)
+
+
+def _write_report(crash_dir: Path, signature: str, stack: str) -> None:
+    crash_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = f"agent-{time.time_ns()}.json"
+    tmp = crash_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps({"signature": signature, "stack": stack}))
+    tmp.rename(crash_dir / name)
+
+
+def install_crash_hooks(crash_dir: Path, loop: asyncio.AbstractEventLoop) -> TextIO:
+    """Turn the agent's own crashes into crash files; returns the fatal-signal log."""
+    crash_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fatal = crash_dir / FATAL_LOG
+    if fatal.exists() and fatal.stat().st_size:
+        # The last run died on a fatal signal: its dump becomes a crash report.
+        fatal.rename(crash_dir / f"agent-fatal-{time.time_ns()}.txt")
+    stream = fatal.open("w", encoding="utf-8")
+    faulthandler.enable(file=stream)
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        _write_report(crash_dir, kind.__name__, "".join(traceback.format_exception(exc)))
+        sys.__excepthook__(kind, exc, tb)
+
+    def loop_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, BaseException):
+            _write_report(crash_dir, type(exc).__name__, "".join(traceback.format_exception(exc)))
+        loop.default_exception_handler(context)
+
+    sys.excepthook = excepthook
+    loop.set_exception_handler(loop_handler)
+    return stream

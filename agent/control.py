@@ -1,0 +1,174 @@
+"""The local control API: one verb per request, the same for the socket and the CLI.
+
+Requests and replies are single JSON lines over a Unix socket that only the
+agent's user can open (mode 0600 in a 0700 directory). ``act`` carries out a
+request on the device core; the daemon calls it for socket clients and the CLI
+calls it directly when no daemon runs. Replies carry counts and IDs, never
+personal values, except ``export``, which is the user's own record (P11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from agent.device import CrashReport, DeviceCore
+from agent.errors import AgentError, ControlError
+from agent.location import parse_precision
+from agent.purposes import Purpose
+
+log = logging.getLogger("smartmi.control")
+
+MAX_REQUEST: Final = 64 * 1024
+VERBS: Final = (
+    "status",
+    "bind",
+    "unbind",
+    "factory-reset",
+    "account-cancelled",
+    "consent",
+    "location",
+    "export",
+    "crash",
+)
+
+
+def _purpose(value: object) -> Purpose:
+    try:
+        return Purpose(str(value))
+    except ValueError:
+        names = ", ".join(p.value for p in Purpose)
+        raise ControlError(f"unknown purpose {value!r}; use {names}") from None
+
+
+def _number(request: dict[str, Any], key: str) -> float:
+    value = request.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ControlError(f"{key} must be a number")
+    return float(value)
+
+
+def act(  # noqa: PLR0911  # one branch per verb
+    core: DeviceCore, request: dict[str, Any], *, now: float
+) -> dict[str, Any]:
+    """Carry out one control request; raises AgentError with a message for the user."""
+    verb = request.get("verb")
+    if verb == "status":
+        return core.status()
+    if verb == "bind":
+        binding = str(request.get("binding_id") or f"local-{int(now)}")
+        minor = bool(request.get("minor", False))
+        core.bind(binding, now=now, minor=minor)
+        return {"bound": binding, "minor": minor, "lifecycle": core.lifecycle.value}
+    if verb in ("unbind", "factory-reset", "account-cancelled"):
+        method = {
+            "unbind": core.unbind,
+            "factory-reset": core.factory_reset,
+            "account-cancelled": core.account_cancelled,
+        }[verb]
+        return {"wiped": True, "deletion_request": method(now=now)}
+    if verb == "consent":
+        purpose = _purpose(request.get("purpose"))
+        if request.get("action") == "grant":
+            return {"granted": purpose.value, "changed": core.grant(purpose, now=now)}
+        if request.get("action") == "withdraw":
+            removed = core.withdraw(purpose, now=now)
+            return {"withdrawn": purpose.value, "pending_items_deleted": len(removed)}
+        raise ControlError("consent action must be grant or withdraw")
+    if verb == "location":
+        if request.get("action") == "set":
+            loc = core.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
+            stored = (
+                None
+                if loc is None
+                else {"lat": loc.lat, "lon": loc.lon, "precision": loc.precision.value}
+            )
+            return {"stored": stored}
+        if request.get("action") == "precision":
+            level = parse_precision(str(request.get("level")))
+            core.set_precision(level, now=now)
+            return {"precision": level.value}
+        raise ControlError("location action must be set or precision")
+    if verb == "export":
+        return core.export(now=now)
+    if verb == "crash":
+        report = CrashReport(
+            signature="simulated crash (smartmi-agent crash --simulate)",
+            stack='Traceback (most recent call last):\n  File "agent/cli.py", line 1\n'
+            "RuntimeError: simulated",
+        )
+        return {"queued": core.capture_crash(report, now=now)}
+    raise ControlError(f"unknown verb {str(verb)[:32]!r}; use one of {', '.join(VERBS)}")
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _prepare(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a socket left by a process that died; we hold the state lock
+
+
+async def serve(path: Path, handler: Handler) -> asyncio.Server:
+    """Listen on ``path`` (owner-only); each line is a request, each reply a line."""
+    _prepare(path)
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                if len(line) > MAX_REQUEST:
+                    raise ControlError("request too large")
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ControlError("a request is a JSON object")
+                reply: dict[str, Any] = {"ok": True, "result": handler(request)}
+            except (AgentError, ValueError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            log.warning("control client failed", extra={"error": type(exc).__name__})
+        finally:
+            writer.close()
+
+    old = os.umask(0o177)  # the socket is created 0600: only the agent's user may act
+    try:
+        server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_REQUEST + 2)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)  # a syscall, not pathlib I/O in a coroutine
+    return server
+
+
+def request(path: Path, body: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to a running daemon (blocking); ControlError if it cannot."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            sock.sendall(json.dumps(body).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise ControlError(f"cannot talk to the daemon at {path}: {exc}") from exc
+    try:
+        reply = json.loads(data)
+    except ValueError as exc:
+        raise ControlError(f"the daemon sent a reply that is not JSON: {data[:80]!r}") from exc
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "the daemon refused the request")))
+    result = reply.get("result")
+    return result if isinstance(result, dict) else {"result": result}

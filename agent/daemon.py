@@ -1,0 +1,126 @@
+"""``smartmi-agent run``: the daemon that systemd starts on a device.
+
+It holds the state directory's lock for its lifetime and runs, in one task group,
+the MQTT transport, the crash-directory collector and the control socket. SIGTERM
+(systemd's stop) and SIGINT end it cleanly: the transport disconnects, in-flight
+items go back to the outbox, and the store is closed; nothing queued is lost.
+Logs are JSON lines on stderr (the journal) and never carry payload values or keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any, Final
+
+from agent import control
+from agent.collectors import CrashDirCollector, install_crash_hooks
+from agent.config import AgentConfig
+from agent.errors import AgentError, ConfigError
+from agent.statedir import open_device
+from agent.tls import client_context
+from agent.transport import BrokerTarget, Transport
+
+log = logging.getLogger("smartmi.daemon")
+
+PROCESS_START: Final = time.monotonic()  # as near the process start as Python gets us
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render ``record``; only the fields callers chose to log, never payloads."""
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exc"] = record.exc_info[0].__name__
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """JSON lines on stderr; paho's packet-level chatter only at DEBUG."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("smartmi.mqtt").setLevel(max(level, logging.WARNING))
+    logging.getLogger("mqtt").setLevel(max(level, logging.WARNING))
+
+
+async def run(config: AgentConfig) -> None:
+    """Run until SIGTERM or SIGINT."""
+    broker = config.broker
+    if broker is None:
+        raise ConfigError("the daemon needs a [broker] section", where="agent.toml")
+    tls = client_context(broker.ca, broker.cert, broker.key)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    with open_device(config, now=time.time()) as core:
+        fatal_log = install_crash_hooks(config.crash_dir, loop)
+        target = BrokerTarget(
+            broker.host, broker.port, tls, protocol=broker.protocol, keepalive=broker.keepalive
+        )
+        transport = Transport(core, target)
+        collector = CrashDirCollector(core, config.crash_dir, started=time.time())
+
+        def handle(request: dict[str, Any]) -> dict[str, Any]:
+            result = control.act(core, request, now=time.time())
+            if request.get("verb") == "status":
+                result["transport"] = transport.status()
+                connected = transport.stats.first_connected_at
+                result["transport"]["start_to_connected_s"] = (
+                    None if connected is None else round(connected - started_wall, 3)
+                )
+                result["crash_files"] = {
+                    "captured": collector.captured,
+                    "discarded_without_consent": collector.discarded,
+                    "invalid": collector.invalid,
+                }
+            return result
+
+        started_wall = time.time() - (time.monotonic() - PROCESS_START)
+        server = await control.serve(config.socket_path, handle)
+        log.info("started", extra={"device": core.device_id, "broker": broker.url})
+        try:
+            async with asyncio.TaskGroup() as tg:
+                link = tg.create_task(transport.run(), name="transport")
+                crashes = tg.create_task(collector.run(), name="crash-collector")
+                await stop.wait()
+                log.info("stopping", extra={"device": core.device_id})
+                transport.stop(link)
+                crashes.cancel()
+        finally:
+            server.close()
+            await server.wait_closed()
+            config.socket_path.unlink(missing_ok=True)
+            fatal_log.close()
+        log.info(
+            "stopped",
+            extra={"device": core.device_id, "queued": core.queued_count()},
+        )
+
+
+def main(config: AgentConfig) -> int:
+    """Entry point of ``smartmi-agent run``: exit status 0 after a clean stop."""
+    setup_logging()
+    try:
+        asyncio.run(run(config))
+    except AgentError as exc:
+        log.error("cannot run", extra={"error": str(exc)})  # noqa: TRY400  # no traceback for a user error
+        print(f"smartmi-agent: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,120 @@
+"""Collectors without a network: /proc parsing, crash files, the agent's own crash hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.collectors import (
+    CrashDirCollector,
+    install_crash_hooks,
+    network_snapshot,
+    parse_crash_file,
+    parse_if_inet6,
+    parse_proc_route,
+)
+from agent.outbox import Outgoing
+from agent.purposes import Purpose
+from tests.core.helpers import Rig
+
+ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
+eth0\t0002A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0
+"""
+INET6 = """fe800000000000000000000000000001 02 40 20 80 eth0
+20010db8000000000000000000000001 02 40 00 80 eth0
+26001f18000000000000000000000002 02 40 00 80 eth0
+"""
+
+
+def test_proc_route_gives_gateway_and_routes() -> None:
+    gateway, routes = parse_proc_route(ROUTE)
+    assert gateway == "192.168.2.1"
+    assert routes == (
+        {"destination": "0.0.0.0/0", "gateway": "192.168.2.1", "interface": "eth0"},
+        {"destination": "192.168.2.0/24", "gateway": None, "interface": "eth0"},
+    )
+
+
+def test_if_inet6_keeps_global_addresses_only() -> None:
+    assert parse_if_inet6(INET6) == ("2600:1f18::2",)
+
+
+def test_network_snapshot_falls_back_to_nothing(tmp_path: Path) -> None:
+    net = network_snapshot(tmp_path)  # no route or if_inet6 files here
+    assert net.default_gateway is None
+    assert net.routes == ()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b'{"signature": "SIGSEGV", "stack": "s", "uptime_s": 3}', ("SIGSEGV", "s", 3.0)),
+        (b"Traceback\n  File x\nValueError: boom\n", ("ValueError: boom", None, 0.0)),
+    ],
+)
+def test_crash_file_formats(data: bytes, expected: tuple[str, str | None, float]) -> None:
+    signature, stack, uptime = parse_crash_file(data)
+    assert (signature, uptime) == (expected[0], expected[2])
+    assert stack == (expected[1] if expected[1] is not None else data.decode())
+
+
+@pytest.mark.parametrize("data", [b"", b"   ", b'{"signature": 1}', b'{"stack": ', b"x" * 300_000])
+def test_unusable_crash_files_are_refused(data: bytes) -> None:
+    with pytest.raises(ValueError, match=r".+"):
+        parse_crash_file(data)
+
+
+def test_collector_captures_with_consent_and_discards_without(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    core = rig.open()
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    collector = CrashDirCollector(core, crash_dir, started=rig.now - 60)
+    core.bind("b-1", now=rig.now)
+    (crash_dir / "a.json").write_text(json.dumps({"signature": "S1", "stack": "x"}))
+    (crash_dir / ".b.json.tmp").write_text("half written")
+    (crash_dir / "c.txt").write_bytes(b"")
+    assert collector.scan(rig.now) == 0
+    assert (collector.discarded, collector.invalid) == (1, 1)
+    assert not (crash_dir / "a.json").exists()  # not collected, not kept (P1)
+    assert (crash_dir / "c.txt.invalid").exists()
+    assert (crash_dir / ".b.json.tmp").exists()
+    core.grant(Purpose.DIAGNOSTICS, now=rig.now)
+    (crash_dir / "d.json").write_text(json.dumps({"signature": "S2", "stack": "y"}))
+    assert collector.scan(rig.now) == 1
+    sent: list[Outgoing] = rig.deliver_all()
+    assert [o.kind for o in sent] == ["crash"]
+    data = json.loads(sent[0].payload)["data"]
+    assert data["signature"] == "S2"
+    assert data["uptime_s"] == 60.0
+
+
+def test_crash_hooks_write_reports_and_keep_a_fatal_dump(tmp_path: Path) -> None:
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    (crash_dir / "agent-fatal.log").write_text("Fatal Python error: Segmentation fault\n")
+    loop = asyncio.new_event_loop()
+    saved = sys.excepthook
+    try:
+        stream = install_crash_hooks(crash_dir, loop)
+        try:
+            raise RuntimeError("boom")  # noqa: TRY301  # raised to be handled by the hook
+        except RuntimeError as exc:
+            sys.excepthook(RuntimeError, exc, exc.__traceback__)
+        loop.call_exception_handler({"message": "task died", "exception": KeyError("k")})
+        stream.close()
+    finally:
+        sys.excepthook = saved
+        loop.close()
+        import faulthandler
+
+        faulthandler.disable()
+    names = sorted(p.name for p in crash_dir.iterdir())
+    assert any(n.startswith("agent-fatal-") and n.endswith(".txt") for n in names)
+    reports = [json.loads(p.read_text()) for p in crash_dir.glob("agent-*.json")]
+    assert sorted(r["signature"] for r in reports) == ["KeyError", "RuntimeError"]

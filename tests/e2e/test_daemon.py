@@ -1,0 +1,160 @@
+"""The daemon as systemd runs it: a real process, its control socket, SIGTERM, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import stat
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from agent.cli import main as cli
+from simulator.broker import MosquittoBroker
+from simulator.cloud import Cloud
+from simulator.pki import DevPki
+from tests.e2e.fleet import until
+
+pytestmark = pytest.mark.asyncio
+
+DEVICE = "daemon-e2e-1"
+
+
+def write_config(root: Path, broker: MosquittoBroker, pki: DevPki) -> Path:
+    ident = pki.ensure_devices([DEVICE])[DEVICE]
+    path = root / "agent.toml"
+    path.write_text(
+        f"""
+[device]
+id = "{DEVICE}"
+serial = "SN-D1"
+model = "smartmi.fan.za5"
+firmware_version = "3.0.0"
+
+[privacy]
+policy_version = "1"
+
+[paths]
+state_dir = "state"
+
+[broker]
+url = "{broker.url}"
+ca = "{pki.ca_cert}"
+cert = "{ident.cert}"
+key = "{ident.key}"
+"""
+    )
+    return path
+
+
+async def log_line(proc: asyncio.subprocess.Process, msg: str) -> dict[str, object]:
+    """Read the daemon's JSON log until a line with ``msg``."""
+    assert proc.stderr is not None
+    async with asyncio.timeout(20):
+        while line := await proc.stderr.readline():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if doc.get("msg") == msg:
+                return dict(doc)
+    raise AssertionError(f"the daemon ended before logging {msg!r}")
+
+
+@pytest_asyncio.fixture
+async def daemon(
+    tmp_path: Path, broker: MosquittoBroker, pki: DevPki
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
+    conf = write_config(tmp_path, broker, pki)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "--config", str(conf), "run",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield proc, conf
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
+    assert cli(["--config", str(conf), *argv]) == 0, capsys.readouterr().err
+    return dict(json.loads(capsys.readouterr().out))
+
+
+async def test_daemon_serves_the_cli_sends_and_stops_cleanly(
+    daemon: tuple[asyncio.subprocess.Process, Path],
+    cloud: Cloud,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proc, conf = daemon
+    await log_line(proc, "connected")
+    sock = conf.parent / "state" / "control.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    status = agent(conf, capsys, "status")
+    transport = status["transport"]
+    assert isinstance(transport, dict)
+    assert transport["connected"] is True
+    assert 0 < transport["start_to_connected_s"] < 10
+    # The verbs reach the daemon through the socket (the state lock is the daemon's).
+    agent(conf, capsys, "bind", "--binding-id", "b-d1")
+    agent(conf, capsys, "location", "set", "52.520008", "13.404954")
+    agent(conf, capsys, "consent", "grant", "activation")
+    await until(cloud, lambda: len(cloud.of(DEVICE)) >= 1)
+    activation = cloud.of(DEVICE)[0].envelope()
+    assert activation["data"]["location"] == {"lat": 52.5, "lon": 13.4, "precision": "region"}
+    # A crash report dropped by another device process is collected with consent.
+    agent(conf, capsys, "consent", "grant", "diagnostics")
+    crash_dir = conf.parent / "state" / "crash"
+    (crash_dir / ".fan.json.tmp").write_text(
+        json.dumps({"signature": "SIGABRT in fan_ctl", "stack": "at /home/bob/fan.c:12"})
+    )
+    (crash_dir / ".fan.json.tmp").rename(crash_dir / "fan.json")
+    await until(cloud, lambda: len(cloud.of(DEVICE, "crash")) >= 1)
+    crash = cloud.of(DEVICE, "crash")[0].envelope()["data"]
+    assert crash["signature"] == "SIGABRT in fan_ctl"
+    assert "bob" not in crash["stack"]
+    assert crash["ip_addresses"]  # read from the OS
+    assert not (crash_dir / "fan.json").exists()
+    # systemd's stop: a clean exit, the socket gone, the state intact.
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        assert await proc.wait() == 0
+    assert not sock.exists()
+    after = agent(conf, capsys, "status")  # now directly on the state directory
+    assert after["lifecycle"] == "activated"
+    assert after["queued"] == 0
+    sent = agent(conf, capsys, "export")["entries"]
+    assert isinstance(sent, list)
+    assert {e["msg_id"] for e in sent if e["type"] == "sent"} == {
+        activation["msg_id"],
+        cloud.of(DEVICE, "crash")[0].envelope()["msg_id"],
+    }
+
+
+async def test_daemon_refuses_a_second_instance_and_bad_config(
+    daemon: tuple[asyncio.subprocess.Process, Path], tmp_path: Path
+) -> None:
+    proc, conf = daemon
+    await log_line(proc, "started")
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "--config", str(conf), "run",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await second.communicate()
+    assert second.returncode == 1
+    assert b"holds" in err  # another process holds the state directory
+    bad = tmp_path / "bad.toml"
+    bad.write_text(conf.read_text().replace('url = "mqtts://', 'url = "mqtt://'))
+    third = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "--config", str(bad), "run",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await third.communicate()
+    assert third.returncode == 1
+    assert b"broker.url: must be an mqtts:// URL" in err
