@@ -2,6 +2,7 @@
 # Set up this checkout (idempotent) and run one job.
 #   ./dev.sh fleet   simulated fleet against a local mutual-TLS Mosquitto (the main job)
 #   ./dev.sh broker  a local mutual-TLS Mosquitto until Ctrl-C
+#   ./dev.sh agent   the agent daemon for dev device dev-0001 against that broker
 #   ./dev.sh test    ruff, mypy (strict) and the test suite
 #   ./dev.sh bench   the benchmark suite
 #   ./dev.sh setup   only install
@@ -32,13 +33,17 @@ setup() {
 job="${1:-}"
 shift || true
 case "$job" in
-    fleet|broker|test|bench|setup) ;;
-    *) echo "usage: ./dev.sh fleet|broker|test|bench|setup [ARGS...]" >&2; exit 2 ;;
+    fleet|broker|agent|test|bench|setup) ;;
+    *) echo "usage: ./dev.sh fleet|broker|agent|test|bench|setup [ARGS...]" >&2; exit 2 ;;
 esac
 setup
 case "$job" in
     setup) ;;
     broker) exec .venv/bin/smartmi-sim broker up "$@" ;;
+    agent)
+        .venv/bin/smartmi-sim agent-config dev-0001 -o .smartmi-dev/dev-0001.toml
+        exec .venv/bin/smartmi-agent --config .smartmi-dev/dev-0001.toml run "$@"
+        ;;
     fleet)
         exec .venv/bin/smartmi-sim run --devices 200 \
             --scenario simulator/scenarios/smoke.toml --report report.json "$@"

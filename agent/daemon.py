@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from agent import control
@@ -27,7 +29,19 @@ from agent.transport import BrokerTarget, Transport
 
 log = logging.getLogger("smartmi.daemon")
 
-PROCESS_START: Final = time.monotonic()  # as near the process start as Python gets us
+
+def process_started_at() -> float:
+    """When this process started (wall clock): from /proc on Linux, else module import."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(stat[19]) / os.sysconf("SC_CLK_TCK")  # seconds after boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
+    return time.time() - age
+
+
+_IMPORTED_AT: Final = time.time()
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -92,7 +106,7 @@ async def run(config: AgentConfig) -> None:
                 }
             return result
 
-        started_wall = time.time() - (time.monotonic() - PROCESS_START)
+        started_wall = process_started_at()
         server = await control.serve(config.socket_path, handle)
         log.info("started", extra={"device": core.device_id, "broker": broker.url})
         try:

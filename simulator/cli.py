@@ -54,6 +54,51 @@ def cmd_pki_device(args: argparse.Namespace) -> int:
     return 0
 
 
+AGENT_TOML = """\
+# A development agent for device {device_id}, against `smartmi-sim broker up`.
+[device]
+id = "{device_id}"
+serial = "DEV-{device_id}"
+model = "smartmi.fan.dev"
+firmware_version = "1.0.0"
+
+[privacy]
+policy_version = "1"
+
+[paths]
+state_dir = "agents/{device_id}"
+
+[broker]
+url = "mqtts://{host}:{port}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"""
+
+
+def cmd_agent_config(args: argparse.Namespace) -> int:
+    """Write an agent.toml for one dev device (issuing its certificate if needed)."""
+    pki = _pki(args).ensure()
+    ident = pki.ensure_devices([args.device_id])[args.device_id]
+    out = Path(args.output or Path(args.dir) / f"{args.device_id}.toml")
+    if out.exists() and not args.force:
+        print(f"{out} exists (use --force to rewrite it)")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        AGENT_TOML.format(
+            device_id=args.device_id,
+            host=args.host,
+            port=args.port,
+            ca=pki.ca_cert,
+            cert=ident.cert,
+            key=ident.key,
+        )
+    )
+    print(f"wrote {out}; run: smartmi-agent --config {out} run")
+    return 0
+
+
 def cmd_broker_up(args: argparse.Namespace) -> int:
     """Run a local Mosquitto with the fleet's TLS configuration until Ctrl-C."""
     from simulator.broker import MosquittoBroker, find_mosquitto
@@ -116,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="sim-", help="prefix of numbered IDs (default %(default)s)")
     p.add_argument("--force", action="store_true", help="re-issue even if a certificate exists")
     p.set_defaults(func=cmd_pki_device)
+
+    p = sub.add_parser("agent-config", help="write an agent.toml for a dev device")
+    p.add_argument("device_id", help="the device ID (its certificate is issued if missing)")
+    p.add_argument("-o", "--output", help="where to write (default: DIR/DEVICE_ID.toml)")
+    p.add_argument("--host", default="127.0.0.1", help="broker host (default %(default)s)")
+    p.add_argument("--port", type=int, default=8883, help="broker port (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="rewrite an existing file")
+    p.set_defaults(func=cmd_agent_config)
 
     broker = sub.add_parser("broker", help="a local Mosquitto with the fleet configuration")
     b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
