@@ -144,6 +144,10 @@ class DeviceCore:
         # Called when something may have become sendable (a capture, a deletion
         # request, a resume, a requeue): the transport wakes its drain loop.
         self.wake_listeners: list[Callable[[], None]] = []
+        # Observers of the outbox (the simulator's ground truth): an item queued with
+        # consent, and an item the broker acknowledged.
+        self.queued_listeners: list[Callable[[str, Purpose, float], None]] = []
+        self.ack_listeners: list[Callable[[str, float], None]] = []
         self.dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
@@ -457,6 +461,8 @@ class DeviceCore:
             excess = overflow(self._queued, self.config.outbox_cap)
             if excess:
                 self._drop(self.store.purge_oldest(excess), DropReason.CAPACITY)
+        for listener in self.queued_listeners:
+            listener(msg_id, purpose, now)
         self._wake()
         return msg_id
 
@@ -500,6 +506,8 @@ class DeviceCore:
                 )
             return False
         item_step(ItemState.IN_FLIGHT, ItemEvent.ACK)
+        for listener in self.ack_listeners:
+            listener(msg_id, now)
         if out.purpose is None:
             self.store.remove_deletion_request(msg_id)
             return True

@@ -86,7 +86,8 @@ class TransportStats:
     rejections: dict[str, int] = field(default_factory=dict)
 
 
-CommandListener = Callable[[str, "dict[str, Any] | CommandRejected"], None]
+# (command name, its result or why it was refused, the time the device acted)
+CommandListener = Callable[[str, "dict[str, Any] | CommandRejected", float], None]
 
 
 class _Client(aiomqtt.Client):
@@ -408,7 +409,7 @@ class Transport:
             topic = message.topic.value
             payload = message.payload
             if not topic.startswith(prefix) or not isinstance(payload, bytes | bytearray):
-                self._rejected("", CommandRejected("bad-topic"))
+                self._rejected("", CommandRejected("bad-topic"), self.clock())
                 continue
             self.handle_command(topic.removeprefix(prefix), bytes(payload))
 
@@ -420,10 +421,10 @@ class Transport:
             self.guard.admit(command, now=now)
             result = commands.apply(self.core, command, now=now)
         except CommandRejected as exc:
-            self._rejected(name, exc)
+            self._rejected(name, exc, now)
             return
         except AgentError as exc:
-            self._rejected(name, CommandRejected(type(exc).__name__, str(exc)))
+            self._rejected(name, CommandRejected(type(exc).__name__, str(exc)), now)
             return
         self.stats.commands_applied += 1
         log.info(
@@ -431,10 +432,10 @@ class Transport:
             extra={"device": self.device_id, "command": name, "command_id": command.command_id},
         )
         if self.command_listener is not None:
-            self.command_listener(name, result)
+            self.command_listener(name, result, now)
         self.poke()
 
-    def _rejected(self, name: str, exc: CommandRejected) -> None:
+    def _rejected(self, name: str, exc: CommandRejected, now: float) -> None:
         self.stats.commands_rejected += 1
         self.stats.rejections[exc.reason] = self.stats.rejections.get(exc.reason, 0) + 1
         log.warning(
@@ -447,7 +448,7 @@ class Transport:
             },
         )
         if self.command_listener is not None:
-            self.command_listener(name, exc)
+            self.command_listener(name, exc, now)
 
     def status(self) -> dict[str, Any]:
         """Connection counters for ``smartmi-agent status``."""

@@ -136,6 +136,24 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a simulated fleet and check it."""
+    from simulator.run import run
+
+    return run(
+        devices=args.devices,
+        scenario_path=Path(args.scenario),
+        dev_dir=Path(args.dir).resolve(),
+        report_path=Path(args.report),
+        junit_path=Path(args.junit) if args.junit else None,
+        broker_url=args.broker,
+        ca=Path(args.ca) if args.ca else None,
+        cert=Path(args.cert) if args.cert else None,
+        key=Path(args.key) if args.key else None,
+        seed=args.seed,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of smartmi-sim."""
     parser = argparse.ArgumentParser(
@@ -161,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="sim-", help="prefix of numbered IDs (default %(default)s)")
     p.add_argument("--force", action="store_true", help="re-issue even if a certificate exists")
     p.set_defaults(func=cmd_pki_device)
+
+    p = sub.add_parser("run", help="a simulated fleet and the cloud-side privacy checker")
+    p.add_argument("--devices", type=int, required=True, help="how many simulated devices")
+    p.add_argument("--scenario", required=True, help="a scenario file (simulator/scenarios/)")
+    p.add_argument("--report", default="report.json", help="JSON report (default %(default)s)")
+    p.add_argument("--junit", help="also write JUnit XML here (one case per privacy rule)")
+    p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--broker", help="an mqtts:// broker to use instead of a local Mosquitto")
+    p.add_argument("--ca", help="with --broker: the CA that signed the broker's certificate")
+    p.add_argument("--cert", help="with --broker: the backend's certificate")
+    p.add_argument("--key", help="with --broker: the backend's key")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("agent-config", help="write an agent.toml for a dev device")
     p.add_argument("device_id", help="the device ID (its certificate is issued if missing)")

@@ -50,6 +50,7 @@ class Cloud:
     host: str
     port: int
     pki: DevPki
+    tls: ssl.SSLContext | None = None  # the backend's identity, if not the dev PKI's
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
     _changed: asyncio.Condition | None = None
@@ -68,7 +69,9 @@ class Cloud:
         stays full and nothing more is delivered; a clean session avoids that.
         Messages the broker held for the backend at the restart are the broker's.
         """
-        ctx = client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key)
+        ctx = self.tls or client_context(
+            self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key
+        )
         self._changed = asyncio.Condition()
         self.online = asyncio.Event()
         task = asyncio.create_task(self._run(ctx), name="cloud:collect")

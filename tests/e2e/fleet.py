@@ -76,7 +76,7 @@ class Agent:
         self.transport = Transport(
             self.core,
             target,
-            command_listener=lambda name, result: self.commands.put_nowait((name, result)),
+            command_listener=lambda name, result, _now: self.commands.put_nowait((name, result)),
         )
         self.task = asyncio.create_task(self.transport.run(), name=f"agent:{self.device_id}")
         return self.transport

@@ -1,0 +1,278 @@
+"""The cloud-side privacy checker: what arrived, judged against the ground-truth timeline.
+
+Pure and clock-free. The fleet records, per device, the events it carried out
+(with the time the device carried them out) and what the device's outbox did;
+the checker replays that timeline itself, independently of the agent's own
+consent gate, and judges every message the backend received:
+
+=======================  ===============================================================
+no-consent               a personal message whose purpose's consent was not in force
+                         when it was captured, whose receipt does not match the grant
+                         in force, or that arrived after the consent ended (beyond the
+                         path's delay: it left the device after the withdrawal)
+minor                    anything personal from a device bound to a minor's account
+location                 a location finer than the precision in force at capture
+after-wipe               data captured before a wipe that arrived after it
+deletion-request         a wipe without its deletion request, or one not caused by a wipe
+lost                     an item the device queued with consent that neither arrived,
+                         nor was dropped for a reason (withdrawal, wipe, retention,
+                         capacity), nor is still pending
+malformed, spoofed       not a valid envelope; an envelope naming another device
+=======================  ===============================================================
+
+Duplicates by ``msg_id`` are counted, not violations (delivery is at-least-once).
+An item the broker acknowledged before a broker restart and never delivered is
+counted as ``broker_custody``: the broker lost it, not the device.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import SchemaError
+from agent.location import Precision, finer_than
+from agent.purposes import DELETION_KIND, POLICIES, Purpose, parse_envelope, parse_rfc3339
+from simulator.cloud import Received
+
+EPS = 0.002  # captured_at is RFC 3339 with milliseconds, truncated
+KIND_PURPOSE = {POLICIES[p].kind: p for p in Purpose}
+
+
+@dataclass
+class DeviceTruth:
+    """What happened to one device, as the fleet carried it out."""
+
+    device_id: str
+    group: str
+    policy_version: str
+    grace_s: float = 2.0  # how late a message already on the wire may still arrive
+    events: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    queued: dict[str, tuple[Purpose, float]] = field(default_factory=dict)
+    acked: dict[str, float] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    deletion_requests: set[str] = field(default_factory=set)
+    pending_at_end: set[str] = field(default_factory=set)
+
+    def on_queued(self, msg_id: str, purpose: Purpose, t: float) -> None:
+        """The device queued an item with consent (a DeviceCore listener)."""
+        self.queued[msg_id] = (purpose, t)
+
+    def log(self, t: float, what: str, **info: Any) -> None:
+        """Record an event the device carried out at ``t``."""
+        self.events.append((t, what, info))
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken promise."""
+
+    kind: str
+    device: str
+    msg_id: str | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        """As it appears in the report."""
+        return {
+            "kind": self.kind,
+            "device": self.device,
+            "msg_id": self.msg_id,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Verdict:
+    """The checker's findings."""
+
+    violations: list[Violation] = field(default_factory=list)
+    received: int = 0
+    unique: int = 0
+    duplicates: int = 0
+    by_kind: Counter[str] = field(default_factory=Counter)
+    broker_custody: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+
+    def add(self, kind: str, device: str, msg_id: str | None, detail: str) -> None:
+        """Record a violation."""
+        self.violations.append(Violation(kind, device, msg_id, detail))
+
+
+@dataclass
+class _Timeline:
+    """The replayed consent, precision, minor and wipe history of one device."""
+
+    intervals: dict[Purpose, list[tuple[float, float | None, str]]]
+    minor: list[tuple[float, float | None]]
+    precision: list[tuple[float, Precision]]
+    wipes: list[float]
+
+    def in_force(self, purpose: Purpose, t: float) -> tuple[float, float | None, str] | None:
+        for start, end, policy in self.intervals[purpose]:
+            if start - EPS <= t and (end is None or t < end + EPS):
+                return start, end, policy
+        return None
+
+    def precision_at(self, t: float) -> Precision:
+        times = [p[0] for p in self.precision]
+        i = bisect.bisect_right(times, t + EPS) - 1
+        return self.precision[i][1] if i >= 0 else Precision.REGION
+
+    def minor_at(self, t: float) -> bool:
+        return any(s - EPS <= t and (e is None or t < e + EPS) for s, e in self.minor)
+
+
+def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per event
+    """Rebuild when each purpose's consent was in force, from the events alone (SPEC §2)."""
+    intervals: dict[Purpose, list[tuple[float, float | None, str]]] = {p: [] for p in Purpose}
+    open_at: dict[Purpose, tuple[float, str]] = {}
+    minor_spans: list[tuple[float, float | None]] = []
+    precision: list[tuple[float, Precision]] = []
+    wipes: list[float] = []
+    bound = minor = suspended = False
+    policy = truth.policy_version
+    grants: dict[Purpose, str] = {}
+
+    def settle(t: float) -> None:
+        for p in Purpose:
+            ok = bound and not minor and not suspended and grants.get(p) == policy
+            if ok and p not in open_at:
+                open_at[p] = (t, policy)
+            elif not ok and p in open_at:
+                start, pol = open_at.pop(p)
+                intervals[p].append((start, t, pol))
+
+    minor_since: float | None = None
+    for t, what, info in sorted(truth.events, key=lambda e: e[0]):
+        if what == "bind":
+            bound, minor, grants = True, bool(info.get("minor")), {}
+            if minor:
+                minor_since = t
+        elif what == "grant" and bound:
+            grants[Purpose(info["purpose"])] = policy
+        elif what == "withdraw":
+            grants.pop(Purpose(info["purpose"]), None)
+        elif what == "policy-version":
+            policy = str(info["version"])
+        elif what == "suspend":
+            suspended = True
+        elif what == "resume":
+            suspended = False
+        elif what == "precision":
+            precision.append((t, Precision(info["level"])))
+        elif what == "wipe":
+            if bound:
+                wipes.append(t)
+            bound, grants, suspended = False, {}, False
+            if minor and minor_since is not None:
+                minor_spans.append((minor_since, t))
+            minor, minor_since = False, None
+        settle(t)
+    for p, (start, pol) in open_at.items():
+        intervals[p].append((start, None, pol))
+    if minor_since is not None:
+        minor_spans.append((minor_since, None))
+    return _Timeline(intervals, minor_spans, precision, wipes)
+
+
+def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged by
+    v: Verdict, tl: _Timeline, truth: DeviceTruth, r: Received, env: Any, purpose: Purpose
+) -> None:
+    captured = parse_rfc3339(env.captured_at)
+    dev, msg_id = truth.device_id, env.msg_id
+    if tl.minor_at(captured):
+        v.add("minor", dev, msg_id, f"{r.kind} from a minor's device")
+        return
+    span = tl.in_force(purpose, captured)
+    receipt = env.consent
+    if span is None:
+        v.add("no-consent", dev, msg_id, f"{purpose.value} consent not in force at capture")
+    elif receipt is None or receipt.purpose != purpose or receipt.policy_version != span[2]:
+        v.add("no-consent", dev, msg_id, "the receipt does not match the grant in force")
+    elif span[1] is not None and r.arrived_at > span[1] + truth.grace_s:
+        late = r.arrived_at - span[1]
+        v.add("no-consent", dev, msg_id, f"arrived {late:.1f} s after the consent ended")
+    for w in tl.wipes:
+        if captured < w - EPS and r.arrived_at > w + truth.grace_s:
+            v.add("after-wipe", dev, msg_id, "captured before a wipe, arrived after it")
+            break
+    if purpose is Purpose.ACTIVATION:
+        loc = env.data.get("location")
+        precision = tl.precision_at(captured)
+        if loc is not None and (
+            precision is Precision.OFF or finer_than(loc["lat"], loc["lon"], precision)
+        ):
+            v.add("location", dev, msg_id, f"finer than {precision.value}")
+    v.latencies_s.append(max(0.0, r.arrived_at - captured))
+
+
+def check(
+    truths: dict[str, DeviceTruth],
+    received: list[Received],
+    *,
+    broker_restarts: list[float] | None = None,
+) -> Verdict:
+    """Judge every received message, then the deletion requests and the lost items."""
+    v = Verdict(received=len(received))
+    restarts = sorted(broker_restarts or [])
+    timelines = {d: replay(t) for d, t in truths.items()}
+    seen: dict[str, set[str]] = {d: set() for d in truths}
+    deletions: dict[str, set[str]] = {d: set() for d in truths}
+    for r in received:
+        v.by_kind[r.kind] += 1
+        truth = truths.get(r.device_id)
+        if truth is None:
+            v.add("spoofed", r.device_id, None, "a device that is not in the fleet")
+            continue
+        try:
+            env = parse_envelope(r.payload)
+        except SchemaError as exc:
+            v.add("malformed", r.device_id, None, str(exc)[:200])
+            continue
+        if env.device_id != r.device_id:
+            v.add("spoofed", r.device_id, env.msg_id, f"envelope names {env.device_id!r}")
+            continue
+        if env.msg_id in seen[r.device_id]:
+            v.duplicates += 1
+            continue
+        seen[r.device_id].add(env.msg_id)
+        if r.kind == DELETION_KIND:
+            deletions[r.device_id].add(env.msg_id)
+            continue
+        purpose = KIND_PURPOSE.get(r.kind)
+        if purpose is None:
+            v.add("malformed", r.device_id, env.msg_id, f"unknown kind {r.kind!r}")
+            continue
+        _judge_personal(v, timelines[r.device_id], truth, r, env, purpose)
+    v.unique = sum(len(s) for s in seen.values())
+    for d, truth in truths.items():
+        expected = truth.deletion_requests
+        for msg_id in sorted(expected - deletions[d] - truth.pending_at_end):
+            v.add("deletion-request", d, msg_id, "a wipe's deletion request never arrived")
+        for msg_id in sorted(deletions[d] - expected):
+            v.add("deletion-request", d, msg_id, "a deletion request no wipe caused")
+        missing = set(truth.queued) - truth.dropped - truth.pending_at_end - seen[d]
+        for msg_id in sorted(missing):
+            acked = truth.acked.get(msg_id)
+            if acked is not None and any(t > acked for t in restarts):
+                v.broker_custody += 1  # acknowledged, then the broker restarted
+                continue
+            state = "acknowledged by the broker" if acked is not None else "never acknowledged"
+            v.add("lost", d, msg_id, f"queued with consent, {state}, never arrived")
+    return v
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
+    """Nearest-rank percentiles, in seconds rounded to the millisecond."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    out = {}
+    for p in points:
+        rank = max(1, round(p / 100 * len(ordered)))
+        out[f"p{p}"] = round(ordered[rank - 1], 3)
+    out["max"] = round(ordered[-1], 3)
+    return out

@@ -1,0 +1,398 @@
+"""The simulated fleet: thousands of full agents in one process, driven by a scenario.
+
+Every device is the same code as on a Pi: a ``DeviceCore`` over the encrypted
+store (one shared SQLite file, one data key per device) and a ``Transport`` over
+mutual TLS with its own certificate. The fleet carries out the scenario's
+timeline, records the ground truth the checker needs (``DeviceTruth``), and
+collects what the backend received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.device import CoreConfig, CrashReport, DeviceCore
+from agent.errors import AgentError, CommandRejected
+from agent.location import Precision
+from agent.purposes import Purpose
+from agent.store import Database, DeviceStore
+from agent.tls import client_context
+from agent.transport import BrokerTarget, Transport
+from agent.vault import FileKeyStore
+from simulator.checker import DeviceTruth
+from simulator.cloud import Cloud
+from simulator.faults import FaultProxy
+from simulator.pki import DevPki
+from simulator.scenario import FAULTS, Event, Group, Scenario
+
+
+def rss_kib() -> int:
+    """This process's resident memory (KiB), from /proc; 0 where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class SimDevice:
+    """One simulated device: its core, transport and ground truth."""
+
+    device_id: str
+    group: Group
+    core: DeviceCore
+    transport: Transport
+    truth: DeviceTruth
+    task: asyncio.Task[None] | None = None
+    binds: int = 0
+
+
+@dataclass
+class FleetStats:
+    """What the run measured, for the report."""
+
+    connect_s: float | None = None
+    connected: int = 0
+    rss_baseline_kib: int = 0
+    rss_fleet_kib: int = 0
+    events_applied: int = 0
+    events_refused: Counter[str] = field(default_factory=Counter)
+    broker_restarts: list[float] = field(default_factory=list)
+    drained: bool = False
+    elapsed_s: float = 0.0
+
+
+class Fleet:
+    """Runs one scenario with ``devices`` simulated devices against one broker."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        devices: int,
+        *,
+        workdir: Path,
+        pki: DevPki,
+        broker_host: str,
+        broker_port: int,
+        restart_broker: Callable[[], object] | None = None,
+        cloud_tls: Any = None,
+        progress: TextIO | None = sys.stderr,
+        seed: int | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.n = devices
+        self.workdir = workdir
+        self.pki = pki
+        self.host, self.port = broker_host, broker_port
+        self.restart_broker = restart_broker
+        self.cloud = Cloud(broker_host, broker_port, pki, tls=cloud_tls)
+        self.progress = progress
+        self.seed = scenario.seed if seed is None else seed
+        self.rng = random.Random(self.seed)  # noqa: S311  # simulation, not cryptography
+        self.devices: dict[str, SimDevice] = {}
+        self.proxies: dict[str, FaultProxy] = {}
+        self.stats = FleetStats()
+        self.db: Database | None = None
+        self._t0 = 0.0
+        self._events_total = 0
+
+    # -- building ------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.progress is not None:
+            print(text, file=self.progress, flush=True)
+
+    async def _build(self) -> None:
+        sizes = self.scenario.sizes(self.n)
+        ids = [
+            (g, f"sim-{g.name}-{i:05d}")
+            for g, size in zip(self.scenario.groups, sizes, strict=True)
+            for i in range(size)
+        ]
+        self._say(f"issuing {len(ids)} device certificates")
+        idents = self.pki.ensure_devices([d for _, d in ids])
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(self.workdir / "fleet.db", synchronous="NORMAL")
+        keys = FileKeyStore(self.workdir / "keys")
+        for g in self.scenario.groups:
+            if any(e.action in FAULTS for e in g.events):
+                proxy = FaultProxy(self.host, self.port, random.Random(self.rng.random()))  # noqa: S311
+                await proxy.start()
+                self.proxies[g.name] = proxy
+        now = time.time()
+        for g, device_id in ids:
+            ident = idents[device_id]
+            ctx = client_context(self.pki.ca_cert, ident.cert, ident.key)
+            via = self.proxies.get(g.name)
+            target = BrokerTarget(
+                self.host, via.port if via else self.port, ctx, connect_timeout=30.0
+            )
+            store = DeviceStore(self.db, device_id, keys)
+            core = DeviceCore(
+                store,
+                CoreConfig(
+                    device_id=device_id,
+                    serial=f"SN-{device_id}",
+                    model="smartmi.fan.sim",
+                    firmware_version="1.0.0",
+                    policy_version=g.policy_version,
+                ),
+                now=now,
+            )
+            grace = 2.0 + max(
+                [(e.ms or 0) / 1000 for e in g.events if e.action == "latency"]
+                + [FaultProxy.RETRANSMIT_S for e in g.events if e.action == "loss"]
+                + [0.0]
+            )
+            truth = DeviceTruth(device_id, g.name, g.policy_version, grace_s=grace)
+            dev = SimDevice(device_id, g, core, None, truth)  # type: ignore[arg-type]
+            dev.transport = Transport(
+                core,
+                target,
+                rng=random.Random(self.rng.random()),  # noqa: S311
+                command_listener=self._on_command(dev),
+            )
+            core.queued_listeners.append(truth.on_queued)
+            core.ack_listeners.append(truth.acked.__setitem__)
+            core.purge_listeners.append(truth.dropped.update)
+            self.devices[device_id] = dev
+
+    def _on_command(self, dev: SimDevice) -> Callable[[str, Any, float], None]:
+        """Record what a cloud command did on the device, at the time it did it."""
+
+        def listener(name: str, result: dict[str, Any] | CommandRejected, now: float) -> None:
+            truth = dev.truth
+            if isinstance(result, CommandRejected):
+                self.stats.events_refused[f"{name}:{result.reason}"] += 1
+                return
+            self.stats.events_applied += 1
+            if name == "consent":
+                for purpose, value in result.items():
+                    truth.log(now, "grant" if value is True else "withdraw", purpose=purpose)
+            elif name == "location-precision":
+                truth.log(now, "precision", level=result["precision"])
+            elif name in ("unbind", "account-cancelled"):
+                truth.log(now, "wipe", reason=name)
+                if result.get("deletion_request"):
+                    truth.deletion_requests.add(result["deletion_request"])
+            elif name == "suspend-collection":
+                truth.log(now, "suspend")
+            elif name == "resume-collection":
+                truth.log(now, "resume")
+
+        return listener
+
+    # -- the timeline ----------------------------------------------------------------
+    def _schedule(self) -> list[tuple[float, int, str | None, Event]]:
+        plan: list[tuple[float, int, str | None, Event]] = []
+        order = 0
+        for g in self.scenario.groups:
+            members = [d for d in self.devices.values() if d.group is g]
+            for e in g.events:
+                if e.action == "broker-restart" or e.action in FAULTS:
+                    plan.append((e.at, order, g.name if e.action in FAULTS else None, e))
+                    order += 1
+                    continue
+                for d in members:
+                    t = e.at + (self.rng.uniform(0, e.jitter_s) if e.jitter_s else 0.0)
+                    plan.append((t, order, d.device_id, e))
+                    order += 1
+        plan.sort(key=lambda p: (p[0], p[1]))
+        return plan
+
+    async def _apply(self, target: str | None, e: Event) -> None:
+        if e.action == "broker-restart":
+            if self.restart_broker is None:
+                self.stats.events_refused["broker-restart:external-broker"] += 1
+                return
+            self.stats.broker_restarts.append(time.time())
+            await asyncio.to_thread(self.restart_broker)
+            self.stats.events_applied += 1
+            return
+        if e.action in FAULTS:
+            assert target is not None  # noqa: S101  # a group name for faults
+            asyncio.get_running_loop().create_task(self._fault(self.proxies[target], e))
+            return
+        assert target is not None  # noqa: S101
+        dev = self.devices[target]
+        try:
+            if e.via == "cloud":
+                await self._cloud_event(dev, e)
+            else:
+                self._local_event(dev, e, time.time())
+                self.stats.events_applied += 1
+        except AgentError as exc:
+            self.stats.events_refused[f"{e.action}:{type(exc).__name__}"] += 1
+
+    async def _fault(self, proxy: FaultProxy, e: Event) -> None:
+        assert e.for_s is not None  # noqa: S101  # validated
+        if e.action == "partition":
+            proxy.partition(True)
+        elif e.action == "latency":
+            proxy.latency_s = (e.ms or 0) / 1000
+        else:
+            proxy.loss = e.rate or 0.0
+        self.stats.events_applied += 1
+        await asyncio.sleep(e.for_s)
+        proxy.partition(False)
+        proxy.latency_s, proxy.loss = 0.0, 0.0
+
+    def _local_event(self, dev: SimDevice, e: Event, now: float) -> None:  # one branch per action
+        core, truth = dev.core, dev.truth
+        if e.action == "bind":
+            dev.binds += 1
+            core.bind(f"{dev.device_id}-b{dev.binds}", now=now, minor=e.minor)
+            truth.log(now, "bind", minor=e.minor)
+        elif e.action == "grant":
+            core.grant(Purpose(str(e.purpose)), now=now)
+            truth.log(now, "grant", purpose=e.purpose)
+        elif e.action == "withdraw":
+            core.withdraw(Purpose(str(e.purpose)), now=now)
+            truth.log(now, "withdraw", purpose=e.purpose)
+        elif e.action == "policy-version":
+            assert e.version is not None  # noqa: S101
+            truth.log(now, "policy-version", version=e.version)
+            core.set_policy_version(e.version, now=now)
+        elif e.action == "location":
+            assert e.lat is not None and e.lon is not None  # noqa: S101, PT018
+            core.set_location(e.lat, e.lon, now=now)
+        elif e.action == "precision":
+            core.set_precision(Precision(str(e.level)), now=now)
+            truth.log(now, "precision", level=e.level)
+        elif e.action == "crash":
+            for k in range(e.count):
+                report = CrashReport(
+                    signature=f"SIGSEGV in sim #{k}",
+                    stack='Traceback (most recent call last):\n  File "/home/sim/app.py"',
+                    ip_addresses=("10.0.0.2",),
+                    default_gateway="10.0.0.1",
+                    uptime_s=float(k),
+                )
+                core.capture_crash(report, now=now)
+        elif e.action == "firmware-update":
+            assert e.version is not None  # noqa: S101
+            core.firmware_updated(e.version, now=now)
+        elif e.action in ("unbind", "factory-reset", "account-cancelled"):
+            wipe = {
+                "unbind": core.unbind,
+                "factory-reset": core.factory_reset,
+                "account-cancelled": core.account_cancelled,
+            }[e.action]
+            truth.log(now, "wipe", reason=e.action)
+            request = wipe(now=now)
+            if request is not None:
+                truth.deletion_requests.add(request)
+        else:  # suspend / resume are cloud commands (P13)
+            raise CommandRejected("local-suspend", "suspend and resume come from the cloud")
+
+    async def _cloud_event(self, dev: SimDevice, e: Event) -> None:
+        core = dev.core
+        binding = {"binding_id": core.settings.binding_id or "not-bound"}
+        if e.action in ("grant", "withdraw"):
+            body = {
+                **binding,
+                "purposes": {e.purpose: e.action == "grant"},
+                "policy_version": core.config.policy_version,
+            }
+            await self.cloud.command(dev.device_id, "consent", body)
+        elif e.action == "precision":
+            await self.cloud.command(
+                dev.device_id, "location-precision", {**binding, "precision": e.level}
+            )
+        elif e.action in ("unbind", "account-cancelled"):
+            await self.cloud.command(dev.device_id, e.action, binding)
+        elif e.action in ("suspend", "resume"):
+            await self.cloud.command(dev.device_id, f"{e.action}-collection", {})
+        else:
+            raise CommandRejected("not-a-cloud-command", e.action)
+
+    # -- running ---------------------------------------------------------------------------
+    async def _report_progress(self, phase: list[str]) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            up = sum(d.transport.connected.is_set() for d in self.devices.values())
+            queued = sum(d.core.queued_count() for d in self.devices.values())
+            self._say(
+                f"[{time.time() - self._t0:6.1f}s] {phase[0]:<9} connected {up}/{len(self.devices)}"
+                f"  events {self.stats.events_applied}/{self._events_total}"
+                f"  queued {queued}  received {len(self.cloud.received)}"
+            )
+
+    async def run(self) -> None:
+        """Build, connect, play the timeline, drain; the truths and cloud hold the results."""
+        self.stats.rss_baseline_kib = rss_kib()
+        self._t0 = time.time()
+        phase = ["building"]
+        ticker = asyncio.create_task(self._report_progress(phase), name="progress")
+        try:
+            await self._build()
+            async with self.cloud.connected():
+                phase[0] = "connecting"
+                start = time.monotonic()
+                for dev in self.devices.values():
+                    dev.task = asyncio.create_task(dev.transport.run(), name=dev.device_id)
+                await asyncio.gather(*(d.transport.connected.wait() for d in self.devices.values()))
+                self.stats.connect_s = time.monotonic() - start
+                self.stats.connected = len(self.devices)
+                self.stats.rss_fleet_kib = rss_kib()
+                self._say(f"{len(self.devices)} devices connected in {self.stats.connect_s:.1f} s")
+                phase[0] = "scenario"
+                plan = self._schedule()
+                self._events_total = len(plan)
+                t0 = time.monotonic()
+                for at, _order, target, event in plan:
+                    delay = t0 + at - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await self._apply(target, event)
+                await asyncio.sleep(max(0.0, t0 + self.scenario.duration_s - time.monotonic()))
+                phase[0] = "draining"
+                self.stats.drained = await self._drain()
+                for dev in self.devices.values():
+                    dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {
+                        r.msg_id for r in dev.core.store.deletion_requests()
+                    }
+                await self._stop()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            for proxy in self.proxies.values():
+                await proxy.close()
+            if self.db is not None:
+                self.db.close()
+            self.stats.elapsed_s = time.time() - self._t0
+
+    async def _drain(self) -> bool:
+        """Wait until every device is idle and the backend has every acknowledged item."""
+        deadline = time.monotonic() + self.scenario.settle_s
+        while time.monotonic() < deadline:
+            idle = all(
+                d.transport.idle.is_set() and d.transport.connected.is_set()
+                for d in self.devices.values()
+            )
+            acked = {m for d in self.devices.values() for m in d.truth.acked}
+            if idle and acked <= {r.envelope().get("msg_id") for r in self.cloud.received}:
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def _stop(self) -> None:
+        for dev in self.devices.values():
+            if dev.task is not None:
+                dev.transport.stop(dev.task)
+        for dev in self.devices.values():
+            if dev.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await dev.task

@@ -1,0 +1,128 @@
+"""The run's report: JSON for machines, a summary for people, JUnit XML for CI systems."""
+
+from __future__ import annotations
+
+import json
+import platform
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from simulator.checker import Verdict, percentiles
+from simulator.fleet import Fleet
+
+RULES = (
+    "no-consent",
+    "minor",
+    "location",
+    "after-wipe",
+    "deletion-request",
+    "lost",
+    "malformed",
+    "spoofed",
+)
+
+
+def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
+    """The report document."""
+    s = fleet.stats
+    n = len(fleet.devices)
+    transports = [d.transport.stats for d in fleet.devices.values()]
+    per_device = (s.rss_fleet_kib - s.rss_baseline_kib) / n if n else 0.0
+    counts = Counter(v.kind for v in verdict.violations)
+    return {
+        "scenario": fleet.scenario.name,
+        "seed": fleet.seed,
+        "devices": n,
+        "groups": dict(Counter(d.group.name for d in fleet.devices.values())),
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "elapsed_s": round(s.elapsed_s, 2),
+        "connect": {
+            "connected": s.connected,
+            "seconds": None if s.connect_s is None else round(s.connect_s, 2),
+            "devices_per_s": round(n / s.connect_s, 1) if s.connect_s else None,
+            "reconnects": sum(max(0, t.connects - 1) for t in transports),
+        },
+        "memory": {
+            "rss_baseline_kib": s.rss_baseline_kib,
+            "rss_fleet_kib": s.rss_fleet_kib,
+            "per_device_kib": round(per_device, 1),
+        },
+        "events": {"applied": s.events_applied, "refused": dict(s.events_refused)},
+        "delivery": {
+            "received": verdict.received,
+            "unique": verdict.unique,
+            "duplicates": verdict.duplicates,
+            "by_kind": dict(verdict.by_kind),
+            "published": sum(t.published for t in transports),
+            "acknowledged": sum(t.acknowledged for t in transports),
+            "refused": sum(t.refused for t in transports),
+            "recalled": sum(t.recalled for t in transports),
+            "broker_custody": verdict.broker_custody,
+            "drained": s.drained,
+        },
+        "latency_s": percentiles(verdict.latencies_s),
+        "violation_counts": {k: counts.get(k, 0) for k in RULES},
+        "violations": [v.to_json() for v in verdict.violations],
+        "verdict": "pass" if not verdict.violations else "fail",
+    }
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """A readable summary of the report."""
+    c, m, d = doc["connect"], doc["memory"], doc["delivery"]
+    lat = doc["latency_s"]
+    lines = [
+        f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices, "
+        f"{doc['elapsed_s']} s",
+        f"  connected   {c['connected']} in {c['seconds']} s ({c['devices_per_s']} devices/s), "
+        f"{c['reconnects']} reconnects",
+        f"  memory      {m['per_device_kib']} KiB per device above a "
+        f"{m['rss_baseline_kib'] // 1024} MiB baseline",
+        f"  delivered   {d['unique']} unique ({d['duplicates']} duplicates by msg_id), "
+        + ", ".join(f"{k} {v}" for k, v in sorted(d["by_kind"].items())),
+        f"  latency     capture to backend p50 {lat.get('p50')} s, p99 {lat.get('p99')} s",
+        f"  events      {doc['events']['applied']} applied, "
+        f"{sum(doc['events']['refused'].values())} refused by the device (as designed)",
+    ]
+    if d["broker_custody"]:
+        lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
+    if not d["drained"]:
+        lines.append("  warning     the fleet did not drain within settle_s")
+    n = len(doc["violations"])
+    if n:
+        counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
+        lines.append(f"  VIOLATIONS  {n}: {counts}")
+        lines.extend(
+            f"    {v['kind']:<16} {v['device']} {v['msg_id']}: {v['detail']}"
+            for v in doc["violations"][:10]
+        )
+    else:
+        lines.append("  violations  none")
+    return "\n".join(lines)
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    """Write the JSON report."""
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_junit(doc: dict[str, Any], path: Path) -> None:
+    """One test case per rule; a rule with violations is a failed case listing them."""
+    suite = ET.Element(
+        "testsuite",
+        name=f"smartmi-privacy.{doc['scenario']}",
+        tests=str(len(RULES)),
+        failures=str(sum(1 for k in RULES if doc["violation_counts"][k])),
+        time=str(doc["elapsed_s"]),
+    )
+    for rule in RULES:
+        case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name=rule)
+        found = [v for v in doc["violations"] if v["kind"] == rule]
+        if found:
+            failure = ET.SubElement(case, "failure", message=f"{len(found)} violations of {rule}")
+            failure.text = "\n".join(
+                f"{v['device']} {v['msg_id']}: {v['detail']}" for v in found[:200]
+            )
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,193 @@
+"""Scenario files (TOML): device groups, each with a share of the fleet and a timeline.
+
+Example::
+
+    name = "smoke"
+    seed = 7
+    duration_s = 10        # the timeline's length; the fleet then drains
+    settle_s = 30          # how long to wait for the fleet to drain afterwards
+
+    [[groups]]
+    name = "adults"
+    share = 0.9
+    [[groups.events]]
+    at = 0.0
+    action = "bind"
+    [[groups.events]]
+    at = 1.0
+    action = "grant"
+    purpose = "activation"
+    via = "cloud"          # or "local" (the default): the app, or the device's CLI
+
+Actions and their keys:
+
+=================  ==========================================================
+bind               ``minor`` (bool)
+grant, withdraw    ``purpose``; ``via`` local|cloud
+policy-version     ``version`` (the device's configured policy changes, P6)
+location           ``lat``, ``lon``
+precision          ``level`` off|country|region|city; ``via`` local|cloud
+crash              ``count`` (crashes captured, default 1)
+firmware-update    ``version``
+unbind             ``via`` local|cloud
+factory-reset
+account-cancelled  ``via`` local|cloud
+suspend, resume    (always by cloud command, P13)
+latency            ``ms``, ``for_s``: delay every byte to and from the broker
+loss               ``rate`` (0-1), ``for_s``: segments late as if retransmitted
+partition          ``for_s``: the group's connections cut and refused
+broker-restart     (the whole fleet's broker; the group is ignored)
+=================  ==========================================================
+
+Every event may carry ``jitter_s``: each device of the group does it at a time
+drawn uniformly from [at, at + jitter_s], from the scenario's seed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+Action = Literal[
+    "bind",
+    "grant",
+    "withdraw",
+    "policy-version",
+    "location",
+    "precision",
+    "crash",
+    "firmware-update",
+    "unbind",
+    "factory-reset",
+    "account-cancelled",
+    "suspend",
+    "resume",
+    "latency",
+    "loss",
+    "partition",
+    "broker-restart",
+]
+
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "grant": ("purpose",),
+    "withdraw": ("purpose",),
+    "policy-version": ("version",),
+    "location": ("lat", "lon"),
+    "precision": ("level",),
+    "firmware-update": ("version",),
+    "latency": ("ms", "for_s"),
+    "loss": ("rate", "for_s"),
+    "partition": ("for_s",),
+}
+FAULTS = frozenset({"latency", "loss", "partition"})
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Event(_Model):
+    """One step of a group's timeline."""
+
+    at: float = Field(ge=0)
+    action: Action
+    jitter_s: float = Field(default=0.0, ge=0)
+    via: Literal["local", "cloud"] = "local"
+    purpose: Literal["activation", "diagnostics"] | None = None
+    minor: bool = False
+    version: str | None = Field(default=None, min_length=1, max_length=64)
+    lat: float | None = Field(default=None, ge=-90, le=90)
+    lon: float | None = Field(default=None, ge=-180, le=180)
+    level: Literal["off", "country", "region", "city"] | None = None
+    count: int = Field(default=1, ge=1, le=1000)
+    ms: float | None = Field(default=None, ge=0, le=10_000)
+    rate: float | None = Field(default=None, ge=0, le=1)
+    for_s: float | None = Field(default=None, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _required(self) -> Event:
+        missing = [k for k in _NEEDS.get(self.action, ()) if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"action {self.action!r} needs {', '.join(missing)}")
+        if self.via == "cloud" and self.action in ("factory-reset", "bind", "crash"):
+            raise ValueError(f"action {self.action!r} cannot come from the cloud")
+        return self
+
+
+class Group(_Model):
+    """A share of the fleet with one timeline."""
+
+    name: str = Field(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
+    share: float = Field(gt=0, le=1)
+    policy_version: str = Field(default="1", min_length=1, max_length=64)
+    events: list[Event] = Field(default_factory=list)
+
+
+class Scenario(_Model):
+    """A whole scenario file."""
+
+    name: str = Field(min_length=1, max_length=64)
+    seed: int = 1
+    duration_s: float = Field(gt=0, le=3600)
+    settle_s: float = Field(default=60, gt=0, le=3600)
+    groups: list[Group] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shares(self) -> Scenario:
+        total = sum(g.share for g in self.groups)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"group shares add up to {total:g}, not 1")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError("group names must be unique")
+        for g in self.groups:
+            for e in g.events:
+                if e.at + e.jitter_s > self.duration_s:
+                    raise ValueError(
+                        f"group {g.name!r}: an event at {e.at + e.jitter_s:g} s is past "
+                        f"duration_s = {self.duration_s:g}"
+                    )
+        return self
+
+    def sizes(self, devices: int) -> list[int]:
+        """How many devices each group gets (largest remainder, every group at least 1)."""
+        if devices < len(self.groups):
+            raise ConfigError(
+                f"{devices} devices cannot fill {len(self.groups)} groups", where=self.name
+            )
+        raw = [g.share * devices for g in self.groups]
+        sizes = [max(1, int(r)) for r in raw]
+        order = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+        i = 0
+        while sum(sizes) < devices:
+            sizes[order[i % len(order)]] += 1
+            i += 1
+        while sum(sizes) > devices:
+            j = max(range(len(sizes)), key=lambda k: sizes[k])
+            sizes[j] -= 1
+        return sizes
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario; ConfigError names the file, the key and the problem."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("scenario file not found", where=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", where=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(path)) from exc
+    try:
+        return Scenario.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<file>"
+            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems), where=str(path)) from exc
