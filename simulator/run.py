@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ def run(  # the command line's options
     """Run the fleet; 0 only with zero violations."""
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
+    # Per-device connection chatter would drown the progress lines; the report has
+    # the counts. Errors (certificate problems) still show.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
     pki = DevPki(dev_dir / "pki").ensure()
     workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
