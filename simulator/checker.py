@@ -178,6 +178,17 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per 
     return _Timeline(intervals, minor_spans, precision, wipes)
 
 
+def _left(truth: DeviceTruth, r: Received) -> float:
+    """When a message had certainly left the device: its PUBACK, or its arrival.
+
+    The backend's arrival time alone overstates it when the backend is slow to read
+    (the whole fleet's uplink goes to one client); the broker acknowledged the
+    PUBLISH only after receiving it, so the earlier of the two bounds the departure.
+    """
+    acked = truth.acked.get(r.envelope().get("msg_id", ""))
+    return r.arrived_at if acked is None else min(acked, r.arrived_at)
+
+
 def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged by
     v: Verdict, tl: _Timeline, truth: DeviceTruth, r: Received, env: Any, purpose: Purpose
 ) -> None:
@@ -192,11 +203,11 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
         v.add("no-consent", dev, msg_id, f"{purpose.value} consent not in force at capture")
     elif receipt is None or receipt.purpose != purpose or receipt.policy_version != span[2]:
         v.add("no-consent", dev, msg_id, "the receipt does not match the grant in force")
-    elif span[1] is not None and r.arrived_at > span[1] + truth.grace_s:
-        late = r.arrived_at - span[1]
-        v.add("no-consent", dev, msg_id, f"arrived {late:.1f} s after the consent ended")
+    elif span[1] is not None and _left(truth, r) > span[1] + truth.grace_s:
+        late = _left(truth, r) - span[1]
+        v.add("no-consent", dev, msg_id, f"left {late:.1f} s after the consent ended")
     for w in tl.wipes:
-        if captured < w - EPS and r.arrived_at > w + truth.grace_s:
+        if captured < w - EPS and _left(truth, r) > w + truth.grace_s:
             v.add("after-wipe", dev, msg_id, "captured before a wipe, arrived after it")
             break
     if purpose is Purpose.ACTIVATION:

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -90,6 +90,7 @@ class Fleet:
         cloud_tls: Any = None,
         progress: TextIO | None = sys.stderr,
         seed: int | None = None,
+        inject: Callable[[Fleet], Awaitable[None]] | None = None,
     ) -> None:
         self.scenario = scenario
         self.n = devices
@@ -99,6 +100,9 @@ class Fleet:
         self.restart_broker = restart_broker
         self.cloud = Cloud(broker_host, broker_port, pki, tls=cloud_tls)
         self.progress = progress
+        # Runs after the timeline, before the drain: the checker's self-test breaks
+        # promises here on purpose.
+        self.inject = inject
         self.seed = scenario.seed if seed is None else seed
         self.rng = random.Random(self.seed)  # noqa: S311  # simulation, not cryptography
         self.devices: dict[str, SimDevice] = {}
@@ -107,6 +111,7 @@ class Fleet:
         self.db: Database | None = None
         self._t0 = 0.0
         self._events_total = 0
+        self._sending: set[asyncio.Task[None]] = set()
 
     # -- building ------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -226,12 +231,15 @@ class Fleet:
             return
         assert target is not None  # noqa: S101
         dev = self.devices[target]
+        if e.via == "cloud":
+            # Sent, not awaited: the cloud does not wait for one device before the next.
+            task = asyncio.create_task(self._cloud_event(dev, e))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            return
         try:
-            if e.via == "cloud":
-                await self._cloud_event(dev, e)
-            else:
-                self._local_event(dev, e, time.time())
-                self.stats.events_applied += 1
+            self._local_event(dev, e, time.time())
+            self.stats.events_applied += 1
         except AgentError as exc:
             self.stats.events_refused[f"{e.action}:{type(exc).__name__}"] += 1
 
@@ -357,6 +365,9 @@ class Fleet:
                         await asyncio.sleep(delay)
                     await self._apply(target, event)
                 await asyncio.sleep(max(0.0, t0 + self.scenario.duration_s - time.monotonic()))
+                await asyncio.gather(*self._sending)
+                if self.inject is not None:
+                    await self.inject(self)
                 phase[0] = "draining"
                 self.stats.drained = await self._drain()
                 for dev in self.devices.values():

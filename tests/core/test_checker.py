@@ -1,0 +1,200 @@
+"""The checker judged on hand-made timelines: each rule catches its violation, and a
+clean history passes. A checker that cannot fail is worthless (SPEC §4)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from agent.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
+from simulator.checker import DeviceTruth, check, percentiles
+from simulator.cloud import Received
+
+T0 = 1_800_000_000.0
+DEV = "chk-1"
+
+
+def truth(**kw: Any) -> DeviceTruth:
+    t = DeviceTruth(DEV, "g", "1", **kw)
+    t.log(T0, "bind", minor=False)
+    t.log(T0 + 1, "grant", purpose="activation")
+    t.log(T0 + 1, "grant", purpose="diagnostics")
+    return t
+
+
+def message(
+    kind: str,
+    msg_id: str,
+    captured: float,
+    arrived: float,
+    *,
+    granted: float = T0 + 1,
+    policy: str = "1",
+    data: dict[str, Any] | None = None,
+    device: str = DEV,
+) -> Received:
+    purpose = next((p for p in Purpose if POLICIES[p].kind == kind), None)
+    receipt = None
+    if purpose is not None:
+        from agent.purposes import ConsentReceipt
+
+        receipt = ConsentReceipt(
+            purpose=purpose, policy_version=policy, granted_at=rfc3339(granted)
+        )
+    if data is None:
+        samples: dict[str, dict[str, Any]] = {
+            "activation": {
+                "serial": "S",
+                "model": "m",
+                "firmware_version": "1",
+                "trigger": "first-activation",
+                "location": {"lat": 48.1, "lon": 11.6, "precision": "region"},
+            },
+            "crash": {
+                "ip_addresses": [],
+                "default_gateway": None,
+                "routes": [],
+                "signature": "s",
+                "stack": "",
+                "firmware_version": "1",
+                "uptime_s": 1.0,
+            },
+            DELETION_KIND: {
+                "binding_id": "b",
+                "reason": "unbind",
+                "requested_at": rfc3339(captured),
+            },
+        }
+        data = samples[kind]
+    payload = build_envelope(
+        kind=kind, msg_id=msg_id, device_id=device, captured_at=captured, data=data, receipt=receipt
+    )
+    return Received(device, kind, payload, arrived)
+
+
+def kinds_of(t: DeviceTruth, received: list[Received], **kw: Any) -> list[str]:
+    return sorted(v.kind for v in check({DEV: t}, received, **kw).violations)
+
+
+def test_a_clean_history_passes() -> None:
+    t = truth()
+    t.queued = {"a": (Purpose.ACTIVATION, T0 + 1), "c": (Purpose.DIAGNOSTICS, T0 + 2)}
+    t.log(T0 + 5, "withdraw", purpose="diagnostics")
+    t.log(T0 + 6, "wipe", reason="unbind")
+    t.deletion_requests = {"d"}
+    received = [
+        message("activation", "a", T0 + 1, T0 + 1.1),
+        message("crash", "c", T0 + 2, T0 + 5.5),  # on the wire at the withdrawal
+        message("crash", "c", T0 + 2, T0 + 5.6),  # a duplicate by msg_id
+        message(DELETION_KIND, "d", T0 + 6, T0 + 6.1),
+    ]
+    verdict = check({DEV: t}, received)
+    assert verdict.violations == []
+    assert verdict.duplicates == 1
+    assert verdict.unique == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "setup", "expected"),
+    [
+        ("never granted", lambda t: t.events.pop(), ["no-consent"]),
+        (
+            "sent long after withdrawal",
+            lambda t: t.log(T0 + 3, "withdraw", purpose="diagnostics"),
+            ["no-consent"],
+        ),
+        ("suspended", lambda t: t.log(T0 + 1.5, "suspend"), ["no-consent"]),
+        (
+            "policy changed",
+            lambda t: t.log(T0 + 1.5, "policy-version", version="2"),
+            ["no-consent"],
+        ),
+    ],
+)
+def test_consent_violations(name: str, setup: Any, expected: list[str]) -> None:
+    t = truth()
+    setup(t)
+    received = [message("crash", "c", T0 + 2, T0 + 20)]
+    assert kinds_of(t, received) == expected, name
+
+
+def test_receipt_of_another_policy_is_a_violation() -> None:
+    assert kinds_of(truth(), [message("crash", "c", T0 + 2, T0 + 2, policy="0")]) == ["no-consent"]
+
+
+def test_minor() -> None:
+    t = DeviceTruth(DEV, "g", "1")
+    t.log(T0, "bind", minor=True)
+    t.log(T0 + 1, "grant", purpose="diagnostics")
+    assert kinds_of(t, [message("crash", "c", T0 + 2, T0 + 2)]) == ["minor"]
+
+
+def test_location_finer_than_precision() -> None:
+    t = truth()
+    fine = message("activation", "a", T0 + 2, T0 + 2)
+    doc = json.loads(fine.payload)
+    doc["data"]["location"] = {"lat": 48.14, "lon": 11.58, "precision": "city"}
+    fine = Received(DEV, "activation", json.dumps(doc).encode(), T0 + 2)
+    assert kinds_of(t, [fine]) == ["location"]
+    t.log(T0 + 1.5, "precision", level="off")
+    assert kinds_of(t, [message("activation", "a", T0 + 2, T0 + 2)]) == ["location"]
+
+
+def test_data_from_before_a_wipe() -> None:
+    t = truth()
+    t.log(T0 + 3, "wipe", reason="factory-reset")
+    t.deletion_requests = {"d"}
+    received = [
+        message("crash", "c", T0 + 2, T0 + 30),
+        message(DELETION_KIND, "d", T0 + 3, T0 + 3),
+    ]
+    assert kinds_of(t, received) == ["after-wipe", "no-consent"]
+
+
+def test_missing_and_unexplained_deletion_requests() -> None:
+    t = truth()
+    t.log(T0 + 3, "wipe", reason="unbind")
+    t.deletion_requests = {"d1"}
+    assert kinds_of(t, [message(DELETION_KIND, "d2", T0 + 3, T0 + 3)]) == [
+        "deletion-request",
+        "deletion-request",
+    ]
+    t.pending_at_end = {"d1"}  # still pending at the end (offline): not missing
+    assert kinds_of(t, []) == []
+
+
+def test_lost_items_and_broker_custody() -> None:
+    t = truth()
+    t.queued = {"x": (Purpose.DIAGNOSTICS, T0 + 2), "y": (Purpose.DIAGNOSTICS, T0 + 2)}
+    t.dropped = {"y"}  # withdrawn or expired: not lost
+    assert kinds_of(t, []) == ["lost"]
+    t.acked = {"x": T0 + 3}
+    verdict = check({DEV: t}, [], broker_restarts=[T0 + 4])
+    assert verdict.violations == []
+    assert verdict.broker_custody == 1
+
+
+def test_malformed_and_spoofed() -> None:
+    t = truth()
+    received = [
+        Received(DEV, "crash", b"not json", T0),
+        message("crash", "c", T0 + 2, T0 + 2, device="someone-else"),
+        Received(DEV, "crash", message("crash", "c2", T0 + 2, T0 + 2, device="other").payload, T0),
+    ]
+    assert kinds_of(t, received) == ["malformed", "spoofed", "spoofed"]
+
+
+def test_percentiles() -> None:
+    assert percentiles([0.3, 0.1, 0.2, 0.4]) == {"p50": 0.2, "p90": 0.4, "p99": 0.4, "max": 0.4}
+    assert percentiles([]) == {}
+
+
+def test_a_slow_backend_is_not_a_late_device() -> None:
+    t = truth()
+    t.log(T0 + 3, "withdraw", purpose="diagnostics")
+    late = [message("crash", "c", T0 + 2, T0 + 20)]  # read by the backend long after
+    assert kinds_of(t, late) == ["no-consent"]
+    t.acked = {"c": T0 + 2.1}  # but the broker had it before the withdrawal
+    assert kinds_of(t, late) == []

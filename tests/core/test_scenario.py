@@ -1,0 +1,60 @@
+"""Scenario files: the shipped ones load; bad ones get errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from simulator.scenario import load_scenario
+
+SHIPPED = sorted((Path(__file__).parents[2] / "simulator" / "scenarios").glob("*.toml"))
+GOOD = """
+name = "t"
+duration_s = 5
+[[groups]]
+name = "a"
+share = 1.0
+events = [{ at = 0.0, action = "bind" }]
+"""
+
+
+def test_the_shipped_scenarios_load() -> None:
+    names = {load_scenario(p).name for p in SHIPPED}
+    assert names >= {"smoke", "consent-churn", "offline-then-wipe", "broker-restart", "mixed"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (('action = "bind"', 'action = "explode"'), "groups.0.events.0.action"),
+        (('action = "bind"', 'action = "grant"'), "action 'grant' needs purpose"),
+        (("share = 1.0", "share = 0.5"), "group shares add up to 0.5"),
+        (("at = 0.0", "at = 9.0"), "past duration_s"),
+        (('name = "a"', 'name = "a"\ncolour = "red"'), "groups.0.colour: Extra inputs"),
+        (("duration_s = 5", "duration_s = "), "not valid TOML"),
+        (('action = "bind"', 'action = "bind", via = "cloud"'), "cannot come from the cloud"),
+    ],
+)
+def test_bad_scenarios_name_the_problem(
+    tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(GOOD.replace(*edit))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_sizes_follow_shares(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        GOOD.replace("share = 1.0", "share = 0.7") + '[[groups]]\nname = "b"\nshare = 0.3\n'
+    )
+    scenario = load_scenario(path)
+    assert scenario.sizes(10) == [7, 3]
+    assert sum(scenario.sizes(999)) == 999
+    with pytest.raises(ConfigError, match="cannot fill"):
+        scenario.sizes(1)
