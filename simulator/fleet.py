@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from agent.device import CoreConfig, CrashReport, DeviceCore
 from agent.errors import AgentError, CommandRejected
@@ -88,7 +88,7 @@ class Fleet:
         broker_port: int,
         restart_broker: Callable[[], object] | None = None,
         cloud_tls: Any = None,
-        progress: TextIO | None = sys.stderr,
+        progress: bool = True,
         seed: int | None = None,
         inject: Callable[[Fleet], Awaitable[None]] | None = None,
     ) -> None:
@@ -115,8 +115,8 @@ class Fleet:
 
     # -- building ------------------------------------------------------------------
     def _say(self, text: str) -> None:
-        if self.progress is not None:
-            print(text, file=self.progress, flush=True)
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
 
     async def _build(self) -> None:
         sizes = self.scenario.sizes(self.n)

@@ -139,7 +139,7 @@ async def test_every_kind_of_violation_is_caught(
         broker_host=own_broker.host,
         broker_port=own_broker.port,
         restart_broker=own_broker.restart,
-        progress=None,
+        progress=False,
         inject=inject,
     )
     await fleet.run()
