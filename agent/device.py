@@ -500,6 +500,9 @@ class DeviceCore:
         out = self._in_flight.pop(msg_id, None)
         if out is None:
             recalled = self._recalled.pop(msg_id, None)
+            if recalled is not None:
+                for listener in self.ack_listeners:
+                    listener(msg_id, now)
             if recalled is not None and recalled.purpose is not None:
                 self.store.append_ledger(
                     ledger.sent_entry(msg_id, recalled.purpose.value, recalled.payload, now=now)

@@ -21,8 +21,9 @@ malformed, spoofed       not a valid envelope; an envelope naming another device
 =======================  ===============================================================
 
 Duplicates by ``msg_id`` are counted, not violations (delivery is at-least-once).
-An item the broker acknowledged before a broker restart and never delivered is
-counted as ``broker_custody``: the broker lost it, not the device.
+An item the broker acknowledged before a broker restart, or after it but before the
+backend had subscribed again (an outage window), and never delivered is counted as
+``broker_custody``: the broker held it without a subscriber, not the device.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from typing import Any
 
 from agent.errors import SchemaError
 from agent.location import Precision, finer_than
-from agent.purposes import DELETION_KIND, POLICIES, Purpose, parse_envelope, parse_rfc3339
+from agent.purposes import (
+    DELETION_KIND,
+    POLICIES,
+    Purpose,
+    parse_envelope,
+    parse_rfc3339,
+    rfc3339,
+)
 from simulator.cloud import Received
 
 EPS = 0.002  # captured_at is RFC 3339 with milliseconds, truncated
@@ -185,7 +193,7 @@ def _left(truth: DeviceTruth, r: Received) -> float:
     (the whole fleet's uplink goes to one client); the broker acknowledged the
     PUBLISH only after receiving it, so the earlier of the two bounds the departure.
     """
-    acked = truth.acked.get(r.envelope().get("msg_id", ""))
+    acked = truth.acked.get(r.msg_id or "")
     return r.arrived_at if acked is None else min(acked, r.arrived_at)
 
 
@@ -205,7 +213,13 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
         v.add("no-consent", dev, msg_id, "the receipt does not match the grant in force")
     elif span[1] is not None and _left(truth, r) > span[1] + truth.grace_s:
         late = _left(truth, r) - span[1]
-        v.add("no-consent", dev, msg_id, f"left {late:.1f} s after the consent ended")
+        v.add(
+            "no-consent",
+            dev,
+            msg_id,
+            f"left {late:.1f} s after the consent ended (captured {rfc3339(captured)}, "
+            f"consent {rfc3339(span[0])} to {rfc3339(span[1])})",
+        )
     for w in tl.wipes:
         if captured < w - EPS and _left(truth, r) > w + truth.grace_s:
             v.add("after-wipe", dev, msg_id, "captured before a wipe, arrived after it")
@@ -224,11 +238,11 @@ def check(
     truths: dict[str, DeviceTruth],
     received: list[Received],
     *,
-    broker_restarts: list[float] | None = None,
+    outages: list[tuple[float, float]] | None = None,
 ) -> Verdict:
     """Judge every received message, then the deletion requests and the lost items."""
     v = Verdict(received=len(received))
-    restarts = sorted(broker_restarts or [])
+    windows = sorted(outages or [])
     timelines = {d: replay(t) for d, t in truths.items()}
     seen: dict[str, set[str]] = {d: set() for d in truths}
     deletions: dict[str, set[str]] = {d: set() for d in truths}
@@ -268,8 +282,10 @@ def check(
         missing = set(truth.queued) - truth.dropped - truth.pending_at_end - seen[d]
         for msg_id in sorted(missing):
             acked = truth.acked.get(msg_id)
-            if acked is not None and any(t > acked for t in restarts):
-                v.broker_custody += 1  # acknowledged, then the broker restarted
+            if acked is not None and any(acked < end for _start, end in windows):
+                # Acknowledged before a broker restart, or while the backend was not yet
+                # subscribed again after it: the broker had it, the device did its part.
+                v.broker_custody += 1
                 continue
             state = "acknowledged by the broker" if acked is not None else "never acknowledged"
             v.add("lost", d, msg_id, f"queued with consent, {state}, never arrived")

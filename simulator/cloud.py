@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import ssl
 import time
@@ -25,7 +26,7 @@ from agent.tls import client_context
 from simulator.pki import DevPki
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Received:
     """One message as the cloud received it."""
 
@@ -42,6 +43,12 @@ class Received:
             return {}
         return value if isinstance(value, dict) else {}
 
+    @functools.cached_property
+    def msg_id(self) -> str | None:
+        """The envelope's msg_id, if it has one (parsed once)."""
+        value = self.envelope().get("msg_id")
+        return value if isinstance(value, str) else None
+
 
 @dataclass
 class Cloud:
@@ -56,6 +63,7 @@ class Cloud:
     _changed: asyncio.Condition | None = None
     _client: aiomqtt.Client | None = None
     online: asyncio.Event = field(default_factory=asyncio.Event)
+    online_at: list[float] = field(default_factory=list)  # each (re)subscription
     connects: int = 0
     _stopping: bool = False
 
@@ -105,6 +113,7 @@ class Cloud:
                     self._client = client
                     await client.subscribe(UP_FILTER_ALL, qos=1)
                     self.online.set()
+                    self.online_at.append(self.clock())
                     self.connects += 1
                     await self._collect(client)
             except aiomqtt.MqttError:

@@ -184,7 +184,10 @@ class Fleet:
             self.stats.events_applied += 1
             if name == "consent":
                 for purpose, value in result.items():
-                    truth.log(now, "grant" if value is True else "withdraw", purpose=purpose)
+                    # A grant answers whether it changed anything (a bool), a withdrawal
+                    # how many pending items it deleted (an int).
+                    granted = isinstance(value, bool)
+                    truth.log(now, "grant" if granted else "withdraw", purpose=purpose)
             elif name == "location-precision":
                 truth.log(now, "precision", level=result["precision"])
             elif name in ("unbind", "account-cancelled"):
@@ -388,13 +391,17 @@ class Fleet:
     async def _drain(self) -> bool:
         """Wait until every device is idle and the backend has every acknowledged item."""
         deadline = time.monotonic() + self.scenario.settle_s
+        arrived: set[str | None] = set()
+        counted = 0
         while time.monotonic() < deadline:
+            received = self.cloud.received
+            arrived.update(r.msg_id for r in received[counted:])
+            counted = len(received)
             idle = all(
                 d.transport.idle.is_set() and d.transport.connected.is_set()
                 for d in self.devices.values()
             )
-            acked = {m for d in self.devices.values() for m in d.truth.acked}
-            if idle and acked <= {r.envelope().get("msg_id") for r in self.cloud.received}:
+            if idle and all(m in arrived for d in self.devices.values() for m in d.truth.acked):
                 return True
             await asyncio.sleep(0.5)
         return False

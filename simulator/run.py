@@ -73,7 +73,10 @@ def run(  # the command line's options
     verdict = check(
         {d: dev.truth for d, dev in fleet.devices.items()},
         fleet.cloud.received,
-        broker_restarts=fleet.stats.broker_restarts,
+        outages=[
+            (t, min((o for o in fleet.cloud.online_at if o > t), default=float("inf")))
+            for t in fleet.stats.broker_restarts
+        ],
     )
     doc = report.build(fleet, verdict)
     report.write_json(doc, report_path)

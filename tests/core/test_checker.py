@@ -171,9 +171,13 @@ def test_lost_items_and_broker_custody() -> None:
     t.dropped = {"y"}  # withdrawn or expired: not lost
     assert kinds_of(t, []) == ["lost"]
     t.acked = {"x": T0 + 3}
-    verdict = check({DEV: t}, [], broker_restarts=[T0 + 4])
+    verdict = check({DEV: t}, [], outages=[(T0 + 4, T0 + 5)])
     assert verdict.violations == []
     assert verdict.broker_custody == 1
+    t.acked = {"x": T0 + 4.5}  # after the restart, before the backend was back
+    assert check({DEV: t}, [], outages=[(T0 + 4, T0 + 5)]).broker_custody == 1
+    t.acked = {"x": T0 + 6}  # after the backend was back: the item is lost
+    assert kinds_of(t, [], outages=[(T0 + 4, T0 + 5)]) == ["lost"]
 
 
 def test_malformed_and_spoofed() -> None:
