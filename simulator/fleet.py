@@ -118,7 +118,8 @@ class Fleet:
         if self.progress:
             print(text, file=sys.stderr, flush=True)
 
-    async def _build(self) -> None:
+    async def build(self) -> None:
+        """Issue certificates, open the store and make every device (not yet connected)."""
         sizes = self.scenario.sizes(self.n)
         ids = [
             (g, f"sim-{g.name}-{i:05d}")
@@ -347,7 +348,7 @@ class Fleet:
         phase = ["building"]
         ticker = asyncio.create_task(self._report_progress(phase), name="progress")
         try:
-            await self._build()
+            await self.build()
             async with self.cloud.connected():
                 phase[0] = "connecting"
                 start = time.monotonic()

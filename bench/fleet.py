@@ -1,0 +1,276 @@
+"""Fleet and daemon benchmarks against a Mosquitto of their own, with same-run ceilings.
+
+Ceilings, measured in the same run on the same broker:
+
+* connect rate: three ``openssl s_time -new`` processes in parallel, each doing full
+  mutual-TLS handshakes with a device certificate, connections per second summed;
+* throughput: one bare paho client publishing QoS 1 in a loop (20 in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.device import CrashReport
+from agent.purposes import Purpose
+from agent.tls import client_context
+from simulator.broker import MosquittoBroker
+from simulator.fleet import Fleet, rss_kib
+from simulator.pki import DevPki
+from simulator.scenario import Scenario
+
+CRASH = CrashReport(
+    "SIGSEGV in bench", "Traceback (most recent call last):\n  File x", uptime_s=1.0
+)
+
+
+def s_time_ceiling(broker: MosquittoBroker, pki: DevPki, seconds: int = 5, procs: int = 3) -> float:
+    """Mutual-TLS handshakes per second from ``procs`` parallel ``openssl s_time -new``."""
+    ident = pki.ensure_devices(["bench-s-time"])["bench-s-time"]
+    cmd = [
+        "openssl", "s_time", "-connect", f"{broker.host}:{broker.port}", "-new",
+        "-time", str(seconds), "-cert", str(ident.cert), "-key", str(ident.key),
+        "-CAfile", str(pki.ca_cert),
+    ]  # fmt: skip
+    runs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(procs)
+    ]
+    total = 0.0
+    for proc in runs:
+        out, _ = proc.communicate(timeout=seconds + 30)
+        m = re.search(r"(\d+) connections in ([\d.]+)s", out)
+        if m is None:
+            raise RuntimeError(f"openssl s_time printed no rate:\n{out[-500:]}")
+        total += int(m.group(1)) / float(m.group(2))
+    return total
+
+
+def paho_ceiling(broker: MosquittoBroker, pki: DevPki, seconds: float = 5.0) -> float:
+    """QoS 1 PUBLISH+PUBACK per second from one bare paho client, 20 in flight."""
+    device = "bench-paho"
+    ident = pki.ensure_devices([device])[device]
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
+    client.tls_set_context(client_context(pki.ca_cert, ident.cert, ident.key))
+    client.max_inflight_messages_set(20)
+    slots = threading.Semaphore(20)
+    acked = [0]
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+
+    def on_publish(*_a: Any) -> None:
+        acked[0] += 1
+        slots.release()
+
+    client.on_publish = on_publish
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("the paho ceiling client did not connect")
+    payload = os.urandom(600)
+    topic = f"smartmi/v1/{device}/up/crash"
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        slots.acquire()
+        client.publish(topic, payload, qos=1)
+    took = time.perf_counter() - t0
+    rate = acked[0] / took
+    client.disconnect()
+    client.loop_stop()
+    return rate
+
+
+def _fleet(n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path) -> Fleet:
+    scenario = Scenario.model_validate(
+        {"name": "bench", "duration_s": 1, "groups": [{"name": "bench", "share": 1.0}]}
+    )
+    return Fleet(
+        scenario,
+        n,
+        workdir=workdir,
+        pki=pki,
+        broker_host=broker.host,
+        broker_port=broker.port,
+        restart_broker=broker.restart,
+        progress=False,
+    )
+
+
+async def _until(predicate: Any, limit_s: float, step: float = 0.05) -> float:
+    """Poll a condition (benchmarks measure, they do not assert); returns the wait."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > limit_s:
+            raise TimeoutError
+        await asyncio.sleep(step)
+    return time.monotonic() - t0
+
+
+async def fleet_start_and_storm(
+    n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path
+) -> dict[str, Any]:
+    """N agents connect, each with its activation acknowledged; then a broker restart."""
+    fleet = _fleet(n, broker, pki, workdir)
+    baseline = rss_kib()
+    await fleet.build()
+    devs = list(fleet.devices.values())
+    now = time.time()
+    with fleet.db.transaction():  # type: ignore[union-attr]
+        for d in devs:  # bound and granted before connecting: an activation waits in each
+            d.core.bind(f"{d.device_id}-b", now=now)
+            d.core.grant(Purpose.ACTIVATION, now=now)
+            d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    for d in devs:
+        d.task = asyncio.create_task(d.transport.run())
+    start_s = await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
+    rss = rss_kib()
+    # Reconnect storm: one pending item per device, then the broker restarts.
+    with fleet.db.transaction():  # type: ignore[union-attr]
+        pending = {d.device_id: d.core.capture_crash(CRASH, now=time.time()) for d in devs}
+    attempts_before = sum(d.transport.stats.attempts for d in devs)
+    await asyncio.to_thread(broker.restart)
+    t_restart = time.monotonic()
+    per_second: list[int] = []
+    last = attempts_before
+    back = False
+    while time.monotonic() - t_restart < 120:
+        await asyncio.sleep(1.0)
+        total = sum(d.transport.stats.attempts for d in devs)
+        per_second.append(total - last)
+        last = total
+        if all(d.transport.connected.is_set() and d.transport.idle.is_set() for d in devs):
+            back = True
+            break
+    storm_s = time.monotonic() - t_restart
+    lost = [m for dev_id, m in pending.items() if m not in fleet.devices[dev_id].truth.acked]
+    for d in devs:
+        assert d.task is not None  # noqa: S101
+        d.transport.stop(d.task)
+    await asyncio.gather(*(d.task for d in devs if d.task), return_exceptions=True)
+    assert fleet.db is not None  # noqa: S101
+    fleet.db.close()
+    return {
+        "devices": n,
+        "start_s": start_s,
+        "devices_per_s": n / start_s,
+        "rss_per_device_kib": (rss - baseline) / n,
+        "storm_all_back_s": storm_s if back else None,
+        "storm_max_attempts_per_s": max(per_second or [0]),
+        "storm_pending_lost": len(lost),
+    }
+
+
+async def throughput(
+    n: int, seconds: float, broker: MosquittoBroker, pki: DevPki, workdir: Path
+) -> dict[str, Any]:
+    """Captured → gated → sealed → stored → published → acknowledged → ledgered, sustained."""
+    fleet = _fleet(n, broker, pki, workdir)
+    await fleet.build()
+    devs = list(fleet.devices.values())
+    now = time.time()
+    with fleet.db.transaction():  # type: ignore[union-attr]
+        for d in devs:
+            d.core.bind(f"{d.device_id}-b", now=now)
+            d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    for d in devs:
+        d.task = asyncio.create_task(d.transport.run())
+    await _until(lambda: all(d.transport.connected.is_set() for d in devs), 300)
+    acked0 = sum(d.transport.stats.acknowledged for d in devs)
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < seconds:
+        # Keep about 5 items per device queued: the pipeline, not the producer, limits.
+        with fleet.db.transaction():  # type: ignore[union-attr]
+            for _ in range(200):
+                d = devs[i % n]
+                i += 1
+                if d.core.queued_count() < 5:
+                    d.core.capture_crash(CRASH, now=time.time())
+        await asyncio.sleep(0)
+    took = time.monotonic() - t0
+    acked = sum(d.transport.stats.acknowledged for d in devs) - acked0
+    for d in devs:
+        assert d.task is not None  # noqa: S101
+        d.transport.stop(d.task)
+    await asyncio.gather(*(d.task for d in devs if d.task), return_exceptions=True)
+    assert fleet.db is not None  # noqa: S101
+    fleet.db.close()
+    return {"devices": n, "seconds": took, "msgs_per_s": acked / took}
+
+
+def daemon(
+    broker: MosquittoBroker, pki: DevPki, workdir: Path, idle_s: float = 60.0
+) -> dict[str, Any]:
+    """The daemon of one device: resident memory, start to connected, idle CPU."""
+    ident = pki.ensure_devices(["bench-daemon"])["bench-daemon"]
+    conf = workdir / "agent.toml"
+    conf.write_text(
+        f'[device]\nid = "bench-daemon"\nserial = "S"\nmodel = "m"\nfirmware_version = "1"\n'
+        f'[privacy]\npolicy_version = "1"\n[paths]\nstate_dir = "state"\n'
+        f'[broker]\nurl = "{broker.url}"\nca = "{pki.ca_cert}"\n'
+        f'cert = "{ident.cert}"\nkey = "{ident.key}"\n'
+    )
+    exe = Path(sys.executable).parent / "smartmi-agent"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [str(exe), "--config", str(conf), "run"], stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None  # noqa: S101
+    for line in proc.stderr:
+        if json.loads(line).get("msg") == "connected":
+            break
+    start = time.monotonic() - t0
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss() -> int:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    c0, w0 = cpu(), time.monotonic()
+    time.sleep(idle_s)
+    c1, w1 = cpu(), time.monotonic()
+    resident = rss()
+    proc.terminate()
+    proc.wait(timeout=30)
+    return {
+        "rss_mb": resident / 1024,
+        "start_to_connected_s": start,
+        "idle_cpu_pct": 100 * (c1 - c0) / (w1 - w0),
+    }
+
+
+def run_all(
+    devices: int, throughput_devices: int, throughput_s: float, idle_s: float
+) -> dict[str, Any]:
+    """Every fleet and daemon benchmark with its ceilings, on one broker of their own."""
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        pki = DevPki(root / "pki").ensure()
+        with MosquittoBroker(pki) as broker:
+            out: dict[str, Any] = {}
+            out["s_time_per_s"] = s_time_ceiling(broker, pki)
+            out["paho_msgs_per_s"] = paho_ceiling(broker, pki)
+            out["fleet"] = asyncio.run(fleet_start_and_storm(devices, broker, pki, root / "fleet"))
+            out["throughput"] = asyncio.run(
+                throughput(throughput_devices, throughput_s, broker, pki, root / "tp")
+            )
+            out["daemon"] = daemon(broker, pki, root, idle_s)
+    return out
