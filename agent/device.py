@@ -37,6 +37,8 @@ from agent.purposes import (
 from agent.scrub import scrub
 from agent.store import DeviceStore, StoredItem
 
+RETENTION_SWEEP_S = 60.0  # how often the outbox is swept for expired items (P7)
+
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
@@ -149,6 +151,10 @@ class DeviceCore:
         self.queued_listeners: list[Callable[[str, Purpose, float], None]] = []
         self.ack_listeners: list[Callable[[str, float], None]] = []
         self.dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
+        # Cheap hand-offs: whether deletion requests may be pending (known after the
+        # first look, set again by a wipe), and when retention was last swept.
+        self._deletions_maybe = True
+        self._last_sweep = float("-inf")
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
         raw = store.load_state()
@@ -366,6 +372,7 @@ class DeviceCore:
                     crash_file.unlink()
         self.settings = _Settings()
         if request is not None:
+            self._deletions_maybe = True
             self._wake()
         return request[0] if request else None
 
@@ -475,17 +482,33 @@ class DeviceCore:
         the grant in force (P1, P2, P6).
         """
         out: list[Outgoing] = []
-        for dr in self.store.deletion_requests():
-            if dr.msg_id not in self._in_flight and len(out) < limit:
-                out.append(self._hand_off(dr, None))
-        for purpose in Purpose:
-            cutoff = now - POLICIES[purpose].retention_s
-            self._drop(self.store.purge_older_than(purpose, cutoff), DropReason.EXPIRED)
+        if self._deletions_maybe:
+            requests = self.store.deletion_requests()
+            self._deletions_maybe = bool(requests)
+            out.extend(
+                self._hand_off(dr, None) for dr in requests if dr.msg_id not in self._in_flight
+            )
+            del out[limit:]
+        if not self._last_sweep <= now < self._last_sweep + RETENTION_SWEEP_S:
+            # The full sweep runs at most once a minute (or when the clock went back);
+            # between sweeps an expired item is still caught below, before it is sent.
+            self._last_sweep = now
+            for purpose in Purpose:
+                cutoff = now - POLICIES[purpose].retention_s
+                self._drop(self.store.purge_older_than(purpose, cutoff), DropReason.EXPIRED)
         allowed = {p for p in Purpose if self.decide(p).allowed}
         if len(out) >= limit or not allowed:
             return out
-        queued = self.store.queued(limit - len(out), frozenset(self._in_flight))
-        out.extend(self._hand_off(i, i.purpose) for i in queued if i.purpose in allowed)
+        expired: list[str] = []
+        for item in self.store.queued(limit - len(out), frozenset(self._in_flight)):
+            if item.purpose not in allowed:
+                continue
+            if item.captured_at < now - POLICIES[item.purpose].retention_s:
+                expired.append(item.msg_id)  # P7: never sent
+                continue
+            out.append(self._hand_off(item, item.purpose))
+        if expired:
+            self._drop(self.store.delete_items(expired), DropReason.EXPIRED)
         return out
 
     def _hand_off(self, item: StoredItem, purpose: Purpose | None) -> Outgoing:
