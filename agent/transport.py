@@ -48,6 +48,7 @@ from agent.errors import (
     TransportError,
 )
 from agent.identity import down_filter, up_topic
+from agent.store import Database
 from agent.tls import classify_tls_error
 
 log = logging.getLogger("smartmi.transport")
@@ -88,6 +89,42 @@ class TransportStats:
 
 # (command name, its result or why it was refused, the time the device acted)
 CommandListener = Callable[[str, "dict[str, Any] | CommandRejected", float], None]
+
+
+class AckBatch:
+    """Acknowledgements from many transports over one store, recorded in one transaction.
+
+    The simulator's devices share one SQLite file; PUBACKs that arrive in the same
+    event-loop iteration are written together instead of one commit each. An item is
+    only removed from the outbox inside that transaction, so a crash before it leaves
+    the item queued and it is sent again (at-least-once, same msg_id).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._pending: list[tuple[Transport, str, float]] = []
+
+    def add(self, transport: Transport, msg_id: str, now: float) -> None:
+        """Queue one acknowledgement; the batch is written on the next loop iteration."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append((transport, msg_id, now))
+
+    def flush(self) -> None:
+        """Write every queued acknowledgement in one transaction, each in a savepoint."""
+        batch, self._pending = self._pending, []
+        with self.db.transaction() as conn:
+            for transport, msg_id, now in batch:
+                conn.execute("SAVEPOINT ack")
+                try:
+                    transport.core.acknowledged(msg_id, now=now)
+                except AgentError as exc:
+                    # Only this one is undone: it stays queued and is sent again.
+                    conn.execute("ROLLBACK TO ack")
+                    log.error("cannot record acknowledgement", extra={"error": str(exc)})  # noqa: TRY400  # an expected failure, no traceback
+                conn.execute("RELEASE ack")
+        for transport in {t for t, _m, _n in batch}:
+            transport.poke()
 
 
 class _Client(aiomqtt.Client):
@@ -188,6 +225,7 @@ class Transport:
         rng: random.Random | None = None,
         command_listener: CommandListener | None = None,
         guard: commands.ReplayGuard | None = None,
+        ack_batch: AckBatch | None = None,
     ) -> None:
         self.core = core
         self.target = target
@@ -196,6 +234,7 @@ class Transport:
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self.command_listener = command_listener
         self.guard = guard or commands.ReplayGuard()
+        self.ack_batch = ack_batch
         self.stats = TransportStats()
         self.connected = asyncio.Event()
         # Set while connected with nothing in flight and nothing sendable right now.
@@ -381,13 +420,20 @@ class Transport:
             self._refusals += 1
         else:
             self._refusals = 0
-            try:
-                self.core.acknowledged(msg_id, now=now)
-            except AgentError as exc:
-                # The item stays queued and is sent again: at-least-once.
-                log.exception("cannot record acknowledgement", extra={"error": str(exc)})
             self.stats.acknowledged += 1
+            if self.ack_batch is not None:
+                self.ack_batch.add(self, msg_id, now)
+                return
+            self.record_ack(msg_id, now)
         self.poke()
+
+    def record_ack(self, msg_id: str, now: float) -> None:
+        """Tell the core the broker acknowledged ``msg_id`` (ledgered, removed)."""
+        try:
+            self.core.acknowledged(msg_id, now=now)
+        except AgentError as exc:
+            # The item stays queued and is sent again: at-least-once.
+            log.exception("cannot record acknowledgement", extra={"error": str(exc)})
 
     def _recall(self, msg_ids: list[str]) -> None:
         """Purge listener: take withdrawn or wiped items back out of paho (P2, P9)."""

@@ -26,7 +26,7 @@ from agent.location import Precision
 from agent.purposes import Purpose
 from agent.store import Database, DeviceStore
 from agent.tls import client_context
-from agent.transport import BrokerTarget, Transport
+from agent.transport import AckBatch, BrokerTarget, Transport
 from agent.vault import FileKeyStore
 from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
@@ -131,6 +131,7 @@ class Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.workdir / "fleet.db", synchronous="NORMAL")
         keys = FileKeyStore(self.workdir / "keys")
+        acks = AckBatch(self.db)
         for g in self.scenario.groups:
             if any(e.action in FAULTS for e in g.events):
                 proxy = FaultProxy(self.host, self.port, random.Random(self.rng.random()))  # noqa: S311
@@ -168,6 +169,7 @@ class Fleet:
                 target,
                 rng=random.Random(self.rng.random()),  # noqa: S311
                 command_listener=self._on_command(dev),
+                ack_batch=acks,
             )
             core.queued_listeners.append(truth.on_queued)
             core.ack_listeners.append(truth.acked.__setitem__)

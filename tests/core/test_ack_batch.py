@@ -1,0 +1,48 @@
+"""Acknowledgements batched across devices: one transaction, a failure undoes only itself."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.device import CrashReport
+from agent.errors import StorageError
+from agent.purposes import Purpose
+from agent.transport import AckBatch, BrokerTarget, Transport
+from tests.core.helpers import Rig
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    core = rig.open()
+    core.bind("b", now=rig.now)
+    core.grant(Purpose.DIAGNOSTICS, now=rig.now)
+    ids = [core.capture_crash(CrashReport(f"s{n}", "x"), now=rig.now) for n in range(3)]
+    assert [o.msg_id for o in core.next_batch(now=rig.now)] == ids
+    batch = AckBatch(core.store.db)
+    transport = Transport(
+        core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), ack_batch=batch
+    )
+    real = core.store.acknowledge
+
+    def flaky(msg_id: str, ledger_entry: dict[str, Any]) -> bool:
+        result = real(msg_id, ledger_entry)  # its statements run, then it fails
+        if msg_id == ids[1]:
+            raise StorageError("disk full")
+        return result
+
+    core.store.acknowledge = flaky  # type: ignore[method-assign]
+    for msg_id in ids:
+        batch.add(transport, msg_id, rig.now)
+    await asyncio.sleep(0)  # the batch is written on the next loop iteration
+    core.store.acknowledge = real  # type: ignore[method-assign]
+    assert core.store.msg_ids() == [ids[1]]  # undone alone: still queued, sent again
+    sent = [e["msg_id"] for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"]
+    assert sent == [ids[0], ids[2]]
+    assert [o.msg_id for o in core.next_batch(now=rig.now)] == [ids[1]]
