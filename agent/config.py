@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -144,25 +144,32 @@ class AgentConfig(_Section):
         )
 
 
-def load_config(path: Path) -> AgentConfig:
-    """Read and validate ``path``; ConfigError names the file, the key and the problem."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_toml(path: Path, model: type[M], *, what: str = "file") -> M:
+    """Read a TOML file into ``model``; ConfigError names the file, the key and the problem."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError("file not found", where=str(path)) from None
+        raise ConfigError(f"{what} not found", where=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read: {exc}", where=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", where=str(path)) from exc
     try:
-        config = AgentConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {msg}")
+            key = ".".join(str(p) for p in err["loc"]) or "<file>"
+            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("; ".join(problems), where=str(path)) from exc
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate ``path``; ConfigError names the file, the key and the problem."""
+    config = load_toml(path, AgentConfig)
     base = path.parent
     # Relative paths are relative to the config file, not to the working directory.
     paths = config.paths.model_copy(

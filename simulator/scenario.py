@@ -45,12 +45,12 @@ drawn uniformly from [at, at + jitter_s], from the scenario's seed.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agent.config import load_toml
 from agent.errors import ConfigError
 
 Action = Literal[
@@ -175,19 +175,4 @@ class Scenario(_Model):
 
 def load_scenario(path: Path) -> Scenario:
     """Read and validate a scenario; ConfigError names the file, the key and the problem."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("scenario file not found", where=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", where=str(path)) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", where=str(path)) from exc
-    try:
-        return Scenario.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<file>"
-            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError("; ".join(problems), where=str(path)) from exc
+    return load_toml(path, Scenario, what="scenario file")
