@@ -133,8 +133,7 @@ async def fleet_start_and_storm(
             d.core.bind(f"{d.device_id}-b", now=now)
             d.core.grant(Purpose.ACTIVATION, now=now)
             d.core.grant(Purpose.DIAGNOSTICS, now=now)
-    for d in devs:
-        d.task = asyncio.create_task(d.transport.run())
+    fleet.start()
     start_s = await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
     rss = rss_kib()
     # Reconnect storm: one pending item per device, then the broker restarts.
@@ -156,10 +155,7 @@ async def fleet_start_and_storm(
             break
     storm_s = time.monotonic() - t_restart
     lost = [m for dev_id, m in pending.items() if m not in fleet.devices[dev_id].truth.acked]
-    for d in devs:
-        assert d.task is not None  # noqa: S101
-        d.transport.stop(d.task)
-    await asyncio.gather(*(d.task for d in devs if d.task), return_exceptions=True)
+    await fleet.stop()
     assert fleet.db is not None  # noqa: S101
     fleet.db.close()
     return {
@@ -185,8 +181,7 @@ async def throughput(
         for d in devs:
             d.core.bind(f"{d.device_id}-b", now=now)
             d.core.grant(Purpose.DIAGNOSTICS, now=now)
-    for d in devs:
-        d.task = asyncio.create_task(d.transport.run())
+    fleet.start()
     await _until(lambda: all(d.transport.connected.is_set() for d in devs), 300)
     acked0 = sum(d.transport.stats.acknowledged for d in devs)
     t0 = time.monotonic()
@@ -202,10 +197,7 @@ async def throughput(
         await asyncio.sleep(0)
     took = time.monotonic() - t0
     acked = sum(d.transport.stats.acknowledged for d in devs) - acked0
-    for d in devs:
-        assert d.task is not None  # noqa: S101
-        d.transport.stop(d.task)
-    await asyncio.gather(*(d.task for d in devs if d.task), return_exceptions=True)
+    await fleet.stop()
     assert fleet.db is not None  # noqa: S101
     fleet.db.close()
     return {"devices": n, "seconds": took, "msgs_per_s": acked / took}

@@ -354,8 +354,7 @@ class Fleet:
             async with self.cloud.connected():
                 phase[0] = "connecting"
                 start = time.monotonic()
-                for dev in self.devices.values():
-                    dev.task = asyncio.create_task(dev.transport.run(), name=dev.device_id)
+                self.start()
                 await asyncio.gather(*(d.transport.connected.wait() for d in self.devices.values()))
                 self.stats.connect_s = time.monotonic() - start
                 self.stats.connected = len(self.devices)
@@ -380,7 +379,7 @@ class Fleet:
                     dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {
                         r.msg_id for r in dev.core.store.deletion_requests()
                     }
-                await self._stop()
+                await self.stop()
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -409,7 +408,13 @@ class Fleet:
             await asyncio.sleep(0.5)
         return False
 
-    async def _stop(self) -> None:
+    def start(self) -> None:
+        """Start every device's transport."""
+        for dev in self.devices.values():
+            dev.task = asyncio.create_task(dev.transport.run(), name=dev.device_id)
+
+    async def stop(self) -> None:
+        """Stop every device's transport and wait until each has stopped."""
         for dev in self.devices.values():
             if dev.task is not None:
                 dev.transport.stop(dev.task)
