@@ -29,7 +29,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiomqtt
@@ -84,7 +84,6 @@ class TransportStats:
     first_connected_at: float | None = None
     last_error: str | None = None
     last_error_kind: str | None = None
-    rejections: dict[str, int] = field(default_factory=dict)
 
 
 # (command name, its result or why it was refused, the time the device acted)
@@ -164,13 +163,11 @@ class _PahoLog(logging.LoggerAdapter[logging.Logger]):
 
     def __init__(self, transport: Transport) -> None:
         super().__init__(logging.getLogger("smartmi.mqtt"), {"device": transport.device_id})
-        self.last_error: str | None = None
         self._transport = transport
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level >= logging.ERROR:
-            self.last_error = str(msg) % args if args else str(msg)
-            self._transport.paho_error = self.last_error
+            self._transport.paho_error = str(msg) % args if args else str(msg)
         super().log(level, msg, *args, **kwargs)
 
 
@@ -247,7 +244,6 @@ class Transport:
         self._by_msg: dict[str, int] = {}
         self._paused_until = 0.0
         self._refusals = 0
-        self._connected_once_this_round = False
         self.paho_error: str | None = None  # the last error paho logged
         self._stopping = False
         core.purge_listeners.append(self._recall)
@@ -268,10 +264,6 @@ class Transport:
         """The device this transport serves."""
         return self.core.device_id
 
-    def in_flight(self) -> int:
-        """PUBLISHes handed to paho and not yet acknowledged."""
-        return len(self._mids)
-
     # -- the connection loop ---------------------------------------------------
     async def run(self) -> None:
         """Connect, serve, and reconnect with backoff, until cancelled."""
@@ -279,6 +271,7 @@ class Transport:
         while True:
             schedule = backoff.CONNECTION
             self.stats.attempts += 1
+            connects = self.stats.connects
             try:
                 await self._session()
             except CertificateProblem as exc:
@@ -291,8 +284,8 @@ class Transport:
             if self._stopping:
                 # aiomqtt's disconnect may turn our cancellation into an MqttError.
                 raise asyncio.CancelledError
-            if self.stats.connects and self._connected_once_this_round:
-                attempt = 0
+            if self.stats.connects > connects:
+                attempt = 0  # it was connected: the schedule starts again
             delay = schedule.delay(attempt, self.rng)
             attempt += 1
             log.info("reconnecting", extra={"device": self.device_id, "delay_s": round(delay, 2)})
@@ -336,13 +329,11 @@ class Transport:
 
     async def _session(self) -> None:
         """One connection, from CONNECT to its loss; always ends with an exception."""
-        self._connected_once_this_round = False
         self.paho_error = None
         client = self._new_client()
         self._client = client
         try:
             async with client:
-                self._connected_once_this_round = True
                 self.stats.connects += 1
                 if self.stats.first_connected_at is None:
                     self.stats.first_connected_at = self.clock()
@@ -483,7 +474,6 @@ class Transport:
 
     def _rejected(self, name: str, exc: CommandRejected, now: float) -> None:
         self.stats.commands_rejected += 1
-        self.stats.rejections[exc.reason] = self.stats.rejections.get(exc.reason, 0) + 1
         log.warning(
             "command rejected",
             extra={
