@@ -485,10 +485,8 @@ class DeviceCore:
         if self._deletions_maybe:
             requests = self.store.deletion_requests()
             self._deletions_maybe = bool(requests)
-            out.extend(
-                self._hand_off(dr, None) for dr in requests if dr.msg_id not in self._in_flight
-            )
-            del out[limit:]
+            waiting = [dr for dr in requests if dr.msg_id not in self._in_flight]
+            out.extend(self._hand_off(dr, None) for dr in waiting[:limit])
         if not self._last_sweep <= now < self._last_sweep + RETENTION_SWEEP_S:
             # The full sweep runs at most once a minute (or when the clock went back);
             # between sweeps an expired item is still caught below, before it is sent.

@@ -271,3 +271,17 @@ def test_export_ledger(rig: Rig) -> None:
     assert "stack" in entry["fields"]
     assert len(entry["sha256"]) == 64
     assert "alice" not in json.dumps(doc)
+
+
+def test_deletion_requests_beyond_the_batch_limit_wait_their_turn(rig: Rig) -> None:
+    core = rig.open()
+    requests = []
+    for n in range(3):  # three owners come and go while the device is offline
+        core.bind(f"b-{n}", now=rig.tick())
+        requests.append(core.unbind(now=rig.tick()))
+    first = core.next_batch(now=rig.tick(), limit=2)
+    assert [o.msg_id for o in first] == requests[:2]
+    assert core.in_flight() == requests[:2]  # the third is not marked in flight
+    for out in first:
+        core.acknowledged(out.msg_id, now=rig.now)
+    assert [o.msg_id for o in core.next_batch(now=rig.tick(), limit=2)] == requests[2:]
