@@ -65,15 +65,20 @@ async def log_line(proc: asyncio.subprocess.Process, msg: str) -> dict[str, obje
     raise AssertionError(f"the daemon ended before logging {msg!r}")
 
 
+async def spawn(conf: Path) -> asyncio.subprocess.Process:
+    """``smartmi-agent --config CONF run`` as systemd starts it, its log on a pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", "--config", str(conf), "run",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
 @pytest_asyncio.fixture
 async def daemon(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Path]]:
     conf = write_config(tmp_path, broker, pki)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "--config", str(conf), "run",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await spawn(conf)
     try:
         yield proc, conf
     finally:
@@ -142,19 +147,13 @@ async def test_daemon_refuses_a_second_instance_and_bad_config(
 ) -> None:
     proc, conf = daemon
     await log_line(proc, "started")
-    second = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "--config", str(conf), "run",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    second = await spawn(conf)
     _, err = await second.communicate()
     assert second.returncode == 1
     assert b"holds" in err  # another process holds the state directory
     bad = tmp_path / "bad.toml"
     bad.write_text(conf.read_text().replace('url = "mqtts://', 'url = "mqtt://'))
-    third = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", "--config", str(bad), "run",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    third = await spawn(bad)
     _, err = await third.communicate()
     assert third.returncode == 1
     assert b"broker.url: must be an mqtts:// URL" in err

@@ -171,13 +171,12 @@ def _hostile(device_binding: str, rng: random.Random) -> list[tuple[str, bytes]]
     ]
     # Mutations start from a command for another binding, so none can become valid.
     valid = json.dumps({**ok, "binding_id": "someone-elses-binding"}).encode()
-    for n in range(200):
+    for _case in range(200):
         data = bytearray(valid)
-        for _ in range(rng.randint(1, 8)):
+        for _byte in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         cases.append((rng.choice(["consent", "unbind", "suspend-collection"]), bytes(data)))
         cases.append(("consent", rng.randbytes(rng.randint(0, 300))))
-        del n
     return cases
 
 
