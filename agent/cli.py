@@ -7,6 +7,7 @@ when no daemon runs, act on the state directory directly under its lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from agent import control
 from agent.config import AgentConfig, load_config
-from agent.errors import AgentError, ControlError
+from agent.errors import AgentError, DaemonUnreachable
 from agent.location import Precision, parse_precision
 from agent.purposes import Purpose
 from agent.statedir import open_device
@@ -63,13 +64,10 @@ def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
     """Through the daemon's socket if one answers, else on the state directory."""
     sock = config.socket_path
     if sock.exists():
-        try:
+        # A socket left behind by a daemon that is gone does not answer: act directly
+        # below, where the state lock says whether a daemon really runs.
+        with contextlib.suppress(DaemonUnreachable):
             return control.request(sock, body)
-        except ControlError as exc:
-            if "cannot talk" not in str(exc):
-                raise
-            # A socket left behind by a daemon that is gone: act directly below,
-            # where the state lock says whether a daemon really runs.
     with open_device(config) as core:
         return control.act(core, body, now=time.time())
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.device import CrashReport, DeviceCore
-from agent.errors import AgentError, ControlError
+from agent.errors import AgentError, ControlError, DaemonUnreachable
 from agent.location import parse_precision
 from agent.purposes import Purpose
 
@@ -163,7 +163,7 @@ def request(path: Path, body: dict[str, Any], *, timeout: float = 10.0) -> dict[
                     break
                 data += chunk
         except OSError as exc:
-            raise ControlError(f"cannot talk to the daemon at {path}: {exc}") from exc
+            raise DaemonUnreachable(f"cannot talk to the daemon at {path}: {exc}") from exc
     try:
         reply = json.loads(data)
     except ValueError as exc:

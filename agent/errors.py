@@ -23,6 +23,7 @@ Exceptions carry data (reason code, purpose, item id) as attributes, not only te
     │   ├── CertificateProblem expired, not yet valid, unknown CA (kind)
     │   └── PublishRefused     the broker refused a PUBLISH: msg_id, reason code
     ├── ControlError           the local control socket or CLI could not act
+    │   └── DaemonUnreachable  no daemon answers on the control socket
     └── DevToolError           the simulator's developer tools
         ├── PkiError           dev CA / certificate generation
         └── BrokerError        starting or stopping the local Mosquitto
@@ -152,6 +153,10 @@ class PublishRefused(TransportError):
 
 class ControlError(AgentError):
     """The control socket or the CLI could not carry out a request."""
+
+
+class DaemonUnreachable(ControlError):
+    """Nothing answers on the control socket (no daemon, or one that died)."""
 
 
 class DevToolError(AgentError):

@@ -348,7 +348,11 @@ class Fleet:
         self.stats.rss_baseline_kib = rss_kib()
         self._t0 = time.time()
         phase = ["building"]
-        ticker = asyncio.create_task(self._report_progress(phase), name="progress")
+        ticker = (
+            asyncio.create_task(self._report_progress(phase), name="progress")
+            if self.progress
+            else None
+        )
         try:
             await self.build()
             async with self.cloud.connected():
@@ -381,9 +385,10 @@ class Fleet:
                     }
                 await self.stop()
         finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
             for proxy in self.proxies.values():
                 await proxy.close()
             if self.db is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,17 @@ def test_locked_state_dir(conf: Path, capsys: pytest.CaptureFixture[str]) -> Non
         rc, err = run(conf, "status", capsys=capsys)
     assert rc == 1
     assert "holds" in str(err)
+
+
+def test_a_socket_left_by_a_dead_daemon_falls_back_to_the_state_dir(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock_path = conf.parent / "state" / "control.sock"
+    sock_path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(sock_path))  # bound, never listening, then closed: the file stays
+    assert sock_path.exists()
+    rc, out = run(conf, "status", capsys=capsys)
+    assert rc == 0
+    assert isinstance(out, dict)
+    assert out["lifecycle"] == "factory-new"
