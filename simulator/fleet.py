@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import sys
 import time
 from collections import Counter
@@ -87,7 +88,7 @@ class Fleet:
         broker_host: str,
         broker_port: int,
         restart_broker: Callable[[], object] | None = None,
-        cloud_tls: Any = None,
+        cloud_tls: ssl.SSLContext | None = None,
         progress: bool = True,
         seed: int | None = None,
         inject: Callable[[Fleet], Awaitable[None]] | None = None,
