@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import control
 from agent.config import AgentConfig, load_config
+from agent.core.location import Precision, parse_precision
+from agent.core.purposes import Purpose
 from agent.errors import AgentError, DaemonUnreachable
-from agent.location import Precision, parse_precision
-from agent.purposes import Purpose
-from agent.statedir import open_device
+from agent.runtime import control
+from agent.store.statedir import open_device
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config: AgentConfig = load_config(Path(args.config))
         if args.verb == "run":
-            from agent import daemon  # the verbs need not import asyncio MQTT
+            from agent.runtime import daemon  # the verbs need not import asyncio MQTT
 
             return daemon.main(config)
         result = _perform(config, _request(args))

@@ -30,9 +30,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.core.identity import validate_device_id
 from agent.device import CoreConfig
 from agent.errors import ConfigError, InvalidDeviceId
-from agent.identity import validate_device_id
 
 
 class _Section(BaseModel):

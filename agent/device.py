@@ -14,28 +14,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import consent, ledger, lifecycle
-from agent.consent import ConsentState, Decision, Grant, Source
-from agent.errors import ConsentNotInForce, SchemaError
-from agent.identity import validate_device_id
-from agent.lifecycle import Event, State
-from agent.location import (
+from agent.core import consent, ledger, lifecycle
+from agent.core.consent import ConsentState, Decision, Grant, Source
+from agent.core.identity import validate_device_id
+from agent.core.items import DropReason, ItemEvent, ItemState, Outgoing, item_step, overflow
+from agent.core.lifecycle import Event, State
+from agent.core.location import (
     DEFAULT_PRECISION,
     CoarseLocation,
     Precision,
     coarsen,
     recoarsen,
 )
-from agent.outbox import DropReason, ItemEvent, ItemState, Outgoing, item_step, overflow
-from agent.purposes import (
+from agent.core.purposes import (
     DELETION_KIND,
     POLICIES,
     Purpose,
     build_envelope,
     rfc3339,
 )
-from agent.scrub import scrub
-from agent.store import DeviceStore, StoredItem
+from agent.core.scrub import scrub
+from agent.errors import ConsentNotInForce, SchemaError
+from agent.store.database import DeviceStore, StoredItem
 
 RETENTION_SWEEP_S = 60.0  # how often the outbox is swept for expired items (P7)
 

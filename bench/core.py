@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.core.purposes import Purpose
 from agent.device import CoreConfig, CrashReport, DeviceCore
-from agent.purposes import Purpose
-from agent.store import Database, DeviceStore, Synchronous
-from agent.vault import FileKeyStore
+from agent.store.database import Database, DeviceStore, Synchronous
+from agent.store.vault import FileKeyStore
 
 REPORT = CrashReport(
     signature="SIGSEGV in fan_ctl",

@@ -24,9 +24,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.core.purposes import Purpose
 from agent.device import CrashReport
-from agent.purposes import Purpose
-from agent.tls import client_context
+from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
 from simulator.fleet import Fleet, rss_kib
 from simulator.pki import DevPki

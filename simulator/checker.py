@@ -33,9 +33,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import SchemaError
-from agent.location import Precision, finer_than
-from agent.purposes import (
+from agent.core.location import Precision, finer_than
+from agent.core.purposes import (
     DELETION_KIND,
     POLICIES,
     Purpose,
@@ -43,6 +42,7 @@ from agent.purposes import (
     parse_rfc3339,
     rfc3339,
 )
+from agent.errors import SchemaError
 from simulator.cloud import Received
 
 EPS = 0.002  # captured_at is RFC 3339 with milliseconds, truncated

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from agent.core.identity import validate_device_id
 from agent.errors import AgentError
-from agent.identity import validate_device_id
 
 DEFAULT_DEV_DIR = Path(os.environ.get("SMARTMI_DEV_DIR", ".smartmi-dev"))
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import aiomqtt
 
-from agent.identity import BACKEND_ID, UP_FILTER_ALL
-from agent.purposes import rfc3339
-from agent.tls import client_context
+from agent.core.identity import BACKEND_ID, UP_FILTER_ALL
+from agent.core.purposes import rfc3339
+from agent.runtime.tls import client_context
 from simulator.pki import DevPki
 
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.core.location import Precision
+from agent.core.purposes import Purpose
 from agent.device import CoreConfig, CrashReport, DeviceCore
 from agent.errors import AgentError, CommandRejected
-from agent.location import Precision
-from agent.purposes import Purpose
-from agent.store import Database, DeviceStore
-from agent.tls import client_context
-from agent.transport import AckBatch, BrokerTarget, Transport
-from agent.vault import FileKeyStore
+from agent.runtime.tls import client_context
+from agent.runtime.transport import AckBatch, BrokerTarget, Transport
+from agent.store.database import Database, DeviceStore
+from agent.store.vault import FileKeyStore
 from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.core.identity import BACKEND_ID, validate_device_id
 from agent.errors import PkiError
-from agent.fsutil import write_private
-from agent.identity import BACKEND_ID, validate_device_id
+from agent.store.fsutil import write_private
 
 CA_NAME: Final = "Smartmi Dev CA"
 CA_LIFETIME: Final = dt.timedelta(days=3650)

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
-from agent.tls import client_context
+from agent.runtime.tls import client_context
 from simulator import report
 from simulator.broker import MosquittoBroker
 from simulator.checker import check

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.tls import client_context
+from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
 from simulator.pki import Identity
 

@@ -6,10 +6,10 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.core.items import Outgoing
 from agent.device import CoreConfig, DeviceCore
-from agent.outbox import Outgoing
-from agent.store import Database, DeviceStore
-from agent.vault import FileKeyStore
+from agent.store.database import Database, DeviceStore
+from agent.store.vault import FileKeyStore
 
 
 @dataclass

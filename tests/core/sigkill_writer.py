@@ -13,10 +13,10 @@ import time
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
+from agent.core.purposes import Purpose
 from agent.device import CoreConfig, CrashReport, DeviceCore
-from agent.purposes import Purpose
-from agent.store import Database, DeviceStore
-from agent.vault import FileKeyStore
+from agent.store.database import Database, DeviceStore
+from agent.store.vault import FileKeyStore
 
 DEVICE = "kill-1"
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
-from agent.purposes import Purpose
-from agent.transport import AckBatch, BrokerTarget, Transport
+from agent.runtime.transport import AckBatch, BrokerTarget, Transport
 from tests.core.helpers import Rig
 
 pytestmark = pytest.mark.asyncio

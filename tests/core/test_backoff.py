@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from agent import backoff
+from agent.core import backoff
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
+from agent.core.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
 from simulator.checker import DeviceTruth, check, percentiles
 from simulator.cloud import Received
 
@@ -38,7 +38,7 @@ def message(
     purpose = next((p for p in Purpose if POLICIES[p].kind == kind), None)
     receipt = None
     if purpose is not None:
-        from agent.purposes import ConsentReceipt
+        from agent.core.purposes import ConsentReceipt
 
         receipt = ConsentReceipt(
             purpose=purpose, policy_version=policy, granted_at=rfc3339(granted)

@@ -11,7 +11,7 @@ import pytest
 from agent.cli import main
 from agent.config import load_config
 from agent.errors import ConfigError, StoreLocked
-from agent.statedir import locked
+from agent.store.statedir import locked
 
 GOOD = """
 [device]

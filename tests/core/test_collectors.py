@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.collectors import (
+from agent.core.items import Outgoing
+from agent.core.purposes import Purpose
+from agent.runtime.collectors import (
     CrashDirCollector,
     install_crash_hooks,
     network_snapshot,
@@ -17,8 +19,6 @@ from agent.collectors import (
     parse_if_inet6,
     parse_proc_route,
 )
-from agent.outbox import Outgoing
-from agent.purposes import Purpose
 from tests.core.helpers import Rig
 
 ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT

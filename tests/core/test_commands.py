@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import commands
+from agent.core import commands
+from agent.core.purposes import Purpose, rfc3339
 from agent.errors import CommandRejected
-from agent.purposes import Purpose, rfc3339
 from tests.core.helpers import Rig
 
 NOW = 1_800_000_000.0

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.items import DropReason
+from agent.core.lifecycle import State
+from agent.core.location import Precision
+from agent.core.purposes import Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce, IllegalTransition
-from agent.lifecycle import State
-from agent.location import Precision
-from agent.outbox import DropReason
-from agent.purposes import Purpose, parse_envelope
 from tests.core.helpers import Rig
 
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from agent.core.identity import BACKEND_ID, down_filter, up_topic, validate_device_id
 from agent.errors import InvalidDeviceId
-from agent.identity import BACKEND_ID, down_filter, up_topic, validate_device_id
 
 
 @pytest.mark.parametrize(

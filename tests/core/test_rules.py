@@ -7,20 +7,20 @@ import json
 
 import pytest
 
-from agent import consent, lifecycle, outbox
-from agent.consent import ConsentState, Reason
-from agent.errors import IllegalTransition, SchemaError
-from agent.lifecycle import Event, State
-from agent.location import Precision, coarsen, finer_than, parse_precision, recoarsen
-from agent.outbox import ItemEvent, ItemState
-from agent.purposes import (
+from agent.core import consent, items, lifecycle
+from agent.core.consent import ConsentState, Reason
+from agent.core.items import ItemEvent, ItemState
+from agent.core.lifecycle import Event, State
+from agent.core.location import Precision, coarsen, finer_than, parse_precision, recoarsen
+from agent.core.purposes import (
     ConsentReceipt,
     Purpose,
     build_envelope,
     parse_envelope,
     validate_data,
 )
-from agent.scrub import scrub
+from agent.core.scrub import scrub
+from agent.errors import IllegalTransition, SchemaError
 
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
 
@@ -113,25 +113,25 @@ def test_lifecycle_illegal(state: State, event: Event) -> None:
 
 @pytest.mark.parametrize("state", list(ItemState))
 @pytest.mark.parametrize("event", list(ItemEvent))
-def test_outbox_table(state: ItemState, event: ItemEvent) -> None:
-    if (state, event) in outbox.TRANSITIONS:
-        assert outbox.item_step(state, event) is outbox.TRANSITIONS[(state, event)]
+def test_item_table(state: ItemState, event: ItemEvent) -> None:
+    if (state, event) in items.TRANSITIONS:
+        assert items.item_step(state, event) is items.TRANSITIONS[(state, event)]
     else:
         with pytest.raises(IllegalTransition):
-            outbox.item_step(state, event)
+            items.item_step(state, event)
 
 
 def test_terminal_states_have_no_exit() -> None:
     for state in (ItemState.ACKNOWLEDGED, ItemState.DROPPED):
-        assert not any(s is state for s, _ in outbox.TRANSITIONS)
+        assert not any(s is state for s, _ in items.TRANSITIONS)
 
 
 def test_retention_and_cap() -> None:
     day = 86_400.0
-    assert not outbox.expired(A, captured_at=0.0, now=30 * day)
-    assert outbox.expired(A, captured_at=0.0, now=30 * day + 1)
-    assert outbox.expired(D, captured_at=0.0, now=14 * day + 1)
-    assert [outbox.overflow(n, 3) for n in (0, 3, 4, 10)] == [0, 0, 1, 7]
+    assert not items.expired(A, captured_at=0.0, now=30 * day)
+    assert items.expired(A, captured_at=0.0, now=30 * day + 1)
+    assert items.expired(D, captured_at=0.0, now=14 * day + 1)
+    assert [items.overflow(n, 3) for n in (0, 3, 4, 10)] == [0, 0, 1, 7]
 
 
 @pytest.mark.parametrize(

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from agent.core.items import Outgoing
+from agent.core.lifecycle import State
+from agent.core.purposes import POLICIES, Purpose
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce
-from agent.lifecycle import State
-from agent.outbox import Outgoing
-from agent.purposes import POLICIES, Purpose
 from tests.core.helpers import Rig
 
 PURPOSES = st.sampled_from(list(Purpose))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
-from agent.purposes import Purpose
-from agent.store import Database
+from agent.store.database import Database
 from tests.core.helpers import Rig
 
 CRASH = CrashReport(signature="boom", stack="trace")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.device import CoreConfig, CrashReport, DeviceCore
-from agent.store import Database, DeviceStore
-from agent.tls import client_context
-from agent.transport import BrokerTarget, Transport
-from agent.vault import FileKeyStore
+from agent.runtime.tls import client_context
+from agent.runtime.transport import BrokerTarget, Transport
+from agent.store.database import Database, DeviceStore
+from agent.store.vault import FileKeyStore
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.consent import Decision, Grant, Reason
+from agent.core.consent import Decision, Grant, Reason
+from agent.core.purposes import Purpose, rfc3339
 from agent.device import CrashReport
-from agent.purposes import Purpose, rfc3339
 from simulator.broker import MosquittoBroker
 from simulator.checker import check
 from simulator.fleet import Fleet

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.core.location import Precision
+from agent.core.purposes import Purpose
 from agent.errors import ConsentNotInForce
-from agent.location import Precision
-from agent.purposes import Purpose
 from simulator.cloud import Cloud
 from tests.e2e.fleet import Agent, crash, running, until
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.purposes import Purpose, rfc3339
 from agent.errors import CommandRejected
-from agent.purposes import Purpose, rfc3339
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.identity import down_topic, up_topic
+from agent.core.identity import down_topic, up_topic
 from simulator.broker import MosquittoBroker, repo_broker_config
 from simulator.pki import CA_NAME, DevPki
 from tests.mqtt_probe import PahoClient, ctx_for, raw_connect

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.purposes import ConsentReceipt, Purpose, rfc3339
+from agent.core.purposes import ConsentReceipt, Purpose, rfc3339
 
 Source = Literal["local", "cloud"]
 

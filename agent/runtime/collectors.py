@@ -31,9 +31,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TextIO
 
+from agent.core.purposes import Purpose
 from agent.device import CrashReport, DeviceCore
 from agent.errors import AgentError, SchemaError
-from agent.purposes import Purpose
 
 log = logging.getLogger("smartmi.collectors")
 

@@ -19,8 +19,8 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+from agent.core.purposes import POLICIES, Purpose
 from agent.errors import IllegalTransition
-from agent.purposes import POLICIES, Purpose
 
 
 class ItemState(enum.StrEnum):

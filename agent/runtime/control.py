@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from agent.core.location import parse_precision
+from agent.core.purposes import Purpose
 from agent.device import CrashReport, DeviceCore
 from agent.errors import AgentError, ControlError, DaemonUnreachable
-from agent.location import parse_precision
-from agent.purposes import Purpose
 
 log = logging.getLogger("smartmi.control")
 

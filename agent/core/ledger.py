@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Any, Final
 
-from agent.purposes import payload_digest, rfc3339
+from agent.core.purposes import payload_digest, rfc3339
 
 EXPORT_SCHEMA: Final = "smartmi.ledger-export/1"
 

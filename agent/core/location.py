@@ -1,6 +1,6 @@
 """Location coarsening (P3). Coordinates are coarsened the moment they enter the agent;
 the exact value is never stored or sent. Location only travels inside activation
-messages (P4), which is enforced by the schemas in ``agent.purposes``.
+messages (P4), which is enforced by the schemas in ``agent.core.purposes``.
 """
 
 from __future__ import annotations

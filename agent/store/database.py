@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from agent.core.purposes import Purpose
 from agent.errors import KeyMissing, StorageError, TamperedRecord
-from agent.purposes import Purpose
-from agent.vault import KeyStore, Vault
+from agent.store.vault import KeyStore, Vault
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.errors import KeyMissing, StorageError, TamperedRecord
-from agent.fsutil import shred_file, write_private
+from agent.store.fsutil import shred_file, write_private
 
 KEY_BYTES: Final = 32
 NONCE_BYTES: Final = 12

@@ -20,10 +20,10 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from agent.core.location import Precision
+from agent.core.purposes import Purpose, parse_rfc3339
 from agent.device import DeviceCore
 from agent.errors import AgentError, CommandRejected
-from agent.location import Precision
-from agent.purposes import Purpose, parse_rfc3339
 
 MAX_BYTES: Final = 4096
 STALE_AFTER_S: Final = 7 * 24 * 3600.0  # a device may be offline for days; older is stale

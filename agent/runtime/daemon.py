@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from agent import control
-from agent.collectors import CrashDirCollector, install_crash_hooks
 from agent.config import AgentConfig
 from agent.errors import AgentError, ConfigError
-from agent.statedir import open_device
-from agent.tls import client_context
-from agent.transport import BrokerTarget, Transport
+from agent.runtime import control
+from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
+from agent.runtime.tls import client_context
+from agent.runtime.transport import BrokerTarget, Transport
+from agent.store.statedir import open_device
 
 log = logging.getLogger("smartmi.daemon")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from agent.config import AgentConfig
 from agent.device import DeviceCore
 from agent.errors import StoreLocked
-from agent.store import Database, DeviceStore
-from agent.vault import FileKeyStore
+from agent.store.database import Database, DeviceStore
+from agent.store.vault import FileKeyStore
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ carries out what the device core decides and nothing more:
   started to write (P2, P9); a packet already on the wire has left the device;
 * a lost connection sends every in-flight item back to the outbox with the same
   ``msg_id`` (at-least-once; the cloud de-duplicates by ``msg_id``);
-* reconnects follow the jittered schedules of ``agent.backoff``; certificate
+* reconnects follow the jittered schedules of ``agent.core.backoff``; certificate
   problems use the slow one and are reported with their kind.
 
 Each connection uses a fresh paho client with a persistent session on the broker
@@ -38,7 +38,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import backoff, commands
+from agent.core import backoff, commands
+from agent.core.identity import down_filter, up_topic
 from agent.device import DeviceCore
 from agent.errors import (
     AgentError,
@@ -47,9 +48,8 @@ from agent.errors import (
     PublishRefused,
     TransportError,
 )
-from agent.identity import down_filter, up_topic
-from agent.store import Database
-from agent.tls import classify_tls_error
+from agent.runtime.tls import classify_tls_error
+from agent.store.database import Database
 
 log = logging.getLogger("smartmi.transport")
 

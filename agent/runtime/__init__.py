@@ -1,0 +1,1 @@
+"""The asyncio shell: the MQTT adapter and transport, control socket, collectors, daemon."""

@@ -1,0 +1,234 @@
+"""The MQTT adapter: the one module that imports paho-mqtt or aiomqtt.
+
+Everything else talks to the broker through ``connect`` and the ``Connection`` it
+yields, and sees only our own types and the exception tree of ``agent.errors``:
+paho's and aiomqtt's errors are translated here (``raise ... from``).
+
+Read from paho-mqtt 2.2.0 and aiomqtt 2.5.1. Where this module leans on their
+internals it says so at the line, and these are the only such places:
+
+* aiomqtt's ``_on_publish`` is overridden to pass the PUBACK reason code on
+  (aiomqtt's own ``publish`` drops it), and its ``_disconnected`` future says why
+  a connection broke;
+* paho's ``_reset_sockets`` closes a socket that a failed handshake left open
+  (paho has no public close);
+* ``Connection.unsend`` takes a PUBLISH that has not started onto the wire back
+  out of paho's ``_out_packet`` and ``_out_messages`` (paho has no API for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent.errors import TransportError
+from agent.runtime.tls import classify_tls_error
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """How to open one MQTT connection."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext
+    client_id: str
+    protocol: Literal["v5", "v311"] = "v5"
+    keepalive: int = 60
+    connect_timeout: float = 15.0
+    # Keep the broker-side session (queued commands) across connections; on v5 it
+    # expires after this many seconds without a connection.
+    persistent: bool = True
+    session_expiry_s: int = 7 * 24 * 3600
+    max_inflight: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck:
+    """The broker's answer to one of our QoS 1 PUBLISHes (MQTT v5 §3.4.2.1)."""
+
+    mid: int
+    code: int
+    reason: str
+
+    @property
+    def refused(self) -> bool:
+        """A reason code of 0x80 or above is a refusal, never a success."""
+        return self.code >= 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message the broker delivered to us."""
+
+    topic: str
+    payload: bytes | None
+
+
+class LastErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """paho's log for one client; keeps its last error, which may name a TLS alert.
+
+    When the broker refuses our certificate after a TLS 1.3 handshake, the alert
+    arrives on paho's first read, and paho logs it rather than raising it.
+    """
+
+    def __init__(self, name: str, extra: dict[str, object]) -> None:
+        super().__init__(logging.getLogger(name), extra)
+        self.last_error: str | None = None
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            self.last_error = str(msg) % args if args else str(msg)
+        super().log(level, msg, *args, **kwargs)
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, passing PUBACK reason codes on to a callback."""
+
+    def __init__(self, *args: Any, on_puback: Callable[[PubAck], None], **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._on_puback = on_puback
+
+    def _on_publish(  # overrides aiomqtt 2.5.1's private callback, see the module docstring
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        self._on_puback(PubAck(mid, int(reason_code.value), str(reason_code)))
+
+
+def _translate(exc: BaseException, logged: str | None = None) -> TransportError:
+    """Map an aiomqtt/paho/ssl failure to our error tree."""
+    if isinstance(exc, TransportError):
+        return exc
+    problem = classify_tls_error(Exception(logged or "")) or classify_tls_error(exc)
+    if problem is not None:
+        return problem
+    return TransportError(f"{type(exc).__name__}: {exc}")
+
+
+class Connection:
+    """One open MQTT connection."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._client = client
+        self._paho: paho.Client = client._client  # aiomqtt 2.5.1 keeps paho's client here
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe and wait for the SUBACK."""
+        await self._client.subscribe(topic_filter, qos=qos)
+
+    def publish_nowait(self, topic: str, payload: bytes) -> int:
+        """Hand a QoS 1 PUBLISH to the client; its PUBACK comes to ``on_puback``."""
+        info = self._paho.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise TransportError(f"could not publish: {paho.error_string(info.rc)}")
+        return int(info.mid)
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Publish and wait until the broker has it (only without ``on_puback``)."""
+        await self._client.publish(topic, payload, qos=qos)
+
+    async def incoming(self) -> AsyncIterator[Incoming]:
+        """Every message the broker delivers, in order, until the connection ends."""
+        async for message in self._client.messages:
+            payload = message.payload
+            yield Incoming(
+                message.topic.value,
+                bytes(payload) if isinstance(payload, bytes | bytearray) else None,
+            )
+
+    def unsend(self, mid: int) -> bool:
+        """Take a PUBLISH that has not started onto the wire back out of paho (P2).
+
+        paho keeps packets not yet written in ``_out_packet`` and QoS 1 messages until
+        their PUBACK in ``_out_messages``; it has no public API to remove either. A
+        packet partly or wholly written has left the device and stays.
+        """
+        client = self._paho
+        with client._out_message_mutex:  # paho 2.2.0 internals, see the module docstring
+            msg = client._out_messages.get(mid)
+            if msg is None:
+                return False
+            packets = client._out_packet
+            packet = next(
+                (p for p in packets if p["mid"] == mid and p["command"] & 0xF0 == paho.PUBLISH),
+                None,
+            )
+            if packet is not None:
+                if packet["pos"] > 0:
+                    return False
+                packets.remove(packet)
+            elif msg.state != paho.mqtt_ms_queued:
+                return False
+            del client._out_messages[mid]
+            if msg.state != paho.mqtt_ms_queued:
+                client._inflight_messages -= 1
+            return True
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    options: Options,
+    *,
+    on_puback: Callable[[PubAck], None] | None = None,
+    logger: LastErrorLog | None = None,
+) -> AsyncIterator[Connection]:
+    """Open a connection for the duration of the block; every failure is a TransportError.
+
+    With ``on_puback`` every PUBACK goes to it and ``Connection.publish_nowait`` is
+    the way to publish; without it ``Connection.publish`` waits for each PUBACK.
+    """
+    o = options
+    v5 = o.protocol == "v5"
+    props = None
+    if v5 and o.persistent:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = o.session_expiry_s
+    log = logger or LastErrorLog("smartmi.mqtt", {"client": o.client_id})
+    kwargs: dict[str, Any] = {
+        "identifier": o.client_id,
+        "protocol": aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        # v5: clean start off resumes the broker-side session; paho refuses the option
+        # on 3.1.1, where clean_session=False does the same.
+        "clean_session": None if v5 else not o.persistent,
+        "clean_start": (not o.persistent) if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+        "logger": log,  # a LoggerAdapter: paho and aiomqtt only call .log and friends
+        "properties": props,
+        "keepalive": o.keepalive,
+        "tls_context": o.tls,
+        "timeout": o.connect_timeout,
+        "max_inflight_messages": o.max_inflight,
+    }
+    client = (
+        aiomqtt.Client(o.host, o.port, **kwargs)
+        if on_puback is None
+        else _Client(o.host, o.port, on_puback=on_puback, **kwargs)
+    )
+    try:
+        async with client:
+            yield Connection(client)
+    except* aiomqtt.MqttError as group:
+        # aiomqtt 2.5.1 keeps why the connection broke on a private future.
+        broke = client._disconnected
+        cause = broke.exception() if broke.done() and not broke.cancelled() else None
+        raise _translate(cause or group.exceptions[0], log.last_error) from None
+    except* (OSError, ssl.SSLError) as group:
+        raise _translate(group.exceptions[0]) from None
+    finally:
+        # A connection that failed half-way (a refused certificate, a timeout) leaves
+        # paho's socket open; close it and its wake-up pair now (paho 2.2.0 internals).
+        client._client._reset_sockets()

@@ -1,0 +1,1 @@
+"""Durable, encrypted local storage: the database, vaults and keys, the wipe journal."""
