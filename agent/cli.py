@@ -18,9 +18,9 @@ from typing import Any
 from agent.config import AgentConfig, load_config
 from agent.core.location import Precision, parse_precision
 from agent.core.purposes import Purpose
+from agent.device import open_device
 from agent.errors import AgentError, DaemonUnreachable
 from agent.runtime import control
-from agent.store.statedir import open_device
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.core.identity import validate_device_id
-from agent.device import CoreConfig
+from agent.core.rules import CoreConfig
 from agent.errors import ConfigError, InvalidDeviceId
 
 
@@ -140,7 +140,6 @@ class AgentConfig(_Section):
             firmware_version=self.device.firmware_version,
             policy_version=self.privacy.policy_version,
             outbox_cap=self.privacy.outbox_cap,
-            crash_dir=self.crash_dir,
         )
 
 

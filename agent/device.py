@@ -1,129 +1,61 @@
-"""The device core: one device's rules and storage, driven by events with an explicit ``now``.
+"""A device: the core's rules carried out on its store, and the hand-off to the transport.
 
-Synchronous and clock-free: the daemon, the CLI and the simulator call these
-methods and carry out what they return. Every capture and every hand-off to the
-transport goes through ``consent.decide`` (P1).
+``agent.core.rules`` decides (events in, plans out); ``Device`` carries each plan
+out on the ``DeviceStore`` in one transaction, keeps the hand-off bookkeeping
+(what is in flight with the transport) and tells its observers what changed.
+Callers pass ``now``; the daemon, the CLI and the simulator drive it.
+
+Observers implement ``DeviceObserver``: the transport (what may no longer leave,
+what became sendable) and the simulator's ground truth (what was queued,
+acknowledged and dropped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from agent.core import consent, ledger, lifecycle
-from agent.core.consent import ConsentState, Decision, Grant, Source
-from agent.core.identity import validate_device_id
+from agent.config import AgentConfig
+from agent.core import ledger, rules
+from agent.core.consent import ConsentState, Decision, Source
 from agent.core.items import DropReason, ItemEvent, ItemState, Outgoing, item_step, overflow
 from agent.core.lifecycle import Event, State
-from agent.core.location import (
-    DEFAULT_PRECISION,
-    CoarseLocation,
-    Precision,
-    coarsen,
-    recoarsen,
-)
-from agent.core.purposes import (
-    DELETION_KIND,
-    POLICIES,
-    Purpose,
-    build_envelope,
-    rfc3339,
-)
-from agent.core.scrub import scrub
-from agent.errors import ConsentNotInForce, SchemaError
-from agent.store.database import DeviceStore, StoredItem
+from agent.core.location import CoarseLocation, Precision
+from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
+from agent.core.rules import CoreConfig, CrashReport, Plan, Settings
+from agent.store.database import Database
+from agent.store.keys import FileKeyStore
+from agent.store.records import DeviceStore, StoredItem
+from agent.store.statedir import locked
 
 RETENTION_SWEEP_S = 60.0  # how often the outbox is swept for expired items (P7)
 
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    """What the core needs to know about the device and the policy."""
-
-    device_id: str
-    serial: str
-    model: str
-    firmware_version: str
-    policy_version: str = "1"
-    outbox_cap: int = 10_000
-    crash_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        validate_device_id(self.device_id)
-        if self.outbox_cap < 1:
-            raise SchemaError(f"outbox_cap must be at least 1, not {self.outbox_cap}")
+__all__ = ["CoreConfig", "CrashReport", "Device", "DeviceObserver", "open_device"]
 
 
-@dataclass(frozen=True, slots=True)
-class CrashReport:
-    """What a collector knows about a crash; the core scrubs and gates it."""
+class DeviceObserver(Protocol):
+    """What a device tells the layers around it."""
 
-    signature: str
-    stack: str
-    ip_addresses: tuple[str, ...] = ()
-    default_gateway: str | None = None
-    routes: tuple[dict[str, Any], ...] = ()
-    uptime_s: float = 0.0
+    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
+        """These items must not leave the device any more (P2, P7, P9)."""
 
+    def sendable(self) -> None:
+        """Something may have become sendable (a capture, a deletion request, a resume)."""
 
-@dataclass(slots=True)
-class _Settings:
-    """The sealed state record, as it lives in memory."""
+    def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
+        """An item was queued with consent."""
 
-    lifecycle: State = State.FACTORY_NEW
-    activation_trigger: str | None = None
-    binding_id: str | None = None
-    precision: Precision = DEFAULT_PRECISION
-    location: CoarseLocation | None = None
-    firmware_version: str | None = None
-    suspended: bool = False
-    minor: bool = False
-    grants: dict[Purpose, Grant] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        loc = self.location
-        return {
-            "lifecycle": self.lifecycle.value,
-            "activation_trigger": self.activation_trigger,
-            "binding_id": self.binding_id,
-            "precision": self.precision.value,
-            "location": None if loc is None else [loc.lat, loc.lon, loc.precision.value],
-            "firmware_version": self.firmware_version,
-            "suspended": self.suspended,
-            "minor": self.minor,
-            "grants": {
-                p.value: [g.granted_at, g.policy_version, g.source] for p, g in self.grants.items()
-            },
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> _Settings:
-        loc = raw.get("location")
-        return cls(
-            lifecycle=State(raw["lifecycle"]),
-            activation_trigger=raw.get("activation_trigger"),
-            binding_id=raw.get("binding_id"),
-            precision=Precision(raw.get("precision", DEFAULT_PRECISION.value)),
-            location=None if loc is None else CoarseLocation(loc[0], loc[1], Precision(loc[2])),
-            firmware_version=raw.get("firmware_version"),
-            suspended=bool(raw.get("suspended", False)),
-            minor=bool(raw.get("minor", False)),
-            grants={
-                Purpose(p): Grant(Purpose(p), float(g[0]), str(g[1]), g[2])
-                for p, g in raw.get("grants", {}).items()
-            },
-        )
+    def acknowledged(self, msg_id: str, at: float) -> None:
+        """The broker acknowledged an item."""
 
 
-PurgeListener = Callable[[list[str]], None]
-
-
-class DeviceCore:
-    """One device: consent, lifecycle, location, outbox, ledger and wipe."""
+class Device:
+    """One device: its rules, its store, and what it has handed to the transport."""
 
     def __init__(
         self,
@@ -131,25 +63,18 @@ class DeviceCore:
         config: CoreConfig,
         *,
         now: float,
+        crash_dir: Path | None = None,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.store = store
         self.config = config
+        self.crash_dir = crash_dir
         self._new_id = new_id
+        self._observers: list[DeviceObserver] = []
         self._in_flight: dict[str, Outgoing] = {}
         # In flight when their purpose was withdrawn: a PUBACK may still come for
         # them (they left the device before the withdrawal), and is then ledgered.
         self._recalled: dict[str, Outgoing] = {}
-        # Called with msg_ids that must not leave the device any more (P2): the
-        # transport removes them from whatever the MQTT client still holds.
-        self.purge_listeners: list[PurgeListener] = []
-        # Called when something may have become sendable (a capture, a deletion
-        # request, a resume, a requeue): the transport wakes its drain loop.
-        self.wake_listeners: list[Callable[[], None]] = []
-        # Observers of the outbox (the simulator's ground truth): an item queued with
-        # consent, and an item the broker acknowledged.
-        self.queued_listeners: list[Callable[[str, Purpose, float], None]] = []
-        self.ack_listeners: list[Callable[[str, float], None]] = []
         self.dropped: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         # Cheap hand-offs: whether deletion requests may be pending (known after the
         # first look, set again by a wipe), and when retention was last swept.
@@ -158,21 +83,29 @@ class DeviceCore:
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
         raw = store.load_state()
-        self.settings = _Settings.from_json(raw) if raw else _Settings()
+        self.settings = (
+            Settings.from_json(raw, config.policy_version)
+            if raw
+            else Settings.fresh(config.policy_version)
+        )
         if raw is None and store.has_data_key():
             # The key exists but the state is gone (quarantined): queued items were
             # captured under consent we can no longer show, and the ledger belongs to
             # an owner we no longer know. All of it goes to quarantine, none is sent.
             store.quarantine_all("state record unreadable")
         self._queued = store.count()
-        self._purge_superseded()
-        if (
-            self.settings.firmware_version is not None
-            and self.settings.firmware_version != config.firmware_version
-        ):
-            self.firmware_updated(config.firmware_version, now=now)
+        stored_firmware = self.settings.firmware_version
+        self._carry_out(rules.purge_superseded(self.settings), now)
+        if stored_firmware is not None and stored_firmware != config.firmware_version:
+            self._carry_out(
+                rules.firmware_updated(self.settings, config, now=now, msg_id=self._new_id()), now
+            )
         elif self.settings.lifecycle is not State.FACTORY_NEW:
-            self._save()
+            self._carry_out(Plan(self.settings), now)
+
+    def watch(self, observer: DeviceObserver) -> None:
+        """Tell ``observer`` from now on what changes."""
+        self._observers.append(observer)
 
     # -- views -------------------------------------------------------------
     @property
@@ -188,18 +121,11 @@ class DeviceCore:
     @property
     def consent(self) -> ConsentState:
         """The consent state as the pure gate sees it."""
-        s = self.settings
-        return ConsentState(
-            policy_version=self.config.policy_version,
-            bound=s.lifecycle is not State.FACTORY_NEW,
-            minor=s.minor,
-            suspended=s.suspended,
-            grants=s.grants,
-        )
+        return self.settings.consent
 
     def decide(self, purpose: Purpose) -> Decision:
         """The single gate: may an item of ``purpose`` be captured or sent now?"""
-        return consent.decide(self.consent, purpose)
+        return rules.decide(self.settings, purpose)
 
     def queued_count(self) -> int:
         """How many items wait in the outbox (not counting deletion requests)."""
@@ -209,21 +135,59 @@ class DeviceCore:
         """msg_ids handed to the transport and not yet acknowledged."""
         return list(self._in_flight)
 
-    # -- persistence helpers -----------------------------------------------
-    def _wake(self) -> None:
-        for listener in self.wake_listeners:
-            listener()
+    # -- carrying out a plan -------------------------------------------------
+    def _carry_out(self, plan: Plan, now: float) -> dict[DropReason, list[str]]:
+        """Write ``plan`` in one transaction, then stop what may not leave and tell observers.
 
-    def _save(self) -> None:
-        self.settings.firmware_version = self.config.firmware_version
-        self.store.save_state(self.settings.to_json())
+        Returns the msg_ids the plan dropped, by reason.
+        """
+        if plan.wipe is not None:
+            return {DropReason.WIPED: self._wipe(plan, now)}
+        settings = plan.settings
+        if plan.save:  # the record names the firmware that wrote it
+            settings = dataclasses.replace(settings, firmware_version=self.config.firmware_version)
+        drops = self._write(plan, settings)
+        self.settings = settings
+        if plan.capture is not None:
+            self._queued += 1
+        for reason, msg_ids in drops.items():
+            self._drop(msg_ids, reason)
+        for msg_id in [m for m, o in self._in_flight.items() if o.purpose in plan.hold]:
+            # Held, not sent, while collection is suspended (P13).
+            item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
+            del self._in_flight[msg_id]
+        if plan.capture is not None:
+            c = plan.capture
+            for o in self._observers:
+                o.queued(c.msg_id, c.purpose, c.captured_at)
+        if plan.capture is not None or (plan.save and not plan.hold):
+            self._tell_sendable()
+        return drops
 
-    def _apply_consent(self, new: ConsentState) -> None:
-        self.settings.grants = dict(new.grants)
-        self.settings.suspended = new.suspended
+    def _write(self, plan: Plan, settings: Settings) -> dict[DropReason, list[str]]:
+        """The store's part of a plan, in one transaction: purge, capture, ledger, save."""
+        drops: dict[DropReason, list[str]] = {}
+        with self.store.db.transaction():
+            for purge in plan.purge:
+                drops.setdefault(purge.reason, []).extend(self.store.purge_purpose(purge.purpose))
+            if plan.capture is not None:
+                c = plan.capture
+                self.store.enqueue(c.msg_id, c.purpose, c.captured_at, c.payload)
+                excess = overflow(self._queued + 1, self.config.outbox_cap)
+                if excess:
+                    drops[DropReason.CAPACITY] = self.store.purge_oldest(excess)
+            for entry in plan.ledger:
+                self.store.append_ledger(entry)
+            if plan.save:
+                self.store.save_state(settings.to_json())
+        return drops
+
+    def _tell_sendable(self) -> None:
+        for o in self._observers:
+            o.sendable()
 
     def _drop(self, msg_ids: list[str], reason: DropReason) -> None:
-        """Account for outbox rows just deleted, and tell the transport to forget them."""
+        """Account for outbox rows just deleted, and tell the observers to forget them."""
         if not msg_ids:
             return
         self.dropped[reason] += len(msg_ids)
@@ -233,245 +197,118 @@ class DeviceCore:
             if out is not None:
                 item_step(ItemState.IN_FLIGHT, ItemEvent.DROP)
                 self._recalled[msg_id] = out
-        for listener in self.purge_listeners:
-            listener(msg_ids)
+        for o in self._observers:
+            o.dropped(msg_ids, reason)
 
-    def _ledger_consent(
-        self, action: str, purpose: Purpose | None, now: float, source: Source
-    ) -> None:
-        self.store.append_ledger(
-            ledger.consent_entry(
-                action,
-                purpose.value if purpose else None,
-                now=now,
-                source=source,
-                policy_version=self.config.policy_version,
-            )
-        )
-
-    def _purge_superseded(self) -> None:
-        """Drop items whose grant is no longer the one in force (P6: policy changed)."""
-        for purpose in Purpose:
-            decision = self.decide(purpose)
-            if decision.reason in (consent.Reason.STALE_POLICY, consent.Reason.NOT_GRANTED):
-                self._drop(self.store.purge_purpose(purpose), DropReason.SUPERSEDED)
-
-    # -- lifecycle ---------------------------------------------------------
-    def bind(self, binding_id: str, *, now: float, minor: bool = False) -> None:
-        """Bind to an owner; an activation becomes due (first, or restore after a wipe)."""
-        if not binding_id or len(binding_id) > 128:
-            raise SchemaError("binding_id must be 1 to 128 characters")
-        step = lifecycle.step(self.settings.lifecycle, Event.BIND)
-        restored = self.store.wipe_count() > 0
-        precision, location = self.settings.precision, self.settings.location
-        self.settings = _Settings(
-            lifecycle=step.state,
-            activation_trigger="restore" if restored else "first-activation",
-            binding_id=binding_id,
-            minor=minor,
-            precision=precision,
-            location=location,
-        )
-        self._save()
-        self._maybe_activate(now)
-
-    def firmware_updated(self, version: str, *, now: float) -> None:
-        """A new firmware runs: a fresh activation is due if the device is bound."""
-        step = lifecycle.step(self.settings.lifecycle, Event.FIRMWARE_UPDATE)
-        self.config = dataclasses.replace(self.config, firmware_version=version)
-        if step.effect == "activation-due":
-            self.settings.lifecycle = step.state
-            self.settings.activation_trigger = "firmware-update"
-            self._save()
-            self._maybe_activate(now)
-
-    def set_policy_version(self, version: str, *, now: float) -> None:
-        """The configured privacy policy changed: earlier grants stop counting (P6)."""
-        if not version:
-            raise SchemaError("policy_version must not be empty")
-        self.config = dataclasses.replace(self.config, policy_version=version)
-        self._purge_superseded()
-        if self.settings.lifecycle is not State.FACTORY_NEW:
-            self._maybe_activate(now)
-
-    def _maybe_activate(self, now: float) -> str | None:
-        """Capture the due activation if its consent is in force (once per trigger, P4)."""
-        s = self.settings
-        if s.lifecycle is not State.BOUND or s.activation_trigger is None:
-            return None
-        decision = self.decide(Purpose.ACTIVATION)
-        if not decision.allowed or decision.grant is None:
-            return None
-        loc = recoarsen(s.location, s.precision)
-        data = {
-            "serial": self.config.serial,
-            "model": self.config.model,
-            "firmware_version": self.config.firmware_version,
-            "trigger": s.activation_trigger,
-            "location": None
-            if loc is None
-            else {
-                "lat": loc.lat,
-                "lon": loc.lon,
-                "precision": loc.precision.value,
-            },
-        }
-        msg_id = self._enqueue(Purpose.ACTIVATION, data, decision.grant, now)
-        s.lifecycle = lifecycle.step(s.lifecycle, Event.ACTIVATE).state
-        s.activation_trigger = None
-        self._save()
-        return msg_id
-
-    def unbind(self, *, now: float) -> str | None:
-        """The owner deleted the device in the app; returns the deletion request's msg_id."""
-        return self._wipe(Event.UNBIND, now)
-
-    def factory_reset(self, *, now: float) -> str | None:
-        """Factory reset; returns the deletion request's msg_id (None if nothing was bound)."""
-        return self._wipe(Event.FACTORY_RESET, now)
-
-    def account_cancelled(self, *, now: float) -> str | None:
-        """The owner's account was cancelled; returns the deletion request's msg_id."""
-        return self._wipe(Event.ACCOUNT_CANCELLED, now)
-
-    def _wipe(self, event: Event, now: float) -> str | None:
-        """P9 wipe and P10 deletion request."""
-        step = lifecycle.step(self.settings.lifecycle, event)
-        reason = lifecycle.WIPE_REASONS[event]
-        request: tuple[str, float, bytes] | None = None
-        if step.effect == "wipe" and self.settings.binding_id is not None:
-            msg_id = self._new_id()
-            payload = build_envelope(
-                kind=DELETION_KIND,
-                msg_id=msg_id,
-                device_id=self.device_id,
-                captured_at=now,
-                data={
-                    "binding_id": self.settings.binding_id,
-                    "reason": reason,
-                    "requested_at": rfc3339(now),
-                },
-                receipt=None,
-            )
-            request = (msg_id, now, payload)
+    def _wipe(self, plan: Plan, now: float) -> list[str]:
+        """P9: journal the wipe and its deletion request, then destroy key, rows and files."""
+        assert plan.wipe is not None  # noqa: S101  # the caller checked
+        wipe = plan.wipe
         # Everything personal that the transport still holds must go too. An item in
         # flight keeps its outbox row until acknowledged, so the rows name them all.
         doomed = self.store.msg_ids()
-        if step.effect == "wipe":
-            self.store.begin_wipe(reason, request)
+        if wipe.journal:
+            self.store.begin_wipe(wipe.reason, wipe.deletion_request)
         self.store.finish_wipe()
         self._in_flight = {k: v for k, v in self._in_flight.items() if v.purpose is None}
         self._recalled.clear()
         self.dropped[DropReason.WIPED] += len(doomed)
         self._queued = 0
-        for listener in self.purge_listeners:
-            listener(doomed)
-        if self.config.crash_dir is not None and self.config.crash_dir.is_dir():
-            for crash_file in self.config.crash_dir.iterdir():
+        for o in self._observers:
+            o.dropped(doomed, DropReason.WIPED)
+        if self.crash_dir is not None and self.crash_dir.is_dir():
+            for crash_file in self.crash_dir.iterdir():
                 if crash_file.is_file():
                     crash_file.unlink()
-        self.settings = _Settings()
-        if request is not None:
+        self.settings = plan.settings
+        if wipe.deletion_request is not None:
             self._deletions_maybe = True
-            self._wake()
+            self._tell_sendable()
+        return doomed
+
+    # -- lifecycle ---------------------------------------------------------
+    def bind(self, binding_id: str, *, now: float, minor: bool = False) -> None:
+        """Bind to an owner; an activation becomes due (first, or restore after a wipe)."""
+        plan = rules.bind(
+            self.settings,
+            self.config,
+            binding_id,
+            minor=minor,
+            restored=self.store.wipe_count() > 0,
+            now=now,
+            msg_id=self._new_id(),
+        )
+        self._carry_out(plan, now)
+
+    def firmware_updated(self, version: str, *, now: float) -> None:
+        """A new firmware runs: a fresh activation is due if the device is bound."""
+        self.config = dataclasses.replace(self.config, firmware_version=version)
+        plan = rules.firmware_updated(self.settings, self.config, now=now, msg_id=self._new_id())
+        self._carry_out(plan, now)
+
+    def set_policy_version(self, version: str, *, now: float) -> None:
+        """The configured privacy policy changed: earlier grants stop counting (P6)."""
+        self.config = dataclasses.replace(self.config, policy_version=version)
+        plan = rules.policy_changed(self.settings, self.config, now=now, msg_id=self._new_id())
+        self._carry_out(plan, now)
+
+    def unbind(self, *, now: float) -> str | None:
+        """The owner deleted the device in the app; returns the deletion request's msg_id."""
+        return self._wipe_for(Event.UNBIND, now)
+
+    def factory_reset(self, *, now: float) -> str | None:
+        """Factory reset; returns the deletion request's msg_id (None if nothing was bound)."""
+        return self._wipe_for(Event.FACTORY_RESET, now)
+
+    def account_cancelled(self, *, now: float) -> str | None:
+        """The owner's account was cancelled; returns the deletion request's msg_id."""
+        return self._wipe_for(Event.ACCOUNT_CANCELLED, now)
+
+    def _wipe_for(self, event: Event, now: float) -> str | None:
+        plan = rules.wipe(self.settings, self.config, event, now=now, msg_id=self._new_id())
+        self._carry_out(plan, now)
+        request = plan.wipe.deletion_request if plan.wipe else None
         return request[0] if request else None
 
     # -- consent -----------------------------------------------------------
-    def _require_bound(self, what: str) -> None:
-        if self.settings.lifecycle is State.FACTORY_NEW:
-            raise ConsentNotInForce(what, "the device is not bound to an owner")
-
     def grant(self, purpose: Purpose, *, now: float, source: Source = "local") -> bool:
         """Grant consent for a purpose; returns False if it was already in force."""
-        self._require_bound(purpose.value)
-        before = self.consent
-        after = consent.grant(before, purpose, now=now, source=source)
-        if after is before:
-            return False
-        self._apply_consent(after)
-        self._drop(self.store.purge_purpose(purpose), DropReason.SUPERSEDED)
-        self._ledger_consent("grant", purpose, now, source)
-        self._save()
-        self._maybe_activate(now)
-        return True
+        plan = rules.grant(
+            self.settings, self.config, purpose, now=now, source=source, msg_id=self._new_id()
+        )
+        self._carry_out(plan, now)
+        return not plan.noop
 
     def withdraw(self, purpose: Purpose, *, now: float, source: Source = "local") -> list[str]:
         """Withdraw consent (P2): before this returns, nothing of ``purpose`` is pending
         anywhere; returns the msg_ids removed."""
-        if self.settings.lifecycle is State.FACTORY_NEW:
-            return []
-        self._apply_consent(consent.withdraw(self.consent, purpose))
-        self._save()  # from here on the gate says no, even if we crash mid-purge
-        purged = self.store.purge_purpose(purpose)
-        self._drop(purged, DropReason.WITHDRAWN)
-        self._ledger_consent("withdraw", purpose, now, source)
-        return purged
+        plan = rules.withdraw(self.settings, self.config, purpose, now=now, source=source)
+        return self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
 
     def set_suspended(self, value: bool, *, now: float, source: Source = "cloud") -> None:
         """Suspend (P13) or resume all personal-data collection."""
-        if self.settings.lifecycle is State.FACTORY_NEW or self.settings.suspended == value:
-            return
-        self._apply_consent(consent.suspended(self.consent, value))
-        self._ledger_consent("suspend" if value else "resume", None, now, source)
-        self._save()
-        if value:
-            for msg_id in [m for m, o in self._in_flight.items() if o.purpose is not None]:
-                self.requeue(msg_id)  # held, not sent, while suspended
-        else:
-            self._maybe_activate(now)
-            self._wake()  # held items may leave again
+        plan = rules.suspension(
+            self.settings, self.config, value, now=now, source=source, msg_id=self._new_id()
+        )
+        self._carry_out(plan, now)
 
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:
         """Change the location precision; a stored location can only get coarser (P3)."""
-        self.settings.precision = precision
-        self.settings.location = recoarsen(self.settings.location, precision)
-        self._save()
+        self._carry_out(rules.set_precision(self.settings, precision), now)
 
     def set_location(self, lat: float, lon: float, *, now: float) -> CoarseLocation | None:
-        """Take a position; it is coarsened here, the exact value is never kept (P3)."""
-        self.settings.location = coarsen(lat, lon, self.settings.precision)
-        self._save()
+        """Take a position; it is coarsened on entry, the exact value is never kept (P3)."""
+        self._carry_out(rules.set_location(self.settings, lat, lon), now)
         return self.settings.location
 
     # -- capture -----------------------------------------------------------
     def capture_crash(self, report: CrashReport, *, now: float) -> str:
         """Queue crash diagnostics if diagnostics consent is in force; return the msg_id."""
-        decision = self.decide(Purpose.DIAGNOSTICS)
-        if not decision.allowed or decision.grant is None:
-            raise ConsentNotInForce(Purpose.DIAGNOSTICS.value, decision.reason.value)
-        data = {
-            "ip_addresses": list(report.ip_addresses),
-            "default_gateway": report.default_gateway,
-            "routes": list(report.routes),
-            "signature": scrub(report.signature)[:256] or "unknown",
-            "stack": scrub(report.stack),
-            "firmware_version": self.config.firmware_version,
-            "uptime_s": float(report.uptime_s),
-        }
-        return self._enqueue(Purpose.DIAGNOSTICS, data, decision.grant, now)
-
-    def _enqueue(self, purpose: Purpose, data: dict[str, Any], grant: Grant, now: float) -> str:
-        policy = POLICIES[purpose]
-        msg_id = self._new_id()
-        payload = build_envelope(
-            kind=policy.kind,
-            msg_id=msg_id,
-            device_id=self.device_id,
-            captured_at=now,
-            data=data,
-            receipt=grant.receipt(),
-        )
-        with self.store.db.transaction():
-            self.store.enqueue(msg_id, purpose, now, payload)
-            self._queued += 1
-            excess = overflow(self._queued, self.config.outbox_cap)
-            if excess:
-                self._drop(self.store.purge_oldest(excess), DropReason.CAPACITY)
-        for listener in self.queued_listeners:
-            listener(msg_id, purpose, now)
-        self._wake()
-        return msg_id
+        plan = rules.crash(self.settings, self.config, report, now=now, msg_id=self._new_id())
+        self._carry_out(plan, now)
+        assert plan.capture is not None  # noqa: S101  # rules.crash raises otherwise
+        return plan.capture.msg_id
 
     # -- hand-off to the transport -----------------------------------------
     def next_batch(self, *, now: float, limit: int = 32) -> list[Outgoing]:
@@ -499,12 +336,11 @@ class DeviceCore:
             return out
         expired: list[str] = []
         for item in self.store.queued(limit - len(out), frozenset(self._in_flight)):
-            if item.purpose not in allowed:
-                continue
-            if item.captured_at < now - POLICIES[item.purpose].retention_s:
+            verdict = rules.may_send(self.settings, item.purpose, item.captured_at, now)
+            if verdict == "expired":
                 expired.append(item.msg_id)  # P7: never sent
-                continue
-            out.append(self._hand_off(item, item.purpose))
+            elif verdict == "send":
+                out.append(self._hand_off(item, item.purpose))
         if expired:
             self._drop(self.store.delete_items(expired), DropReason.EXPIRED)
         return out
@@ -521,17 +357,18 @@ class DeviceCore:
         out = self._in_flight.pop(msg_id, None)
         if out is None:
             recalled = self._recalled.pop(msg_id, None)
-            if recalled is not None:
-                for listener in self.ack_listeners:
-                    listener(msg_id, now)
-            if recalled is not None and recalled.purpose is not None:
+            if recalled is None:
+                return False
+            for o in self._observers:
+                o.acknowledged(msg_id, now)
+            if recalled.purpose is not None:
                 self.store.append_ledger(
                     ledger.sent_entry(msg_id, recalled.purpose.value, recalled.payload, now=now)
                 )
             return False
         item_step(ItemState.IN_FLIGHT, ItemEvent.ACK)
-        for listener in self.ack_listeners:
-            listener(msg_id, now)
+        for o in self._observers:
+            o.acknowledged(msg_id, now)
         if out.purpose is None:
             self.store.remove_deletion_request(msg_id)
             return True
@@ -541,17 +378,17 @@ class DeviceCore:
             self._queued -= 1
         return True
 
-    def requeue(self, msg_id: str) -> None:
+    def retry(self, msg_id: str) -> None:
         """A hand-off failed (connection lost, PUBACK refused): the item waits again."""
         if self._in_flight.pop(msg_id, None) is not None:
             item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
-            self._wake()
+            self._tell_sendable()
 
     def connection_lost(self) -> None:
         """Every in-flight item goes back to queued (same msg_id: at-least-once)."""
         self._recalled.clear()  # the transport forgot them: no PUBACK can come now
         for msg_id in list(self._in_flight):
-            self.requeue(msg_id)
+            self.retry(msg_id)
 
     # -- P11 ---------------------------------------------------------------
     def export(self, *, now: float) -> dict[str, Any]:
@@ -565,8 +402,8 @@ class DeviceCore:
             "device_id": self.device_id,
             "lifecycle": s.lifecycle.value,
             "activation_due": s.activation_trigger,
-            "minor": s.minor,
-            "suspended": s.suspended,
+            "minor": s.consent.minor,
+            "suspended": s.consent.suspended,
             "policy_version": self.config.policy_version,
             "consent": {p.value: self.decide(p).reason.value for p in Purpose},
             "precision": s.precision.value,
@@ -577,3 +414,20 @@ class DeviceCore:
             "quarantined": self.store.quarantined(),
             "dropped": {r.value: n for r, n in self.dropped.items() if n},
         }
+
+
+@contextlib.contextmanager
+def open_device(config: AgentConfig, *, now: float | None = None) -> Iterator[Device]:
+    """The device over its state directory, locked for the duration."""
+    with locked(config.state_dir):
+        db = Database(config.state_dir / "state.db")
+        try:
+            store = DeviceStore(db, config.device.id, FileKeyStore(config.state_dir / "keys"))
+            yield Device(
+                store,
+                config.core_config(),
+                now=time.time() if now is None else now,
+                crash_dir=config.crash_dir,
+            )
+        finally:
+            db.close()

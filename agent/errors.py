@@ -15,7 +15,6 @@ Exceptions carry data (reason code, purpose, item id) as attributes, not only te
     ├── CommandRejected        a cloud command was refused: command_id and reason
     ├── StorageError           the local store cannot be used
     │   ├── StoreLocked        another process holds the state directory
-    │   ├── KeyMissing         the data key is gone (after a wipe, or deleted)
     │   └── TamperedRecord     a record failed authentication: table, row id
     ├── LifecycleError
     │   └── IllegalTransition  an event not allowed in the current state
@@ -99,10 +98,6 @@ class StorageError(AgentError):
 
 class StoreLocked(StorageError):
     """Another process (usually the daemon) holds the state directory lock."""
-
-
-class KeyMissing(StorageError):
-    """The data key is missing: the store was wiped or the key file removed."""
 
 
 class TamperedRecord(StorageError):

@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.core.items import DropReason
 from agent.core.location import Precision, finer_than
 from agent.core.purposes import (
     DELETION_KIND,
@@ -58,15 +59,27 @@ class DeviceTruth:
     policy_version: str
     grace_s: float = 2.0  # how late a message already on the wire may still arrive
     events: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
-    queued: dict[str, tuple[Purpose, float]] = field(default_factory=dict)
+    queued_items: dict[str, tuple[Purpose, float]] = field(default_factory=dict)
     acked: dict[str, float] = field(default_factory=dict)
-    dropped: set[str] = field(default_factory=set)
+    dropped_items: set[str] = field(default_factory=set)
     deletion_requests: set[str] = field(default_factory=set)
     pending_at_end: set[str] = field(default_factory=set)
 
-    def on_queued(self, msg_id: str, purpose: Purpose, t: float) -> None:
-        """The device queued an item with consent (a DeviceCore listener)."""
-        self.queued[msg_id] = (purpose, t)
+    # -- what the device tells us (agent.device.DeviceObserver) ------------------
+    def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
+        """The device queued an item with consent."""
+        self.queued_items[msg_id] = (purpose, at)
+
+    def acknowledged(self, msg_id: str, at: float) -> None:
+        """The broker acknowledged an item."""
+        self.acked[msg_id] = at
+
+    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
+        """The device deleted items unsent, for a reason (not lost)."""
+        self.dropped_items.update(msg_ids)
+
+    def sendable(self) -> None:
+        """Not part of the ground truth."""
 
     def log(self, t: float, what: str, **info: Any) -> None:
         """Record an event the device carried out at ``t``."""
@@ -279,7 +292,7 @@ def check(
             v.add("deletion-request", d, msg_id, "a wipe's deletion request never arrived")
         for msg_id in sorted(deletions[d] - expected):
             v.add("deletion-request", d, msg_id, "a deletion request no wipe caused")
-        missing = set(truth.queued) - truth.dropped - truth.pending_at_end - seen[d]
+        missing = set(truth.queued_items) - truth.dropped_items - truth.pending_at_end - seen[d]
         for msg_id in sorted(missing):
             acked = truth.acked.get(msg_id)
             if acked is not None and any(acked < end for _start, end in windows):

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
 from agent.core.identity import BACKEND_ID, UP_FILTER_ALL
 from agent.core.purposes import rfc3339
+from agent.errors import TransportError
+from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator.pki import DevPki
 
@@ -61,7 +61,7 @@ class Cloud:
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
     _changed: asyncio.Condition | None = None
-    _client: aiomqtt.Client | None = None
+    _conn: mqtt.Connection | None = None
     online: asyncio.Event = field(default_factory=asyncio.Event)
     online_at: list[float] = field(default_factory=list)  # each (re)subscription
     connects: int = 0
@@ -93,41 +93,40 @@ class Cloud:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _client_for(self, ctx: ssl.SSLContext) -> aiomqtt.Client:
-        return aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=BACKEND_ID,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=ctx,
-            clean_start=True,
+    def _options(self, ctx: ssl.SSLContext) -> mqtt.Options:
+        return mqtt.Options(
+            host=self.host,
+            port=self.port,
+            tls=ctx,
+            client_id=BACKEND_ID,
+            protocol="v5",
+            persistent=False,  # a clean session on every connection, see connected()
         )
 
     async def _run(self, ctx: ssl.SSLContext) -> None:
         while True:
             # A fresh client per connection: aiomqtt's is not reliably reusable after a
             # connection broke.
-            client = self._client_for(ctx)
             try:
-                async with client:
-                    self._client = client
-                    await client.subscribe(UP_FILTER_ALL, qos=1)
+                async with mqtt.connect(self._options(ctx)) as conn:
+                    self._conn = conn
+                    await conn.subscribe(UP_FILTER_ALL, qos=1)
                     self.online.set()
                     self.online_at.append(self.clock())
                     self.connects += 1
-                    await self._collect(client)
-            except aiomqtt.MqttError:
+                    await self._collect(conn)
+            except TransportError:
                 if self._stopping:  # aiomqtt's disconnect can turn a cancel into this
                     raise asyncio.CancelledError from None
                 self.online.clear()
-                self._client = None
+                self._conn = None
                 await asyncio.sleep(0.02)
 
-    async def _collect(self, client: aiomqtt.Client) -> None:
+    async def _collect(self, conn: mqtt.Connection) -> None:
         assert self._changed is not None  # noqa: S101  # set by connected()
-        async for message in client.messages:
-            parts = message.topic.value.split("/")
-            payload = message.payload if isinstance(message.payload, bytes) else b""
+        async for message in conn.incoming():
+            parts = message.topic.split("/")
+            payload = message.payload or b""
             if len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
                 self.received.append(Received(parts[2], parts[4], payload, self.clock()))
             async with self._changed:
@@ -151,8 +150,8 @@ class Cloud:
         """Publish raw bytes to a device's down/ topic (for hostile-input tests)."""
         async with asyncio.timeout(30):
             await self.online.wait()
-        assert self._client is not None  # noqa: S101  # online
-        await self._client.publish(f"smartmi/v1/{device_id}/down/{name}", payload, qos=1)
+        assert self._conn is not None  # noqa: S101  # online
+        await self._conn.publish(f"smartmi/v1/{device_id}/down/{name}", payload, qos=1)
 
     def of(self, device_id: str, kind: str | None = None) -> list[Received]:
         """What arrived from one device (optionally of one kind)."""

@@ -1,6 +1,6 @@
 """The simulated fleet: thousands of full agents in one process, driven by a scenario.
 
-Every device is the same code as on a Pi: a ``DeviceCore`` over the encrypted
+Every device is the same code as on a Pi: a ``Device`` over the encrypted
 store (one shared SQLite file, one data key per device) and a ``Transport`` over
 mutual TLS with its own certificate. The fleet carries out the scenario's
 timeline, records the ground truth the checker needs (``DeviceTruth``), and
@@ -23,12 +23,14 @@ from typing import Any
 
 from agent.core.location import Precision
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, CrashReport, DeviceCore
+from agent.device import CoreConfig, CrashReport, Device
 from agent.errors import AgentError, CommandRejected
 from agent.runtime.tls import client_context
-from agent.runtime.transport import AckBatch, BrokerTarget, Transport
-from agent.store.database import Database, DeviceStore
-from agent.store.vault import FileKeyStore
+from agent.runtime.transport import BrokerTarget, Transport
+from agent.store.database import Database
+from agent.store.keys import FileKeyStore
+from agent.store.records import DeviceStore
+from simulator.acks import AckBatch
 from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
@@ -53,7 +55,7 @@ class SimDevice:
 
     device_id: str
     group: Group
-    core: DeviceCore
+    core: Device
     transport: Transport
     truth: DeviceTruth
     task: asyncio.Task[None] | None = None
@@ -147,7 +149,7 @@ class Fleet:
                 self.host, via.port if via else self.port, ctx, connect_timeout=30.0
             )
             store = DeviceStore(self.db, device_id, keys)
-            core = DeviceCore(
+            core = Device(
                 store,
                 CoreConfig(
                     device_id=device_id,
@@ -170,11 +172,9 @@ class Fleet:
                 target,
                 rng=random.Random(self.rng.random()),  # noqa: S311
                 command_listener=self._on_command(dev),
-                ack_batch=acks,
+                ack_sink=acks.add,
             )
-            core.queued_listeners.append(truth.on_queued)
-            core.ack_listeners.append(truth.acked.__setitem__)
-            core.purge_listeners.append(truth.dropped.update)
+            core.watch(truth)
             self.devices[device_id] = dev
 
     def _on_command(self, dev: SimDevice) -> Callable[[str, Any, float], None]:

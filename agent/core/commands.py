@@ -8,8 +8,9 @@ stale. Commands that act for an owner (consent, precision, unbind, account
 cancellation) name the ``binding_id`` they are for, so a command replayed after
 the device changed owner can never act on the new owner's data.
 
-Pure: ``parse`` validates, ``ReplayGuard`` remembers, ``apply`` drives the core.
-Each raises ``CommandRejected`` with a short reason code, never anything else.
+Pure: ``parse`` validates and ``ReplayGuard`` remembers; ``agent.runtime.commands``
+carries an admitted command out on the device. Each raises ``CommandRejected``
+with a short reason code, never anything else.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339
-from agent.device import DeviceCore
 from agent.errors import AgentError, CommandRejected
 
 MAX_BYTES: Final = 4096
@@ -40,28 +39,30 @@ class _Command(BaseModel):
     issued_at: _Text
 
 
-class _OwnerCommand(_Command):
+class OwnerCommand(_Command):
+    """A command that acts for an owner names the binding it is for."""
+
     binding_id: _Text
 
 
-class ConsentCommand(_OwnerCommand):
+class ConsentCommand(OwnerCommand):
     """Set purposes: ``true`` grants under ``policy_version``, ``false`` withdraws."""
 
     purposes: dict[Purpose, bool] = Field(min_length=1)
     policy_version: _Text
 
 
-class PrecisionCommand(_OwnerCommand):
+class PrecisionCommand(OwnerCommand):
     """Change the location precision (P3)."""
 
     precision: Literal["off", "country", "region", "city"]
 
 
-class UnbindCommand(_OwnerCommand):
+class UnbindCommand(OwnerCommand):
     """The owner deleted the device in the app (P9, P10)."""
 
 
-class AccountCancelledCommand(_OwnerCommand):
+class AccountCancelledCommand(OwnerCommand):
     """The owner's account was cancelled (P9, P10)."""
 
 
@@ -148,50 +149,3 @@ class ReplayGuard:
         self._seen[command.command_id] = issued
         while len(self._seen) > self._remember:
             self._seen.popitem(last=False)
-
-
-def _check_owner(core: DeviceCore, command: _OwnerCommand) -> None:
-    binding = core.settings.binding_id
-    if binding is None:
-        raise CommandRejected("not-bound", command_id=command.command_id)
-    if binding != command.binding_id:
-        raise CommandRejected("other-binding", command_id=command.command_id)
-
-
-def apply(core: DeviceCore, command: Command, *, now: float) -> dict[str, Any]:
-    """Carry out an admitted command on the core; returns what changed (no values)."""
-    if isinstance(command, _OwnerCommand):
-        _check_owner(core, command)
-    match command:
-        case ConsentCommand():
-            if command.policy_version != core.config.policy_version and any(
-                command.purposes.values()
-            ):
-                # P6: a grant under another policy version is not consent to this one.
-                raise CommandRejected(
-                    "policy-version",
-                    f"grant under {command.policy_version!r}, the device runs "
-                    f"{core.config.policy_version!r}",
-                    command_id=command.command_id,
-                )
-            result: dict[str, Any] = {}
-            for purpose, granted in command.purposes.items():
-                if granted:
-                    result[purpose.value] = core.grant(purpose, now=now, source="cloud")
-                else:
-                    result[purpose.value] = len(core.withdraw(purpose, now=now, source="cloud"))
-            return result
-        case PrecisionCommand():
-            core.set_precision(Precision(command.precision), now=now)
-            return {"precision": command.precision}
-        case UnbindCommand():
-            return {"deletion_request": core.unbind(now=now)}
-        case AccountCancelledCommand():
-            return {"deletion_request": core.account_cancelled(now=now)}
-        case SuspendCommand():
-            core.set_suspended(True, now=now, source="cloud")
-            return {"suspended": True}
-        case ResumeCommand():
-            core.set_suspended(False, now=now, source="cloud")
-            return {"suspended": False}
-    raise CommandRejected("unknown-command")  # pragma: no cover  # the match is exhaustive

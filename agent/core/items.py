@@ -66,7 +66,6 @@ class DropReason(enum.StrEnum):
     CAPACITY = "capacity"  # P7 cap, oldest first
     SUPERSEDED = "superseded"  # its grant no longer exists (policy change, re-grant)
     WIPED = "wiped"  # P9
-    TAMPERED = "tampered"  # failed authentication: quarantined, never sent
 
 
 def retention_cutoff(purpose: Purpose, now: float) -> float:

@@ -8,7 +8,6 @@ becoming a second copy of the data.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Final
 
 from agent.core.purposes import payload_digest, rfc3339
@@ -21,7 +20,6 @@ def consent_entry(
 ) -> dict[str, Any]:
     """An entry for a consent change (grant, withdraw, suspend, resume)."""
     return {
-        "id": uuid.uuid4().hex,
         "type": "consent",
         "action": action,
         "purpose": purpose,
@@ -35,7 +33,6 @@ def sent_entry(msg_id: str, purpose: str, payload: bytes, *, now: float) -> dict
     """An entry for a message the broker acknowledged."""
     data = json.loads(payload).get("data", {})
     return {
-        "id": uuid.uuid4().hex,
         "type": "sent",
         "msg_id": msg_id,
         "purpose": purpose,
@@ -51,5 +48,5 @@ def export(device_id: str, entries: list[dict[str, Any]], *, now: float) -> dict
         "schema": EXPORT_SCHEMA,
         "device_id": device_id,
         "exported_at": rfc3339(now),
-        "entries": [{k: v for k, v in e.items() if k != "id"} for e in entries],
+        "entries": entries,
     }

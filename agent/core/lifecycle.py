@@ -1,12 +1,13 @@
 """The device lifecycle. Every transition is defined in ``TRANSITIONS`` below; an event
 with no entry for the current state raises IllegalTransition.
 
-    factory-new --bind--> bound --activate--> activated
-        ^                   |  ^                  |
-        |                   |  +-firmware-update--+
+    factory-new --bind--> activation-due --activate--> activated
+        ^                      |  ^                          |
+        |                      |  +------firmware-update-----+
         +------ unbind / factory-reset / account-cancelled (wipe, P9) ------+
 
-``bound`` means an activation is due (its trigger is kept beside the state); the
+``activation-due`` is bound with an activation to capture (its trigger is kept beside
+the state); the
 activation is captured as soon as its consent is in force, once per trigger (P4).
 A factory reset of a device that is already factory-new wipes nothing new and
 sends no deletion request: there is no binding to delete.
@@ -25,7 +26,7 @@ class State(enum.StrEnum):
     """Where the device is in its life with an owner."""
 
     FACTORY_NEW = "factory-new"
-    BOUND = "bound"
+    ACTIVATION_DUE = "activation-due"  # bound, with an activation still to capture
     ACTIVATED = "activated"
 
 
@@ -43,15 +44,15 @@ class Event(enum.StrEnum):
 Effect = Literal["none", "activation-due", "wipe"]
 
 TRANSITIONS: Final[dict[tuple[State, Event], tuple[State, Effect]]] = {
-    (State.FACTORY_NEW, Event.BIND): (State.BOUND, "activation-due"),
+    (State.FACTORY_NEW, Event.BIND): (State.ACTIVATION_DUE, "activation-due"),
     (State.FACTORY_NEW, Event.FACTORY_RESET): (State.FACTORY_NEW, "none"),
     (State.FACTORY_NEW, Event.FIRMWARE_UPDATE): (State.FACTORY_NEW, "none"),
-    (State.BOUND, Event.ACTIVATE): (State.ACTIVATED, "none"),
-    (State.BOUND, Event.FIRMWARE_UPDATE): (State.BOUND, "activation-due"),
-    (State.BOUND, Event.UNBIND): (State.FACTORY_NEW, "wipe"),
-    (State.BOUND, Event.FACTORY_RESET): (State.FACTORY_NEW, "wipe"),
-    (State.BOUND, Event.ACCOUNT_CANCELLED): (State.FACTORY_NEW, "wipe"),
-    (State.ACTIVATED, Event.FIRMWARE_UPDATE): (State.BOUND, "activation-due"),
+    (State.ACTIVATION_DUE, Event.ACTIVATE): (State.ACTIVATED, "none"),
+    (State.ACTIVATION_DUE, Event.FIRMWARE_UPDATE): (State.ACTIVATION_DUE, "activation-due"),
+    (State.ACTIVATION_DUE, Event.UNBIND): (State.FACTORY_NEW, "wipe"),
+    (State.ACTIVATION_DUE, Event.FACTORY_RESET): (State.FACTORY_NEW, "wipe"),
+    (State.ACTIVATION_DUE, Event.ACCOUNT_CANCELLED): (State.FACTORY_NEW, "wipe"),
+    (State.ACTIVATED, Event.FIRMWARE_UPDATE): (State.ACTIVATION_DUE, "activation-due"),
     (State.ACTIVATED, Event.UNBIND): (State.FACTORY_NEW, "wipe"),
     (State.ACTIVATED, Event.FACTORY_RESET): (State.FACTORY_NEW, "wipe"),
     (State.ACTIVATED, Event.ACCOUNT_CANCELLED): (State.FACTORY_NEW, "wipe"),

@@ -1,6 +1,6 @@
 """Collectors: network facts, crash files of other processes, the agent's own crashes.
 
-What a collector finds goes through ``DeviceCore.capture_crash``, which gates it on
+What a collector finds goes through ``Device.capture_crash``, which gates it on
 diagnostics consent and scrubs it (P1, P12). Without consent a crash file is
 deleted unread beyond what it takes to know it is a crash file: it is not
 collected and not kept.
@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, Final, TextIO
 
 from agent.core.purposes import Purpose
-from agent.device import CrashReport, DeviceCore
+from agent.device import CrashReport, Device
 from agent.errors import AgentError, SchemaError
 
 log = logging.getLogger("smartmi.collectors")
@@ -148,8 +148,8 @@ def parse_crash_file(data: bytes) -> tuple[str, str, float]:
 class CrashDirCollector:
     """Picks up crash files from the crash directory and captures them."""
 
-    def __init__(self, core: DeviceCore, crash_dir: Path, *, started: float) -> None:
-        self.core = core
+    def __init__(self, device: Device, crash_dir: Path, *, started: float) -> None:
+        self.device = device
         self.crash_dir = crash_dir
         self.started = started
         self.captured = 0
@@ -179,7 +179,7 @@ class CrashDirCollector:
                 log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
                 path.rename(path.with_name(path.name + ".invalid"))
                 continue
-            if self.core.decide(Purpose.DIAGNOSTICS).allowed:
+            if self.device.decide(Purpose.DIAGNOSTICS).allowed:
                 net = network_snapshot()
                 report = CrashReport(
                     signature=signature,
@@ -190,7 +190,7 @@ class CrashDirCollector:
                     uptime_s=uptime or max(0.0, now - self.started),
                 )
                 try:
-                    self.core.capture_crash(report, now=now)
+                    self.device.capture_crash(report, now=now)
                 except SchemaError as exc:
                     self.invalid += 1
                     log.warning(

@@ -2,7 +2,7 @@
 
 Requests and replies are single JSON lines over a Unix socket that only the
 agent's user can open (mode 0600 in a 0700 directory). ``act`` carries out a
-request on the device core; the daemon calls it for socket clients and the CLI
+request on the device; the daemon calls it for socket clients and the CLI
 calls it directly when no daemon runs. Replies carry counts and IDs, never
 personal values, except ``export``, which is the user's own record (P11).
 """
@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from agent.core.location import parse_precision
 from agent.core.purposes import Purpose
-from agent.device import CrashReport, DeviceCore
+from agent.device import CrashReport, Device
 from agent.errors import AgentError, ControlError, DaemonUnreachable
 
 log = logging.getLogger("smartmi.control")
@@ -56,35 +56,35 @@ def _number(request: dict[str, Any], key: str) -> float:
 
 
 def act(  # noqa: PLR0911  # one branch per verb
-    core: DeviceCore, request: dict[str, Any], *, now: float
+    device: Device, request: dict[str, Any], *, now: float
 ) -> dict[str, Any]:
     """Carry out one control request; raises AgentError with a message for the user."""
     verb = request.get("verb")
     if verb == "status":
-        return core.status()
+        return device.status()
     if verb == "bind":
         binding = str(request.get("binding_id") or f"local-{int(now)}")
         minor = bool(request.get("minor", False))
-        core.bind(binding, now=now, minor=minor)
-        return {"bound": binding, "minor": minor, "lifecycle": core.lifecycle.value}
+        device.bind(binding, now=now, minor=minor)
+        return {"bound": binding, "minor": minor, "lifecycle": device.lifecycle.value}
     if verb in ("unbind", "factory-reset", "account-cancelled"):
         method = {
-            "unbind": core.unbind,
-            "factory-reset": core.factory_reset,
-            "account-cancelled": core.account_cancelled,
+            "unbind": device.unbind,
+            "factory-reset": device.factory_reset,
+            "account-cancelled": device.account_cancelled,
         }[verb]
         return {"wiped": True, "deletion_request": method(now=now)}
     if verb == "consent":
         purpose = _purpose(request.get("purpose"))
         if request.get("action") == "grant":
-            return {"granted": purpose.value, "changed": core.grant(purpose, now=now)}
+            return {"granted": purpose.value, "changed": device.grant(purpose, now=now)}
         if request.get("action") == "withdraw":
-            removed = core.withdraw(purpose, now=now)
+            removed = device.withdraw(purpose, now=now)
             return {"withdrawn": purpose.value, "pending_items_deleted": len(removed)}
         raise ControlError("consent action must be grant or withdraw")
     if verb == "location":
         if request.get("action") == "set":
-            loc = core.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
+            loc = device.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
             stored = (
                 None
                 if loc is None
@@ -93,18 +93,18 @@ def act(  # noqa: PLR0911  # one branch per verb
             return {"stored": stored}
         if request.get("action") == "precision":
             level = parse_precision(str(request.get("level")))
-            core.set_precision(level, now=now)
+            device.set_precision(level, now=now)
             return {"precision": level.value}
         raise ControlError("location action must be set or precision")
     if verb == "export":
-        return core.export(now=now)
+        return device.export(now=now)
     if verb == "crash":
         report = CrashReport(
             signature="simulated crash (smartmi-agent crash --simulate)",
             stack='Traceback (most recent call last):\n  File "agent/cli.py", line 1\n'
             "RuntimeError: simulated",
         )
-        return {"queued": core.capture_crash(report, now=now)}
+        return {"queued": device.capture_crash(report, now=now)}
     raise ControlError(f"unknown verb {str(verb)[:32]!r}; use one of {', '.join(VERBS)}")
 
 

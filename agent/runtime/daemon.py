@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.config import AgentConfig
+from agent.device import open_device
 from agent.errors import AgentError, ConfigError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
-from agent.store.statedir import open_device
 
 log = logging.getLogger("smartmi.daemon")
 
@@ -83,16 +83,16 @@ async def run(config: AgentConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with open_device(config, now=time.time()) as core:
+    with open_device(config, now=time.time()) as device:
         fatal_log = install_crash_hooks(config.crash_dir, loop)
         target = BrokerTarget(
             broker.host, broker.port, tls, protocol=broker.protocol, keepalive=broker.keepalive
         )
-        transport = Transport(core, target)
-        collector = CrashDirCollector(core, config.crash_dir, started=time.time())
+        transport = Transport(device, target)
+        collector = CrashDirCollector(device, config.crash_dir, started=time.time())
 
         def handle(request: dict[str, Any]) -> dict[str, Any]:
-            result = control.act(core, request, now=time.time())
+            result = control.act(device, request, now=time.time())
             if request.get("verb") == "status":
                 result["transport"] = transport.status()
                 connected = transport.stats.first_connected_at
@@ -108,13 +108,13 @@ async def run(config: AgentConfig) -> None:
 
         started_wall = process_started_at()
         server = await control.serve(config.socket_path, handle)
-        log.info("started", extra={"device": core.device_id, "broker": broker.url})
+        log.info("started", extra={"device": device.device_id, "broker": broker.url})
         try:
             async with asyncio.TaskGroup() as tg:
                 link = tg.create_task(transport.run(), name="transport")
                 crashes = tg.create_task(collector.run(), name="crash-collector")
                 await stop.wait()
-                log.info("stopping", extra={"device": core.device_id})
+                log.info("stopping", extra={"device": device.device_id})
                 transport.stop(link)
                 crashes.cancel()
         finally:
@@ -124,7 +124,7 @@ async def run(config: AgentConfig) -> None:
             fatal_log.close()
         log.info(
             "stopped",
-            extra={"device": core.device_id, "queued": core.queued_count()},
+            extra={"device": device.device_id, "queued": device.queued_count()},
         )
 
 

@@ -1,19 +1,14 @@
-"""The state directory: one device's store and keys, opened under an exclusive lock."""
+"""The state directory's exclusive lock: one process at a time acts on a device's store."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.device import DeviceCore
 from agent.errors import StoreLocked
-from agent.store.database import Database, DeviceStore
-from agent.store.vault import FileKeyStore
 
 
 @contextlib.contextmanager
@@ -31,15 +26,3 @@ def locked(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def open_device(config: AgentConfig, *, now: float | None = None) -> Iterator[DeviceCore]:
-    """The device core over the state directory, locked for the duration."""
-    with locked(config.state_dir):
-        db = Database(config.state_dir / "state.db")
-        try:
-            store = DeviceStore(db, config.device.id, FileKeyStore(config.state_dir / "keys"))
-            yield DeviceCore(store, config.core_config(), now=time.time() if now is None else now)
-        finally:
-            db.close()

@@ -6,10 +6,36 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.core.items import Outgoing
-from agent.device import CoreConfig, DeviceCore
-from agent.store.database import Database, DeviceStore
-from agent.store.vault import FileKeyStore
+from agent.core.items import DropReason, Outgoing
+from agent.core.purposes import Purpose
+from agent.device import CoreConfig, Device
+from agent.store.database import Database
+from agent.store.keys import FileKeyStore
+from agent.store.records import DeviceStore
+
+
+@dataclass
+class Recorder:
+    """A DeviceObserver that keeps what it was told."""
+
+    dropped_ids: list[str] = field(default_factory=list)
+    reasons: list[DropReason] = field(default_factory=list)
+    queued_ids: list[str] = field(default_factory=list)
+    acked_ids: list[str] = field(default_factory=list)
+    wakes: int = 0
+
+    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
+        self.dropped_ids.extend(msg_ids)
+        self.reasons.append(reason)
+
+    def sendable(self) -> None:
+        self.wakes += 1
+
+    def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
+        self.queued_ids.append(msg_id)
+
+    def acknowledged(self, msg_id: str, at: float) -> None:
+        self.acked_ids.append(msg_id)
 
 
 @dataclass
@@ -24,7 +50,7 @@ class Rig:
     now: float = 1_800_000_000.0
     ids: itertools.count[int] = field(default_factory=itertools.count)
     db: Database | None = None
-    core: DeviceCore | None = None
+    core: Device | None = None
 
     def config(self) -> CoreConfig:
         return CoreConfig(
@@ -34,16 +60,19 @@ class Rig:
             policy_version=self.policy_version,
             firmware_version=self.firmware,
             outbox_cap=self.cap,
-            crash_dir=self.root / "crash",
         )
 
-    def open(self) -> DeviceCore:
+    def open(self) -> Device:
         if self.db is not None:
             self.db.close()
         self.db = Database(self.root / "state.db", synchronous="NORMAL")
         store = DeviceStore(self.db, self.device_id, FileKeyStore(self.root / "keys"))
-        self.core = DeviceCore(
-            store, self.config(), now=self.now, new_id=lambda: f"m{next(self.ids)}"
+        self.core = Device(
+            store,
+            self.config(),
+            now=self.now,
+            crash_dir=self.root / "crash",
+            new_id=lambda: f"m{next(self.ids)}",
         )
         return self.core
 

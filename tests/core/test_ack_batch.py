@@ -12,7 +12,8 @@ import pytest
 from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
-from agent.runtime.transport import AckBatch, BrokerTarget, Transport
+from agent.runtime.transport import BrokerTarget, Transport
+from simulator.acks import AckBatch
 from tests.core.helpers import Rig
 
 pytestmark = pytest.mark.asyncio
@@ -27,7 +28,7 @@ async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
     assert [o.msg_id for o in core.next_batch(now=rig.now)] == ids
     batch = AckBatch(core.store.db)
     transport = Transport(
-        core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), ack_batch=batch
+        core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), ack_sink=batch.add
     )
     real = core.store.acknowledge
 

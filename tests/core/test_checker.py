@@ -80,7 +80,7 @@ def kinds_of(t: DeviceTruth, received: list[Received], **kw: Any) -> list[str]:
 
 def test_a_clean_history_passes() -> None:
     t = truth()
-    t.queued = {"a": (Purpose.ACTIVATION, T0 + 1), "c": (Purpose.DIAGNOSTICS, T0 + 2)}
+    t.queued_items = {"a": (Purpose.ACTIVATION, T0 + 1), "c": (Purpose.DIAGNOSTICS, T0 + 2)}
     t.log(T0 + 5, "withdraw", purpose="diagnostics")
     t.log(T0 + 6, "wipe", reason="unbind")
     t.deletion_requests = {"d"}
@@ -167,8 +167,8 @@ def test_missing_and_unexplained_deletion_requests() -> None:
 
 def test_lost_items_and_broker_custody() -> None:
     t = truth()
-    t.queued = {"x": (Purpose.DIAGNOSTICS, T0 + 2), "y": (Purpose.DIAGNOSTICS, T0 + 2)}
-    t.dropped = {"y"}  # withdrawn or expired: not lost
+    t.queued_items = {"x": (Purpose.DIAGNOSTICS, T0 + 2), "y": (Purpose.DIAGNOSTICS, T0 + 2)}
+    t.dropped_items = {"y"}  # withdrawn or expired: not lost
     assert kinds_of(t, []) == ["lost"]
     t.acked = {"x": T0 + 3}
     verdict = check({DEV: t}, [], outages=[(T0 + 4, T0 + 5)])

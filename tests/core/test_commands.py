@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from agent.core import commands
 from agent.core.purposes import Purpose, rfc3339
 from agent.errors import CommandRejected
+from agent.runtime.commands import apply
 from tests.core.helpers import Rig
 
 NOW = 1_800_000_000.0
@@ -85,23 +86,23 @@ def test_replay_stale_and_future_commands_are_refused() -> None:
 def test_apply_checks_binding_and_policy_version(tmp_path: Path) -> None:
     core = Rig(tmp_path).open()
     with pytest.raises(CommandRejected, match="not-bound"):
-        commands.apply(core, parse("consent", body()), now=NOW)
+        apply(core, parse("consent", body()), now=NOW)
     core.bind("b-1", now=NOW)
     with pytest.raises(CommandRejected, match="other-binding"):
-        commands.apply(core, parse("consent", body(binding_id="b-0")), now=NOW)
+        apply(core, parse("consent", body(binding_id="b-0")), now=NOW)
     with pytest.raises(CommandRejected, match="policy-version"):
-        commands.apply(core, parse("consent", body(policy_version="0")), now=NOW)
+        apply(core, parse("consent", body(policy_version="0")), now=NOW)
     assert not core.decide(Purpose.DIAGNOSTICS).allowed
-    result = commands.apply(core, parse("consent", body()), now=NOW)
+    result = apply(core, parse("consent", body()), now=NOW)
     assert result == {"diagnostics": True}
     assert core.decide(Purpose.DIAGNOSTICS).allowed
     # A withdrawal under an old policy version still withdraws (P2 needs no version).
     off = body(purposes={"diagnostics": False}, policy_version="0")
-    assert commands.apply(core, parse("consent", off), now=NOW) == {"diagnostics": 0}
+    assert apply(core, parse("consent", off), now=NOW) == {"diagnostics": 0}
     assert not core.decide(Purpose.DIAGNOSTICS).allowed
-    commands.apply(core, parse("suspend-collection", body_min()), now=NOW)
-    assert core.settings.suspended
-    request = commands.apply(core, parse("unbind", body_owner()), now=NOW)
+    apply(core, parse("suspend-collection", body_min()), now=NOW)
+    assert core.settings.consent.suspended
+    request = apply(core, parse("unbind", body_owner()), now=NOW)
     assert request["deletion_request"]
     assert core.settings.binding_id is None
 

@@ -13,7 +13,7 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce, IllegalTransition
-from tests.core.helpers import Rig
+from tests.core.helpers import Recorder, Rig
 
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
 CRASH = CrashReport(
@@ -51,7 +51,7 @@ def test_nothing_without_consent(rig: Rig) -> None:
     assert info.value.purpose == "diagnostics"
     assert core.queued_count() == 0
     assert rig.deliver_all() == []
-    assert core.lifecycle is State.BOUND  # activation still due, waiting for consent
+    assert core.lifecycle is State.ACTIVATION_DUE  # activation still due, waiting for consent
 
 
 def test_activation_once_after_consent_with_coarse_location(rig: Rig) -> None:
@@ -113,13 +113,14 @@ def test_withdraw_purges_pending_and_in_flight(rig: Rig) -> None:
     bound(rig, D)
     core = rig.core
     assert core is not None
-    purged: list[str] = []
-    core.purge_listeners.append(purged.extend)
+    seen = Recorder()
+    core.watch(seen)
     ids = [core.capture_crash(CRASH, now=rig.tick()) for _ in range(5)]
     flying = core.next_batch(now=rig.now, limit=2)
     removed = core.withdraw(D, now=rig.tick())
     assert sorted(removed) == sorted(ids)
-    assert sorted(purged) == sorted(ids)
+    assert sorted(seen.dropped_ids) == sorted(ids)
+    assert seen.reasons == [DropReason.WITHDRAWN]
     assert core.in_flight() == []
     assert core.queued_count() == 0
     assert core.next_batch(now=rig.now) == []
@@ -201,13 +202,14 @@ def test_wipe_shreds_and_leaves_one_deletion_request(rig: Rig, how: str) -> None
     core.capture_crash(CRASH, now=rig.tick())
     core.capture_crash(CRASH, now=rig.tick())
     flying = core.next_batch(now=rig.now, limit=1)
-    told: list[str] = []
-    core.purge_listeners.append(told.extend)
+    seen = Recorder()
+    core.watch(seen)
     key = rig.root / "keys" / "dev-1.data.key"
     assert key.exists()
     dr = getattr(core, how)(now=rig.tick())
     assert dr is not None
     # The transport is told of every personal item once: in flight and queued alike.
+    told = seen.dropped_ids
     assert len(told) == len(set(told)) == core.dropped[DropReason.WIPED]
     assert flying[0].msg_id in told
     assert not key.exists()

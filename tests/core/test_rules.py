@@ -89,11 +89,11 @@ def test_lifecycle_table_is_total_or_raises(state: State, event: Event) -> None:
 @pytest.mark.parametrize(
     ("state", "event", "new", "effect"),
     [
-        (State.FACTORY_NEW, Event.BIND, State.BOUND, "activation-due"),
-        (State.BOUND, Event.ACTIVATE, State.ACTIVATED, "none"),
-        (State.ACTIVATED, Event.FIRMWARE_UPDATE, State.BOUND, "activation-due"),
+        (State.FACTORY_NEW, Event.BIND, State.ACTIVATION_DUE, "activation-due"),
+        (State.ACTIVATION_DUE, Event.ACTIVATE, State.ACTIVATED, "none"),
+        (State.ACTIVATED, Event.FIRMWARE_UPDATE, State.ACTIVATION_DUE, "activation-due"),
         (State.ACTIVATED, Event.UNBIND, State.FACTORY_NEW, "wipe"),
-        (State.BOUND, Event.ACCOUNT_CANCELLED, State.FACTORY_NEW, "wipe"),
+        (State.ACTIVATION_DUE, Event.ACCOUNT_CANCELLED, State.FACTORY_NEW, "wipe"),
         (State.ACTIVATED, Event.FACTORY_RESET, State.FACTORY_NEW, "wipe"),
         (State.FACTORY_NEW, Event.FACTORY_RESET, State.FACTORY_NEW, "none"),
     ],
@@ -104,7 +104,11 @@ def test_lifecycle_steps(state: State, event: Event, new: State, effect: str) ->
 
 @pytest.mark.parametrize(
     ("state", "event"),
-    [(State.FACTORY_NEW, Event.UNBIND), (State.BOUND, Event.BIND), (State.ACTIVATED, Event.BIND)],
+    [
+        (State.FACTORY_NEW, Event.UNBIND),
+        (State.ACTIVATION_DUE, Event.BIND),
+        (State.ACTIVATED, Event.BIND),
+    ],
 )
 def test_lifecycle_illegal(state: State, event: Event) -> None:
     with pytest.raises(IllegalTransition):

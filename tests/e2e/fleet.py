@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.device import CoreConfig, CrashReport, DeviceCore
+from agent.device import CoreConfig, CrashReport, Device
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
-from agent.store.database import Database, DeviceStore
-from agent.store.vault import FileKeyStore
+from agent.store.database import Database
+from agent.store.keys import FileKeyStore
+from agent.store.records import DeviceStore
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
@@ -37,12 +38,12 @@ class Agent:
     cert_for: str | None = None  # present another device's certificate
     ids: itertools.count[int] = field(default_factory=itertools.count)
     db: Database | None = None
-    core: DeviceCore | None = None
+    core: Device | None = None
     transport: Transport | None = None
     task: asyncio.Task[None] | None = None
     commands: asyncio.Queue[tuple[str, object]] = field(default_factory=asyncio.Queue)
 
-    def open(self) -> DeviceCore:
+    def open(self) -> Device:
         """Open (or reopen, as after a reboot) the device's store and core."""
         self.db = Database(self.root / "state.db", synchronous="NORMAL")
         store = DeviceStore(self.db, self.device_id, FileKeyStore(self.root / "keys"))
@@ -52,11 +53,14 @@ class Agent:
             model="smartmi.fan.test",
             firmware_version=self.firmware,
             policy_version=self.policy_version,
-            crash_dir=self.root / "crash",
         )
         prefix = f"{self.device_id}-{int(time.time() * 1000)}-"
-        self.core = DeviceCore(
-            store, config, now=time.time(), new_id=lambda: f"{prefix}{next(self.ids)}"
+        self.core = Device(
+            store,
+            config,
+            now=time.time(),
+            crash_dir=self.root / "crash",
+            new_id=lambda: f"{prefix}{next(self.ids)}",
         )
         return self.core
 
@@ -105,7 +109,7 @@ class Agent:
         self.core = None
         self.transport = None
 
-    async def reboot(self) -> DeviceCore:
+    async def reboot(self) -> Device:
         """Power off and on again: the same state directory, a new process's memory."""
         await self.stop()
         core = self.open()

@@ -5,6 +5,7 @@ device certificates, items dropped behind the agent's back) and each is caught."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.consent import Decision, Grant, Reason
+from agent.core import consent
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import CrashReport
 from simulator.broker import MosquittoBroker
@@ -86,9 +87,10 @@ async def test_every_kind_of_violation_is_caught(
         kid = next(d for d in fleet.devices if "kids" in d)
         now = time.time()
         # 1. A device whose fault switch ignores consent: it captures after withdrawal.
+        # Its in-memory consent says granted, with no grant on the timeline.
         liar = fleet.devices[adults[0]].core
-        grant = Grant(Purpose.DIAGNOSTICS, now - 10, "1", "local")
-        liar.decide = lambda purpose: Decision(True, Reason.OK, grant)  # type: ignore[method-assign]
+        forged = consent.grant(liar.consent, Purpose.DIAGNOSTICS, now=now - 10, source="local")
+        liar.settings = dataclasses.replace(liar.settings, consent=forged)
         liar.capture_crash(CrashReport("after withdrawal", "x"), now=now)
         # 2. An item dropped behind the agent's back: queued with consent, never sent.
         core = fleet.devices[adults[1]].core

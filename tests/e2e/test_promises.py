@@ -301,7 +301,7 @@ async def test_p13_suspend_holds_and_resume_releases(make_agent: MakeAgent, clou
         core.grant(Purpose.DIAGNOSTICS, now=now)
         await cloud.command(agent.device_id, "suspend-collection", {})
         assert await agent.next_command() == ("suspend-collection", {"suspended": True})
-        assert core.settings.suspended
+        assert core.settings.consent.suspended
         with pytest.raises(ConsentNotInForce):
             core.capture_crash(crash(), now=time.time())
         await cloud.command(agent.device_id, "resume-collection", {})

@@ -1,0 +1,412 @@
+"""One device's records in the shared database, every one sealed by a vault (P8).
+
+``DeviceStore`` is one device's view of a ``Database``. Plaintext columns are only what the store
+must index on (purpose, capture time, msg_id), and each is bound into the record's
+associated data, so editing one makes the record fail to open.
+
+Tables::
+
+    outbox             queued items (P2, P7), sealed with the data key
+    ledger             consent changes and sent messages (P11), data key
+    state              the device's settings and consent, data key
+    deletion_requests  pending deletion requests (P10), sealed with the system key,
+                       which survives wipes
+    wipes              a wipe in progress, finished on the next open after a crash
+    device_meta        not personal: how many times the device was wiped
+    quarantine         records that failed to open, kept for inspection, never sent
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from agent.core.purposes import Purpose
+from agent.errors import TamperedRecord
+from agent.store.database import Database
+from agent.store.keys import KeyStore
+from agent.store.vault import Vault
+
+
+def _ms(ts: float) -> int:
+    return round(ts * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """A queued outbox item as read back from the store."""
+
+    seq: int
+    msg_id: str
+    purpose: Purpose
+    captured_at: float
+    payload: bytes
+
+
+class DeviceStore:
+    """One device's records in a Database."""
+
+    def __init__(self, db: Database, device_id: str, keys: KeyStore) -> None:
+        self.db = db
+        self.device_id = device_id
+        self.keys = keys
+        self._data: Vault | None = None
+        self._system: Vault | None = None
+        self.problems: list[TamperedRecord] = []
+
+    # -- keys --------------------------------------------------------------
+    @property
+    def _data_key_name(self) -> str:
+        return f"{self.device_id}.data"
+
+    def _data_vault(self) -> Vault:
+        if self._data is None:
+            self._data = Vault.open_or_create(self.keys, self._data_key_name)
+        return self._data
+
+    def _system_vault(self) -> Vault:
+        if self._system is None:
+            self._system = Vault.open_or_create(self.keys, f"{self.device_id}.system")
+        return self._system
+
+    def has_data_key(self) -> bool:
+        """Whether a data key exists (it does not on a factory-new or wiped device)."""
+        return self._data is not None or self.keys.load(self._data_key_name) is not None
+
+    def _aad(self, *parts: object) -> bytes:
+        return "\x00".join([str(parts[0]), self.device_id, *map(str, parts[1:])]).encode()
+
+    def _quarantine(
+        self,
+        source: str,
+        row_ref: str,
+        blob: bytes | None,
+        exc: TamperedRecord,
+        *,
+        delete_sql: str,
+        delete_args: tuple[Any, ...],
+    ) -> None:
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO quarantine (device_id, source, row_ref, reason, blob) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self.device_id, source, row_ref, exc.reason, blob),
+            )
+            c.execute(delete_sql, delete_args)
+        self.problems.append(exc)
+
+    def unreadable_without_key(self) -> int:
+        """Move this device's data-key records to quarantine if the key is gone."""
+        if self.has_data_key():
+            return 0
+        return self.quarantine_all("data key missing")
+
+    def quarantine_all(self, reason: str) -> int:
+        """Move every data-key record of this device (outbox, ledger, state) to quarantine."""
+        moved = 0
+        with self.db.transaction() as c:
+            tables = (("outbox", "msg_id"), ("ledger", "entry_id"), ("state", "device_id"))
+            for table, ref in tables:
+                rows = c.execute(
+                    f"SELECT {ref}, blob FROM {table} WHERE device_id = ?",  # noqa: S608  # fixed names
+                    (self.device_id,),
+                ).fetchall()
+                for row_ref, blob in rows:
+                    c.execute(
+                        "INSERT INTO quarantine (device_id, source, row_ref, reason, blob) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (self.device_id, table, row_ref, reason, blob),
+                    )
+                    self.problems.append(TamperedRecord(table, row_ref, reason))
+                moved += len(rows)
+                c.execute(f"DELETE FROM {table} WHERE device_id = ?", (self.device_id,))  # noqa: S608
+        return moved
+
+    # -- state -------------------------------------------------------------
+    def load_state(self) -> dict[str, Any] | None:
+        """The device's sealed state record, or None if there is none (or it was rejected)."""
+        row = self.db.conn.execute(
+            "SELECT blob FROM state WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        if not self.has_data_key():
+            self.unreadable_without_key()
+            return None
+        try:
+            plain = self._data_vault().open(
+                row[0], self._aad("state"), table="state", row_id=self.device_id
+            )
+            value: dict[str, Any] = json.loads(plain)
+        except TamperedRecord as exc:
+            self._quarantine(
+                "state",
+                self.device_id,
+                row[0],
+                exc,
+                delete_sql="DELETE FROM state WHERE device_id = ?",
+                delete_args=(self.device_id,),
+            )
+            return None
+        return value
+
+    def save_state(self, value: dict[str, Any]) -> None:
+        """Seal and store the device's state record."""
+        blob = self._data_vault().seal(
+            json.dumps(value, sort_keys=True).encode(), self._aad("state")
+        )
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO state (device_id, blob) VALUES (?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET blob = excluded.blob",
+                (self.device_id, blob),
+            )
+
+    # -- outbox ------------------------------------------------------------
+    def _item_aad(self, msg_id: str, purpose: str, captured_ms: int) -> bytes:
+        return self._aad("outbox", msg_id, purpose, captured_ms)
+
+    def enqueue(self, msg_id: str, purpose: Purpose, captured_at: float, payload: bytes) -> None:
+        """Persist a queued item."""
+        cms = _ms(captured_at)
+        blob = self._data_vault().seal(payload, self._item_aad(msg_id, purpose.value, cms))
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO outbox (device_id, msg_id, purpose, captured_ms, blob) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self.device_id, msg_id, purpose.value, cms, blob),
+            )
+
+    def count(self) -> int:
+        """How many items are queued."""
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM outbox WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        return int(row[0])
+
+    def msg_ids(self) -> list[str]:
+        """The msg_ids of every queued item, without opening the records."""
+        rows = self.db.conn.execute(
+            "SELECT msg_id FROM outbox WHERE device_id = ? ORDER BY seq", (self.device_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def queued(self, limit: int, exclude: frozenset[str] = frozenset()) -> list[StoredItem]:
+        """Up to ``limit`` queued items, oldest first; records that fail to open are quarantined."""
+        rows = self.db.conn.execute(
+            "SELECT seq, msg_id, purpose, captured_ms, blob FROM outbox WHERE device_id = ? "
+            "ORDER BY seq LIMIT ?",
+            (self.device_id, limit + len(exclude)),
+        ).fetchall()
+        out: list[StoredItem] = []
+        for seq, msg_id, purpose, cms, blob in rows:
+            if msg_id in exclude:
+                continue
+            try:
+                # The purpose column is bound into the AAD: an edited one fails here.
+                payload = self._data_vault().open(
+                    blob, self._item_aad(msg_id, purpose, cms), table="outbox", row_id=msg_id
+                )
+            except TamperedRecord as exc:
+                self._quarantine(
+                    "outbox",
+                    msg_id,
+                    blob,
+                    exc,
+                    delete_sql="DELETE FROM outbox WHERE seq = ?",
+                    delete_args=(seq,),
+                )
+                continue
+            out.append(StoredItem(seq, msg_id, Purpose(purpose), cms / 1000, payload))
+            if len(out) >= limit:
+                break
+        return out
+
+    def _delete_returning(self, where: str, args: tuple[Any, ...]) -> list[str]:
+        with self.db.transaction() as c:
+            rows = c.execute(
+                f"DELETE FROM outbox WHERE device_id = ? AND {where} RETURNING msg_id",  # noqa: S608
+                (self.device_id, *args),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def purge_purpose(self, purpose: Purpose) -> list[str]:
+        """Delete every queued item of ``purpose`` (P2); return their msg_ids."""
+        return self._delete_returning("purpose = ?", (purpose.value,))
+
+    def purge_older_than(self, purpose: Purpose, cutoff: float) -> list[str]:
+        """Delete items of ``purpose`` captured before ``cutoff`` (P7 retention)."""
+        return self._delete_returning(
+            "purpose = ? AND captured_ms < ?", (purpose.value, _ms(cutoff))
+        )
+
+    def purge_oldest(self, n: int) -> list[str]:
+        """Delete the ``n`` oldest items (P7 cap)."""
+        return self._delete_returning(
+            "seq IN (SELECT seq FROM outbox WHERE device_id = ? ORDER BY seq LIMIT ?)",
+            (self.device_id, n),
+        )
+
+    def delete_items(self, msg_ids: list[str]) -> list[str]:
+        """Delete the named items; return the ones that were there."""
+        out: list[str] = []
+        for msg_id in msg_ids:
+            out += self._delete_returning("msg_id = ?", (msg_id,))
+        return out
+
+    def acknowledge(self, msg_id: str, ledger_entry: dict[str, Any]) -> bool:
+        """Remove an acknowledged item and ledger it, atomically (no resurrection).
+
+        Returns whether the row was still there (a withdrawal may have purged it
+        while it was in flight; it left the device, so it is ledgered all the same).
+        """
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "DELETE FROM outbox WHERE device_id = ? AND msg_id = ?", (self.device_id, msg_id)
+            )
+            self.append_ledger(ledger_entry)
+        return cur.rowcount > 0
+
+    # -- ledger ------------------------------------------------------------
+    def append_ledger(self, entry: dict[str, Any]) -> None:
+        """Seal and append one ledger entry under a fresh entry ID."""
+        entry_id = uuid.uuid4().hex
+        blob = self._data_vault().seal(
+            json.dumps(entry, sort_keys=True).encode(), self._aad("ledger", entry_id)
+        )
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO ledger (device_id, entry_id, blob) VALUES (?, ?, ?)",
+                (self.device_id, entry_id, blob),
+            )
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every readable ledger entry, oldest first; unreadable ones are quarantined."""
+        if not self.has_data_key():
+            self.unreadable_without_key()
+            return []
+        rows = self.db.conn.execute(
+            "SELECT seq, entry_id, blob FROM ledger WHERE device_id = ? ORDER BY seq",
+            (self.device_id,),
+        ).fetchall()
+        out: list[dict[str, Any]] = []
+        for seq, entry_id, blob in rows:
+            try:
+                plain = self._data_vault().open(
+                    blob, self._aad("ledger", entry_id), table="ledger", row_id=entry_id
+                )
+            except TamperedRecord as exc:
+                self._quarantine(
+                    "ledger",
+                    entry_id,
+                    blob,
+                    exc,
+                    delete_sql="DELETE FROM ledger WHERE seq = ?",
+                    delete_args=(seq,),
+                )
+                continue
+            entry = json.loads(plain)
+            entry.pop("id", None)  # entries sealed before the store minted the IDs carry one
+            out.append(entry)
+        return out
+
+    # -- deletion requests (system key, survive wipes) ---------------------
+    def _dr_aad(self, msg_id: str, created_ms: int) -> bytes:
+        return self._aad("deletion_requests", msg_id, created_ms)
+
+    def add_deletion_request(self, msg_id: str, created_at: float, payload: bytes) -> None:
+        """Persist a pending deletion request."""
+        cms = _ms(created_at)
+        blob = self._system_vault().seal(payload, self._dr_aad(msg_id, cms))
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
+                "VALUES (?, ?, ?, ?)",
+                (self.device_id, msg_id, cms, blob),
+            )
+
+    def deletion_requests(self) -> list[StoredItem]:
+        """Pending deletion requests, oldest first (purpose field unused: activation)."""
+        rows = self.db.conn.execute(
+            "SELECT rowid, msg_id, created_ms, blob FROM deletion_requests WHERE device_id = ? "
+            "ORDER BY created_ms, rowid",
+            (self.device_id,),
+        ).fetchall()
+        out: list[StoredItem] = []
+        for rowid, msg_id, cms, blob in rows:
+            try:
+                payload = self._system_vault().open(
+                    blob, self._dr_aad(msg_id, cms), table="deletion_requests", row_id=msg_id
+                )
+            except TamperedRecord as exc:
+                self._quarantine(
+                    "deletion_requests",
+                    msg_id,
+                    blob,
+                    exc,
+                    delete_sql="DELETE FROM deletion_requests WHERE rowid = ?",
+                    delete_args=(rowid,),
+                )
+                continue
+            out.append(StoredItem(rowid, msg_id, Purpose.ACTIVATION, cms / 1000, payload))
+        return out
+
+    def remove_deletion_request(self, msg_id: str) -> bool:
+        """Forget an acknowledged deletion request."""
+        with self.db.transaction() as c:
+            cur = c.execute(
+                "DELETE FROM deletion_requests WHERE device_id = ? AND msg_id = ?",
+                (self.device_id, msg_id),
+            )
+        return cur.rowcount > 0
+
+    # -- wipe (P9) ---------------------------------------------------------
+    def wipe_count(self) -> int:
+        """How many times this device was wiped (not personal data)."""
+        row = self.db.conn.execute(
+            "SELECT wipe_count FROM device_meta WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def pending_wipe(self) -> str | None:
+        """The reason of a wipe that a crash interrupted, if any."""
+        row = self.db.conn.execute(
+            "SELECT reason FROM wipes WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def begin_wipe(self, reason: str, deletion_request: tuple[str, float, bytes] | None) -> None:
+        """Step 1: record the wipe and its deletion request in one transaction."""
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO wipes (device_id, reason) VALUES (?, ?)",
+                (self.device_id, reason),
+            )
+            c.execute(
+                "INSERT INTO device_meta (device_id, wipe_count) VALUES (?, 1) "
+                "ON CONFLICT (device_id) DO UPDATE SET wipe_count = wipe_count + 1",
+                (self.device_id,),
+            )
+            if deletion_request is not None:
+                self.add_deletion_request(*deletion_request)
+
+    def finish_wipe(self) -> None:
+        """Step 2: destroy the data key first (crypto-shredding), then delete the rows.
+
+        Idempotent, so a wipe cut short by a crash is finished on the next open.
+        """
+        self._data = None
+        self.keys.destroy(self._data_key_name)
+        with self.db.transaction() as c:
+            for table in ("outbox", "ledger", "state", "quarantine", "wipes"):
+                c.execute(f"DELETE FROM {table} WHERE device_id = ?", (self.device_id,))  # noqa: S608
+        self.db.checkpoint()
+
+    def quarantined(self) -> int:
+        """How many of this device's records are in quarantine."""
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM quarantine WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        return int(row[0])
