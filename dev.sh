@@ -3,7 +3,7 @@
 #   ./dev.sh fleet   simulated fleet against a local mutual-TLS Mosquitto (the main job)
 #   ./dev.sh broker  a local mutual-TLS Mosquitto until Ctrl-C
 #   ./dev.sh agent   the agent daemon for dev device dev-0001 against that broker
-#   ./dev.sh test    ruff, mypy (strict) and the test suite
+#   ./dev.sh test    ruff, mypy (strict), the import contracts and the test suite
 #   ./dev.sh bench   the benchmark suite
 #   ./dev.sh setup   only install
 set -euo pipefail
@@ -51,6 +51,7 @@ case "$job" in
     test)
         .venv/bin/ruff check .
         .venv/bin/mypy
+        .venv/bin/lint-imports --no-cache  # the layering of ARCHITECTURE.md
         exec .venv/bin/pytest "$@"
         ;;
     bench) exec .venv/bin/python -m bench "$@" ;;

@@ -11,33 +11,31 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import AgentConfig, load_config
-from agent.core.location import Precision, parse_precision
-from agent.core.purposes import Purpose
+from agent.core.location import parse_precision
+from agent.core.purposes import parse_purpose
 from agent.device import open_device
 from agent.errors import AgentError, DaemonUnreachable
 from agent.runtime import control
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
+T = TypeVar("T")
 
 
-def _purpose(value: str) -> Purpose:
-    try:
-        return Purpose(value)
-    except ValueError:
-        names = ", ".join(p.value for p in Purpose)
-        raise argparse.ArgumentTypeError(f"unknown purpose {value!r}; use {names}") from None
+def _argument(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from one of the core's parsers: its error becomes argparse's."""
 
+    def convert(value: str) -> T:
+        try:
+            return parse(value)
+        except AgentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _precision(value: str) -> Precision:
-    try:
-        return parse_precision(value)
-    except AgentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
 def _print(obj: Any) -> None:
@@ -97,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("account-cancelled", help="the owner's account is gone: wipe likewise")
     p = sub.add_parser("consent", help="grant or withdraw a purpose")
     p.add_argument("action", choices=["grant", "withdraw"])
-    p.add_argument("purpose", type=_purpose, help="activation or diagnostics")
+    p.add_argument("purpose", type=_argument(parse_purpose), help="activation or diagnostics")
     p = sub.add_parser("location", help="set the location or its precision")
     loc = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = loc.add_parser("set", help="set the location (coarsened on entry)")
     q.add_argument("lat", type=float)
     q.add_argument("lon", type=float)
     q = loc.add_parser("precision", help="off, country, region (default) or city")
-    q.add_argument("level", type=_precision)
+    q.add_argument("level", type=_argument(parse_precision))
     p = sub.add_parser("export", help="the ledger of consent changes and sent messages (JSON)")
     p.add_argument("-o", "--output", help="write to this file instead of standard output")
     p = sub.add_parser("crash", help="capture crash diagnostics")

@@ -8,6 +8,9 @@ Callers pass ``now``; the daemon, the CLI and the simulator drive it.
 Observers implement ``DeviceObserver``: the transport (what may no longer leave,
 what became sendable) and the simulator's ground truth (what was queued,
 acknowledged and dropped).
+
+Past 400 lines on purpose: carrying out plans and the hand-off bookkeeping share the
+in-flight set, and splitting them would thread it through a second class.
 """
 
 from __future__ import annotations

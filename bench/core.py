@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, CrashReport, DeviceCore
-from agent.store.database import Database, DeviceStore, Synchronous
-from agent.store.vault import FileKeyStore
+from agent.device import CoreConfig, CrashReport, Device
+from agent.store.database import Database, Synchronous
+from agent.store.keys import FileKeyStore
+from agent.store.records import DeviceStore
 
 REPORT = CrashReport(
     signature="SIGSEGV in fan_ctl",
@@ -29,10 +30,10 @@ REPORT = CrashReport(
 )
 
 
-def _core(root: Path, sync: Synchronous) -> DeviceCore:
+def _core(root: Path, sync: Synchronous) -> Device:
     db = Database(root / "state.db", synchronous=sync)
     store = DeviceStore(db, "bench-1", FileKeyStore(root / "keys"))
-    core = DeviceCore(store, CoreConfig("bench-1", "S", "m", "1", outbox_cap=1_000_000), now=1e9)
+    core = Device(store, CoreConfig("bench-1", "S", "m", "1", outbox_cap=1_000_000), now=1e9)
     core.bind("b", now=1e9)
     core.grant(Purpose.DIAGNOSTICS, now=1e9)
     return core

@@ -5,6 +5,9 @@ store (one shared SQLite file, one data key per device) and a ``Transport`` over
 mutual TLS with its own certificate. The fleet carries out the scenario's
 timeline, records the ground truth the checker needs (``DeviceTruth``), and
 collects what the backend received.
+
+Past 400 lines on purpose: building the devices, playing the timeline and draining
+share the fleet's devices, proxies and counters; one class keeps that state whole.
 """
 
 from __future__ import annotations

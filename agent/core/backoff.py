@@ -10,8 +10,11 @@ device must not hammer the broker while it waits for the fix.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the caller brings its own generator: the core holds no randomness
+    import random
 
 
 @dataclass(frozen=True, slots=True)

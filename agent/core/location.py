@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Final
 
+from agent.core.choices import parse_choice
 from agent.errors import SchemaError
 
 
@@ -35,14 +36,14 @@ class CoarseLocation:
     lon: float
     precision: Precision
 
+    def to_json(self) -> dict[str, float | str]:
+        """As it travels in an activation message (``purposes.Location``)."""
+        return {"lat": self.lat, "lon": self.lon, "precision": self.precision.value}
+
 
 def parse_precision(value: str) -> Precision:
     """A Precision from user input, with an error listing the valid levels."""
-    try:
-        return Precision(value)
-    except ValueError:
-        levels = ", ".join(p.value for p in Precision)
-        raise SchemaError(f"unknown location precision {value!r}; use one of {levels}") from None
+    return parse_choice(Precision, value, "location precision")
 
 
 def _snap(value: float, decimals: int) -> float:

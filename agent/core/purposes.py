@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.core.choices import parse_choice
 from agent.errors import SchemaError
 
 
@@ -25,6 +26,11 @@ class Purpose(enum.StrEnum):
 
     ACTIVATION = "activation"
     DIAGNOSTICS = "diagnostics"
+
+
+def parse_purpose(value: str) -> Purpose:
+    """A Purpose from user input, with an error listing the valid ones."""
+    return parse_choice(Purpose, value, "purpose")
 
 
 @dataclass(frozen=True, slots=True)

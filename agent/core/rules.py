@@ -9,6 +9,9 @@ stops the hand-off of what may no longer leave and tells its observers.
 
 Every capture and every hand-off is decided by ``consent.decide`` (P1): here at
 capture, and in ``may_send`` at hand-off.
+
+Past 400 lines on purpose: every rule that changes the settings record is here, so
+a reader sees every transition of the device in one place, as in h11's state module.
 """
 
 from __future__ import annotations
@@ -222,9 +225,7 @@ def activation(s: Settings, cfg: CoreConfig, *, now: float, msg_id: str) -> Plan
         "model": cfg.model,
         "firmware_version": cfg.firmware_version,
         "trigger": s.activation_trigger,
-        "location": None
-        if loc is None
-        else {"lat": loc.lat, "lon": loc.lon, "precision": loc.precision.value},
+        "location": None if loc is None else loc.to_json(),
     }
     capture = _capture(cfg, Purpose.ACTIVATION, data, decision.grant, now=now, msg_id=msg_id)
     after = dataclasses.replace(

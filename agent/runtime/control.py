@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.core.location import parse_precision
-from agent.core.purposes import Purpose
+from agent.core.purposes import parse_purpose
 from agent.device import CrashReport, Device
 from agent.errors import AgentError, ControlError, DaemonUnreachable
 
@@ -38,14 +38,6 @@ VERBS: Final = (
     "export",
     "crash",
 )
-
-
-def _purpose(value: object) -> Purpose:
-    try:
-        return Purpose(str(value))
-    except ValueError:
-        names = ", ".join(p.value for p in Purpose)
-        raise ControlError(f"unknown purpose {value!r}; use {names}") from None
 
 
 def _number(request: dict[str, Any], key: str) -> float:
@@ -75,7 +67,7 @@ def act(  # noqa: PLR0911  # one branch per verb
         }[verb]
         return {"wiped": True, "deletion_request": method(now=now)}
     if verb == "consent":
-        purpose = _purpose(request.get("purpose"))
+        purpose = parse_purpose(str(request.get("purpose")))
         if request.get("action") == "grant":
             return {"granted": purpose.value, "changed": device.grant(purpose, now=now)}
         if request.get("action") == "withdraw":
@@ -85,12 +77,7 @@ def act(  # noqa: PLR0911  # one branch per verb
     if verb == "location":
         if request.get("action") == "set":
             loc = device.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
-            stored = (
-                None
-                if loc is None
-                else {"lat": loc.lat, "lon": loc.lon, "precision": loc.precision.value}
-            )
-            return {"stored": stored}
+            return {"stored": None if loc is None else loc.to_json()}
         if request.get("action") == "precision":
             level = parse_precision(str(request.get("level")))
             device.set_precision(level, now=now)
