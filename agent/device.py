@@ -26,7 +26,15 @@ from typing import Any, Protocol
 from agent.config import AgentConfig
 from agent.core import ledger, rules
 from agent.core.consent import ConsentState, Decision, Source
-from agent.core.items import DropReason, ItemEvent, ItemState, Outgoing, item_step, overflow
+from agent.core.items import (
+    DropReason,
+    ItemEvent,
+    ItemState,
+    Outgoing,
+    item_step,
+    overflow,
+    retention_cutoff,
+)
 from agent.core.lifecycle import Event, State
 from agent.core.location import CoarseLocation, Precision
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
@@ -332,7 +340,7 @@ class Device:
             # between sweeps an expired item is still caught below, before it is sent.
             self._last_sweep = now
             for purpose in Purpose:
-                cutoff = now - POLICIES[purpose].retention_s
+                cutoff = retention_cutoff(purpose, now)
                 self._drop(self.store.purge_older_than(purpose, cutoff), DropReason.EXPIRED)
         allowed = {p for p in Purpose if self.decide(p).allowed}
         if len(out) >= limit or not allowed:
