@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.config import AgentConfig
-from agent.core import ledger, rules
+from agent.core import cloud, ledger, rules
+from agent.core.commands import Command
 from agent.core.consent import ConsentState, Decision, Source
 from agent.core.items import (
     DropReason,
@@ -37,8 +38,11 @@ from agent.core.items import (
 )
 from agent.core.lifecycle import Event, State
 from agent.core.location import CoarseLocation, Precision
+from agent.core.ordering import Clock, Stamp, rebased
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
-from agent.core.rules import CoreConfig, CrashReport, Plan, Settings
+from agent.core.rules import Plan
+from agent.core.settings import Control, CoreConfig, CrashReport, Settings
+from agent.errors import TamperedRecord
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore, StoredItem
@@ -57,6 +61,10 @@ class DeviceObserver(Protocol):
 
     def sendable(self) -> None:
         """Something may have become sendable (a capture, a deletion request, a resume)."""
+
+    def stopped(self, purposes: frozenset[Purpose]) -> None:
+        """Nothing of these purposes may leave from now on; what the transport holds
+        and has not written must not be written (P2, P3, P9, P13)."""
 
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
         """An item was queued with consent."""
@@ -93,11 +101,12 @@ class Device:
         self._last_sweep = float("-inf")
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
+        control = self._load_control()
         raw = store.load_state()
         self.settings = (
-            Settings.from_json(raw, config.policy_version)
+            Settings.from_json(raw, config.policy_version, control)
             if raw
-            else Settings.fresh(config.policy_version)
+            else Settings.fresh(config.policy_version, control)
         )
         if raw is None and store.has_data_key():
             # The key exists but the state is gone (quarantined): queued items were
@@ -113,6 +122,14 @@ class Device:
             )
         elif self.settings.lifecycle is not State.FACTORY_NEW:
             self._carry_out(Plan(self.settings), now)
+
+    def _load_control(self) -> Control:
+        try:
+            raw = self.store.load_control()
+        except TamperedRecord:
+            # Fail closed: collection stays suspended until the cloud resumes it (P13).
+            return Control.unreadable()
+        return Control() if raw is None else Control.from_json(raw)
 
     def watch(self, observer: DeviceObserver) -> None:
         """Tell ``observer`` from now on what changes."""
@@ -152,6 +169,11 @@ class Device:
 
         Returns the msg_ids the plan dropped, by reason.
         """
+        if plan.stop:
+            # Before anything is written: the transport stops these purposes first, so a
+            # failed write leaves them stopped rather than leaving (fail closed).
+            for o in self._observers:
+                o.stopped(plan.stop)
         if plan.wipe is not None:
             return {DropReason.WIPED: self._wipe(plan, now)}
         settings = plan.settings
@@ -163,24 +185,24 @@ class Device:
             self._queued += 1
         for reason, msg_ids in drops.items():
             self._drop(msg_ids, reason)
-        for msg_id in [m for m, o in self._in_flight.items() if o.purpose in plan.hold]:
-            # Held, not sent, while collection is suspended (P13).
-            item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
-            del self._in_flight[msg_id]
         if plan.capture is not None:
             c = plan.capture
             for o in self._observers:
                 o.queued(c.msg_id, c.purpose, c.captured_at)
-        if plan.capture is not None or (plan.save and not plan.hold):
+        if plan.capture is not None or (plan.save and not plan.stop) or plan.recoarsen:
             self._tell_sendable()
         return drops
 
     def _write(self, plan: Plan, settings: Settings) -> dict[DropReason, list[str]]:
-        """The store's part of a plan, in one transaction: purge, capture, ledger, save."""
+        """The store's part of a plan, in one transaction: purge, re-coarsen, capture,
+        ledger, save."""
         drops: dict[DropReason, list[str]] = {}
         with self.store.db.transaction():
             for purge in plan.purge:
                 drops.setdefault(purge.reason, []).extend(self.store.purge_purpose(purge.purpose))
+            if plan.recoarsen is not None:
+                level = plan.recoarsen
+                self.store.rewrite(Purpose.ACTIVATION, lambda p: rules.recoarsened(p, level))
             if plan.capture is not None:
                 c = plan.capture
                 self.store.enqueue(c.msg_id, c.purpose, c.captured_at, c.payload)
@@ -191,6 +213,8 @@ class Device:
                 self.store.append_ledger(entry)
             if plan.save:
                 self.store.save_state(settings.to_json())
+            if settings.control != self.settings.control:
+                self.store.save_control(settings.control.to_json())
         return drops
 
     def _tell_sendable(self) -> None:
@@ -218,8 +242,11 @@ class Device:
         # Everything personal that the transport still holds must go too. An item in
         # flight keeps its outbox row until acknowledged, so the rows name them all.
         doomed = self.store.msg_ids()
-        if wipe.journal:
-            self.store.begin_wipe(wipe.reason, wipe.deletion_request)
+        with self.store.db.transaction():
+            if wipe.journal:
+                self.store.begin_wipe(wipe.reason, wipe.deletion_request)
+            if plan.settings.control != self.settings.control:
+                self.store.save_control(plan.settings.control.to_json())
         self.store.finish_wipe()
         self._in_flight = {k: v for k, v in self._in_flight.items() if v.purpose is None}
         self._recalled.clear()
@@ -298,15 +325,43 @@ class Device:
 
     def set_suspended(self, value: bool, *, now: float, source: Source = "cloud") -> None:
         """Suspend (P13) or resume all personal-data collection."""
+        stamp = rules.local_stamp(self.settings, now) if source == "local" else Stamp.cloud(now)
         plan = rules.suspension(
-            self.settings, self.config, value, now=now, source=source, msg_id=self._new_id()
+            self.settings,
+            self.config,
+            value,
+            now=now,
+            source=source,
+            msg_id=self._new_id(),
+            stamp=stamp,
         )
         self._carry_out(plan, now)
+
+    # -- cloud commands and the clock ------------------------------------------
+    def take(self, command: Command, *, now: float) -> cloud.Taken:
+        """Carry out a cloud command (SPEC §3); durable when this returns.
+
+        Raises CommandRejected when the command may not be taken at all.
+        """
+        taken = cloud.take(self.settings, self.config, command, now=now, msg_id=self._new_id())
+        self._carry_out(taken.plan, now)
+        return taken
+
+    def clock_compared(self, clock: Clock, *, now: float) -> None:
+        """The command sync measured the device clock against the cloud's (SPEC §3)."""
+        control = dataclasses.replace(self.settings.control, clock=clock)
+        settings = self.settings.with_control(control)
+        if any(st.error is None for st in settings.stamps.values()):
+            stamps = {k: rebased(st, clock) for k, st in settings.stamps.items()}
+            settings = dataclasses.replace(settings, stamps=stamps)
+            self._carry_out(Plan(settings, save=self.lifecycle is not State.FACTORY_NEW), now)
+            return
+        self._carry_out(Plan(settings, save=False), now)
 
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:
         """Change the location precision; a stored location can only get coarser (P3)."""
-        self._carry_out(rules.set_precision(self.settings, precision), now)
+        self._carry_out(rules.set_precision(self.settings, precision, now=now), now)
 
     def set_location(self, lat: float, lon: float, *, now: float) -> CoarseLocation | None:
         """Take a position; it is coarsened on entry, the exact value is never kept (P3)."""
@@ -322,12 +377,12 @@ class Device:
         return plan.capture.msg_id
 
     # -- hand-off to the transport -----------------------------------------
-    def next_batch(self, *, now: float, limit: int = 32) -> list[Outgoing]:
+    def next_batch(self, *, now: float, limit: int = 32, personal: bool = True) -> list[Outgoing]:
         """Items to publish now, marked in flight: deletion requests first, then the outbox.
 
         Items past retention are deleted first and never returned (P7); an item is
-        returned only if the gate allows its purpose now and it was captured under
-        the grant in force (P1, P2, P6).
+        returned only if the gate allows its purpose now (P1, P2, P6). With
+        ``personal`` false only deletion requests are returned (commands first).
         """
         out: list[Outgoing] = []
         if self._deletions_maybe:
@@ -338,11 +393,8 @@ class Device:
         if not self._last_sweep <= now < self._last_sweep + RETENTION_SWEEP_S:
             # The full sweep runs at most once a minute (or when the clock went back);
             # between sweeps an expired item is still caught below, before it is sent.
-            self._last_sweep = now
-            for purpose in Purpose:
-                cutoff = retention_cutoff(purpose, now)
-                self._drop(self.store.purge_older_than(purpose, cutoff), DropReason.EXPIRED)
-        allowed = {p for p in Purpose if self.decide(p).allowed}
+            self.sweep_retention(now=now)
+        allowed = {p for p in Purpose if personal and self.decide(p).allowed}
         if len(out) >= limit or not allowed:
             return out
         expired: list[str] = []
@@ -355,6 +407,17 @@ class Device:
         if expired:
             self._drop(self.store.delete_items(expired), DropReason.EXPIRED)
         return out
+
+    def sweep_retention(self, *, now: float) -> int:
+        """Delete every queued item past its purpose's retention (P7); how many."""
+        self._last_sweep = now
+        swept = 0
+        for purpose in Purpose:
+            cutoff = retention_cutoff(purpose, now)
+            expired = self.store.purge_older_than(purpose, cutoff)
+            self._drop(expired, DropReason.EXPIRED)
+            swept += len(expired)
+        return swept
 
     def _hand_off(self, item: StoredItem, purpose: Purpose | None) -> Outgoing:
         item_step(ItemState.QUEUED, ItemEvent.HAND_OFF)
@@ -389,15 +452,34 @@ class Device:
             self._queued -= 1
         return True
 
+    def give_back(self, msg_ids: list[str]) -> None:
+        """Items from ``next_batch`` that were never handed over wait again, quietly."""
+        for msg_id in msg_ids:
+            if self._in_flight.pop(msg_id, None) is not None:
+                item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
+
     def retry(self, msg_id: str) -> None:
         """A hand-off failed (connection lost, PUBACK refused): the item waits again."""
         if self._in_flight.pop(msg_id, None) is not None:
             item_step(ItemState.IN_FLIGHT, ItemEvent.REQUEUE)
             self._tell_sendable()
 
-    def connection_lost(self) -> None:
-        """Every in-flight item goes back to queued (same msg_id: at-least-once)."""
-        self._recalled.clear()  # the transport forgot them: no PUBACK can come now
+    def connection_lost(self, *, now: float) -> None:
+        """Every in-flight item goes back to queued (same msg_id: at-least-once).
+
+        Items whose purpose stopped while they were on the wire can get no PUBACK now:
+        they left the device, unconfirmed, and the ledger says so (P11).
+        """
+        recalled, self._recalled = self._recalled, {}
+        entries = [
+            ledger.sent_entry(m, o.purpose.value, o.payload, now=now, confirmed=False)
+            for m, o in recalled.items()
+            if o.purpose is not None
+        ]
+        if entries and self.store.has_data_key():
+            with self.store.db.transaction():
+                for entry in entries:
+                    self.store.append_ledger(entry)
         for msg_id in list(self._in_flight):
             self.retry(msg_id)
 
@@ -414,7 +496,8 @@ class Device:
             "lifecycle": s.lifecycle.value,
             "activation_due": s.activation_trigger,
             "minor": s.consent.minor,
-            "suspended": s.consent.suspended,
+            "suspended": s.control.suspended,
+            "clock_offset_s": None if s.control.clock is None else round(s.control.clock.offset, 3),
             "policy_version": self.config.policy_version,
             "consent": {p.value: self.decide(p).reason.value for p in Purpose},
             "precision": s.precision.value,

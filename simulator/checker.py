@@ -62,8 +62,8 @@ class DeviceTruth:
     queued_items: dict[str, tuple[Purpose, float]] = field(default_factory=dict)
     acked: dict[str, float] = field(default_factory=dict)
     dropped_items: set[str] = field(default_factory=set)
-    deletion_requests: set[str] = field(default_factory=set)
     pending_at_end: set[str] = field(default_factory=set)
+    deletion_requests_pending: int = 0  # at the end of the run, not yet acknowledged
 
     # -- what the device tells us (agent.device.DeviceObserver) ------------------
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
@@ -79,6 +79,9 @@ class DeviceTruth:
         self.dropped_items.update(msg_ids)
 
     def sendable(self) -> None:
+        """Not part of the ground truth."""
+
+    def stopped(self, purposes: frozenset[Purpose]) -> None:
         """Not part of the ground truth."""
 
     def log(self, t: float, what: str, **info: Any) -> None:
@@ -187,7 +190,9 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per 
         elif what == "wipe":
             if bound:
                 wipes.append(t)
-            bound, grants, suspended = False, {}, False
+                precision.append((t, Precision.REGION))  # a wipe resets precision (P3)
+            # A suspension lasts until resumed, across wipes and rebinds (P13).
+            bound, grants = False, {}
             if minor and minor_since is not None:
                 minor_spans.append((minor_since, t))
             minor, minor_since = False, None
@@ -238,12 +243,17 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
             v.add("after-wipe", dev, msg_id, "captured before a wipe, arrived after it")
             break
     if purpose is Purpose.ACTIVATION:
+        # No message leaves with a location finer than the precision in force when it
+        # leaves (P3), nor than the one in force when it was captured.
         loc = env.data.get("location")
-        precision = tl.precision_at(captured)
-        if loc is not None and (
-            precision is Precision.OFF or finer_than(loc["lat"], loc["lon"], precision)
-        ):
-            v.add("location", dev, msg_id, f"finer than {precision.value}")
+        departed = max(captured, _left(truth, r) - truth.grace_s)
+        for when, at in (("captured", captured), ("left", departed)):
+            precision = tl.precision_at(at)
+            if loc is not None and (
+                precision is Precision.OFF or finer_than(loc["lat"], loc["lon"], precision)
+            ):
+                v.add("location", dev, msg_id, f"finer than {precision.value} when it {when}")
+                break
     v.latencies_s.append(max(0.0, r.arrived_at - captured))
 
 
@@ -260,6 +270,8 @@ def check(
     seen: dict[str, set[str]] = {d: set() for d in truths}
     deletions: dict[str, set[str]] = {d: set() for d in truths}
     for r in received:
+        if r.kind == "sync":
+            continue  # the command sync (SPEC §3): not personal, no envelope
         v.by_kind[r.kind] += 1
         truth = truths.get(r.device_id)
         if truth is None:
@@ -287,22 +299,36 @@ def check(
         _judge_personal(v, timelines[r.device_id], truth, r, env, purpose)
     v.unique = sum(len(s) for s in seen.values())
     for d, truth in truths.items():
-        expected = truth.deletion_requests
-        for msg_id in sorted(expected - deletions[d] - truth.pending_at_end):
-            v.add("deletion-request", d, msg_id, "a wipe's deletion request never arrived")
-        for msg_id in sorted(deletions[d] - expected):
-            v.add("deletion-request", d, msg_id, "a deletion request no wipe caused")
-        missing = set(truth.queued_items) - truth.dropped_items - truth.pending_at_end - seen[d]
-        for msg_id in sorted(missing):
-            acked = truth.acked.get(msg_id)
-            if acked is not None and any(acked < end for _start, end in windows):
-                # Acknowledged before a broker restart, or while the backend was not yet
-                # subscribed again after it: the broker had it, the device did its part.
-                v.broker_custody += 1
-                continue
-            state = "acknowledged by the broker" if acked is not None else "never acknowledged"
-            v.add("lost", d, msg_id, f"queued with consent, {state}, never arrived")
+        _judge_deletions(v, truth, timelines[d], deletions[d])
+        _judge_lost(v, truth, seen[d], windows)
     return v
+
+
+def _judge_deletions(v: Verdict, truth: DeviceTruth, tl: _Timeline, arrived: set[str]) -> None:
+    """One deletion request per wipe of a bound device (P10): each arrived or is still
+    pending at the end, and none arrived that no wipe caused."""
+    wipes, pending = len(tl.wipes), truth.deletion_requests_pending
+    if len(arrived) + pending < wipes:
+        missing = wipes - len(arrived) - pending
+        v.add("deletion-request", truth.device_id, None, f"{missing} wipe(s) without a request")
+    for msg_id in sorted(arrived)[wipes:]:
+        v.add("deletion-request", truth.device_id, msg_id, "a deletion request no wipe caused")
+
+
+def _judge_lost(
+    v: Verdict, truth: DeviceTruth, seen: set[str], windows: list[tuple[float, float]]
+) -> None:
+    """Queued with consent, and neither delivered, dropped for a reason nor pending."""
+    missing = set(truth.queued_items) - truth.dropped_items - truth.pending_at_end - seen
+    for msg_id in sorted(missing):
+        acked = truth.acked.get(msg_id)
+        if acked is not None and any(acked < end for _start, end in windows):
+            # Acknowledged before a broker restart, or while the backend was not yet
+            # subscribed again after it: the broker had it, the device did its part.
+            v.broker_custody += 1
+            continue
+        state = "acknowledged by the broker" if acked is not None else "never acknowledged"
+        v.add("lost", truth.device_id, msg_id, f"queued with consent, {state}, never arrived")
 
 
 def percentiles(values: list[float], points: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:

@@ -65,6 +65,14 @@ class Cloud:
     online: asyncio.Event = field(default_factory=asyncio.Event)
     online_at: list[float] = field(default_factory=list)  # each (re)subscription
     connects: int = 0
+    # Answer the devices' command syncs (SPEC §3); a test turns this off to play a
+    # bare broker with no cloud behind it.
+    answer_syncs: bool = True
+    syncs_answered: int = 0
+    # Every command issued, in order: (device_id, name, document), for replays.
+    issued: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    _issuing: dict[str, set[asyncio.Future[None]]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
 
     @contextlib.asynccontextmanager
@@ -127,7 +135,9 @@ class Cloud:
         async for message in conn.incoming():
             parts = message.topic.split("/")
             payload = message.payload or b""
-            if len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
+            if len(parts) == 5 and parts[4] == "sync" and self.answer_syncs:
+                self._answer(parts[2], payload)
+            elif len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
                 self.received.append(Received(parts[2], parts[4], payload, self.clock()))
             async with self._changed:
                 self._changed.notify_all()
@@ -139,11 +149,39 @@ class Cloud:
             await self._changed.wait_for(lambda: predicate(self.received))
         return self.received
 
+    def _answer(self, device_id: str, payload: bytes) -> None:
+        """Answer a device's command sync behind every command issued to it before."""
+        try:
+            sync_id = json.loads(payload)["sync_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        earlier = list(self._issuing.get(device_id, ()))
+
+        async def answer() -> None:
+            await asyncio.gather(*earlier, return_exceptions=True)
+            doc = {"sync_id": sync_id, "now": rfc3339(self.clock())}
+            with contextlib.suppress(TransportError, TimeoutError):
+                await self.send_raw(device_id, "sync", json.dumps(doc).encode())
+            self.syncs_answered += 1
+
+        task = asyncio.create_task(answer(), name=f"cloud:sync:{device_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def command(self, device_id: str, name: str, body: dict[str, Any]) -> str:
-        """Send a command (QoS 1) with a fresh command_id and issued_at; returns the id."""
+        """Send a command (QoS 1) with a fresh command_id and issued_at; returns the id.
+
+        A sync answer for the device waits until this command is with the broker.
+        """
         command_id = body.get("command_id") or uuid.uuid4().hex
-        doc = {"command_id": command_id, "issued_at": rfc3339(self.clock()), **body}
-        await self.send_raw(device_id, name, json.dumps(doc).encode())
+        issued_at = body.get("issued_at") or rfc3339(self.clock())
+        doc = {**body, "command_id": command_id, "issued_at": issued_at}
+        self.issued.append((device_id, name, doc))
+        sending = asyncio.ensure_future(self.send_raw(device_id, name, json.dumps(doc).encode()))
+        pending = self._issuing.setdefault(device_id, set())
+        pending.add(sending)
+        sending.add_done_callback(pending.discard)
+        await sending
         return str(command_id)
 
     async def send_raw(self, device_id: str, name: str, payload: bytes) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.location import Precision
-from agent.core.purposes import Purpose
+from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
 from agent.errors import AgentError, CommandRejected
 from agent.runtime.tls import client_context
@@ -181,30 +181,16 @@ class Fleet:
             self.devices[device_id] = dev
 
     def _on_command(self, dev: SimDevice) -> Callable[[str, Any, float], None]:
-        """Record what a cloud command did on the device, at the time it did it."""
+        """Count what a cloud command did on the device (the truth was logged when the
+        cloud issued it, see ``_cloud_event``)."""
 
         def listener(name: str, result: dict[str, Any] | CommandRejected, now: float) -> None:
-            truth = dev.truth
             if isinstance(result, CommandRejected):
                 self.stats.events_refused[f"{name}:{result.reason}"] += 1
-                return
-            self.stats.events_applied += 1
-            if name == "consent":
-                for purpose, value in result.items():
-                    # A grant answers whether it changed anything (a bool), a withdrawal
-                    # how many pending items it deleted (an int).
-                    granted = isinstance(value, bool)
-                    truth.log(now, "grant" if granted else "withdraw", purpose=purpose)
-            elif name == "location-precision":
-                truth.log(now, "precision", level=result["precision"])
-            elif name in ("unbind", "account-cancelled"):
-                truth.log(now, "wipe", reason=name)
-                if result.get("deletion_request"):
-                    truth.deletion_requests.add(result["deletion_request"])
-            elif name == "suspend-collection":
-                truth.log(now, "suspend")
-            elif name == "resume-collection":
-                truth.log(now, "resume")
+            elif any(v == "applied" for v in result.values()):
+                self.stats.events_applied += 1
+            else:
+                self.stats.events_refused[f"{name}:ignored"] += 1
 
         return listener
 
@@ -308,16 +294,20 @@ class Fleet:
                 "account-cancelled": core.account_cancelled,
             }[e.action]
             truth.log(now, "wipe", reason=e.action)
-            request = wipe(now=now)
-            if request is not None:
-                truth.deletion_requests.add(request)
+            wipe(now=now)
         else:  # suspend / resume are cloud commands (P13)
             raise CommandRejected("local-suspend", "suspend and resume come from the cloud")
 
     async def _cloud_event(self, dev: SimDevice, e: Event) -> None:
-        core = dev.core
-        binding = {"binding_id": core.settings.binding_id or "not-bound"}
+        """Issue a cloud command; the ground truth is the user's choice at its issue time."""
+        core, truth = dev.core, dev.truth
+        issued = parse_rfc3339(rfc3339(time.time()))  # as the command carries it
+        binding = {
+            "binding_id": core.settings.binding_id or "not-bound",
+            "issued_at": rfc3339(issued),
+        }
         if e.action in ("grant", "withdraw"):
+            truth.log(issued, e.action, purpose=e.purpose, via="cloud")
             body = {
                 **binding,
                 "purposes": {e.purpose: e.action == "grant"},
@@ -325,13 +315,18 @@ class Fleet:
             }
             await self.cloud.command(dev.device_id, "consent", body)
         elif e.action == "precision":
+            truth.log(issued, "precision", level=e.level, via="cloud")
             await self.cloud.command(
                 dev.device_id, "location-precision", {**binding, "precision": e.level}
             )
         elif e.action in ("unbind", "account-cancelled"):
+            truth.log(issued, "wipe", reason=e.action, via="cloud")
             await self.cloud.command(dev.device_id, e.action, binding)
         elif e.action in ("suspend", "resume"):
-            await self.cloud.command(dev.device_id, f"{e.action}-collection", {})
+            truth.log(issued, e.action, via="cloud")
+            await self.cloud.command(
+                dev.device_id, f"{e.action}-collection", {"issued_at": rfc3339(issued)}
+            )
         else:
             raise CommandRejected("not-a-cloud-command", e.action)
 
@@ -384,8 +379,10 @@ class Fleet:
                 phase[0] = "draining"
                 self.stats.drained = await self._drain()
                 for dev in self.devices.values():
+                    requests = dev.core.store.deletion_requests()
+                    dev.truth.deletion_requests_pending = len(requests)
                     dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {
-                        r.msg_id for r in dev.core.store.deletion_requests()
+                        r.msg_id for r in requests
                     }
                 await self.stop()
         finally:

@@ -58,7 +58,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "published": sum(t.published for t in transports),
             "acknowledged": sum(t.acknowledged for t in transports),
             "refused": sum(t.refused for t in transports),
-            "recalled": sum(t.recalled for t in transports),
+            "aborted": sum(t.aborted for t in transports),
             "broker_custody": verdict.broker_custody,
             "drained": s.drained,
         },

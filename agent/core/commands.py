@@ -1,32 +1,43 @@
 """Cloud commands (``down/{command}``): strict schemas, size limit, replay and staleness.
 
 Every command is a JSON object of at most 4 KiB with a ``command_id`` and an
-``issued_at``; unknown fields are rejected (P12 applies to input as well). A
-command is applied at most once: its ``command_id`` is remembered for the
-staleness window, and anything issued earlier than that window is refused as
-stale. Commands that act for an owner (consent, precision, unbind, account
-cancellation) name the ``binding_id`` they are for, so a command replayed after
-the device changed owner can never act on the new owner's data.
+``issued_at`` (strict RFC 3339 in UTC); unknown fields are rejected (P12 applies to
+input as well). A command is taken at most once: its ``command_id`` is remembered
+(``Memory``, durable) for the staleness window. Staleness and future skew guard
+only the commands that widen collection; a narrowing command is never refused for
+its age (SPEC §3, see ``agent.core.ordering``). Commands that act for an owner
+(consent, precision, unbind, account cancellation) name the ``binding_id`` they
+are for, so a command replayed after the device changed owner can never act on the
+new owner's data.
 
-Pure: ``parse`` validates and ``ReplayGuard`` remembers; ``agent.runtime.commands``
-carries an admitted command out on the device. Each raises ``CommandRejected``
-with a short reason code, never anything else.
+Pure: ``parse`` validates, ``Memory`` remembers, ``check_fresh`` guards widening
+commands; ``agent.core.cloud.take`` decides what a command does. Each raises
+``CommandRejected`` with a short reason code, never anything else.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from agent.core.purposes import Purpose, parse_rfc3339
-from agent.errors import AgentError, CommandRejected
+from agent.errors import CommandRejected
 
 MAX_BYTES: Final = 4096
 STALE_AFTER_S: Final = 7 * 24 * 3600.0  # a device may be offline for days; older is stale
 FUTURE_SKEW_S: Final = 300.0  # issued more than this ahead of the device clock: refused
+MAX_REMEMBERED: Final = 20_000  # commands remembered at once (see Memory)
 
 _Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 _Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -37,6 +48,17 @@ class _Command(BaseModel):
 
     command_id: _Id
     issued_at: _Text
+
+    @field_validator("issued_at")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        parse_rfc3339(value)  # strict RFC 3339 in UTC, or a SchemaError
+        return value
+
+    @property
+    def issued(self) -> float:
+        """``issued_at`` in seconds since the epoch."""
+        return parse_rfc3339(self.issued_at)
 
 
 class OwnerCommand(_Command):
@@ -93,6 +115,13 @@ SCHEMAS: Final[dict[str, type[Command]]] = {
 }
 
 
+def _where(exc: ValidationError) -> str:
+    """Field names and error types only: the values may be hostile or personal."""
+    return ", ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['type']}" for e in exc.errors()[:5]
+    )
+
+
 def parse(name: str, payload: bytes) -> Command:
     """Validate a command's name, size, JSON and schema; raise CommandRejected."""
     schema = SCHEMAS.get(name)
@@ -110,42 +139,83 @@ def parse(name: str, payload: bytes) -> Command:
     try:
         return schema.model_validate_json(payload)
     except ValidationError as exc:
-        # Field names and error types only: the values may be hostile or personal.
-        where = ", ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['type']}"
-            for e in exc.errors()[:5]
+        raise CommandRejected(
+            "schema", _where(exc), command_id=(command_id or "")[:64]
+        ) from None
+
+
+class SyncAnswer(BaseModel):
+    """The cloud's answer to a command sync (``down/sync``, SPEC §3 commands first).
+
+    The cloud publishes it after every command it issued to the device before the
+    sync request, so the broker delivers it behind them; ``now`` is the cloud's
+    clock, which the device compares its own with.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sync_id: _Id
+    now: _Text
+
+    @field_validator("now")
+    @classmethod
+    def _rfc3339(cls, value: str) -> str:
+        parse_rfc3339(value)
+        return value
+
+
+def parse_sync(payload: bytes) -> SyncAnswer:
+    """Validate a sync answer; raise CommandRejected."""
+    if len(payload) > MAX_BYTES:
+        raise CommandRejected("too-large", f"{len(payload)} bytes, the limit is {MAX_BYTES}")
+    try:
+        return SyncAnswer.model_validate_json(payload)
+    except ValidationError as exc:
+        raise CommandRejected("schema", _where(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """The commands a device has taken (applied or ignored), by ``command_id``.
+
+    Durable (sealed in the control record, which survives wipes) and bounded by
+    time: a command is remembered for the staleness window after it was issued, and
+    a widening command older than that window is refused as stale, so a replay is
+    refused whether it is remembered or not. A narrowing command older than the
+    window may be forgotten: its replay can only narrow again, and the setting's
+    stamp refuses it if a later change was made. When the memory is full, widening
+    commands are refused until entries age out (fail closed), never evicted.
+    """
+
+    seen: Mapping[str, float] = field(default_factory=dict)  # command_id -> issued_at
+
+    def knows(self, command_id: str) -> bool:
+        """Whether this command was taken before."""
+        return command_id in self.seen
+
+    @property
+    def full(self) -> bool:
+        """No room for another command."""
+        return len(self.seen) >= MAX_REMEMBERED
+
+    def remember(self, command_id: str, issued_at: float, now: float) -> Memory:
+        """This memory with ``command_id`` added and entries past the window dropped."""
+        horizon = now - STALE_AFTER_S
+        kept = {k: t for k, t in self.seen.items() if t >= horizon}
+        kept[command_id] = issued_at
+        return Memory(kept)
+
+
+def check_fresh(command: Command, issued_at: float, now: float) -> None:
+    """A widening command must be recent and not from the future (``now`` on the cloud's
+    clock where the device knows its offset); raise CommandRejected otherwise."""
+    if issued_at < now - STALE_AFTER_S:
+        raise CommandRejected(
+            "stale", f"issued {now - issued_at:.0f} s ago", command_id=command.command_id
         )
-        raise CommandRejected("schema", where, command_id=(command_id or "")[:64]) from None
-
-
-class ReplayGuard:
-    """Refuses a command seen before or issued outside the staleness window."""
-
-    def __init__(self, *, window_s: float = STALE_AFTER_S, remember: int = 4096) -> None:
-        self.window_s = window_s
-        self._remember = remember
-        self._seen: OrderedDict[str, float] = OrderedDict()
-
-    def admit(self, command: Command, *, now: float) -> None:
-        """Accept ``command`` once; raise CommandRejected for replays and stale ones."""
-        try:
-            issued = parse_rfc3339(command.issued_at)
-        except AgentError:
-            raise CommandRejected(
-                "schema", "issued_at is not an RFC 3339 time", command_id=command.command_id
-            ) from None
-        if command.command_id in self._seen:
-            raise CommandRejected("replay", command_id=command.command_id)
-        if issued < now - self.window_s:
-            raise CommandRejected(
-                "stale", f"issued {now - issued:.0f} s ago", command_id=command.command_id
-            )
-        if issued > now + FUTURE_SKEW_S:
-            raise CommandRejected(
-                "from-the-future",
-                f"issued {issued - now:.0f} s ahead of the device clock",
-                command_id=command.command_id,
-            )
-        self._seen[command.command_id] = issued
-        while len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
+    if issued_at > now + FUTURE_SKEW_S:
+        raise CommandRejected(
+            "from-the-future",
+            f"issued {issued_at - now:.0f} s ahead of the device clock",
+            command_id=command.command_id,
+        )

@@ -84,10 +84,8 @@ def decide(state: ConsentState, purpose: Purpose) -> Decision:
 
 
 def grant(state: ConsentState, purpose: Purpose, *, now: float, source: Source) -> ConsentState:
-    """Record a grant under the current policy version; re-granting an active grant is a no-op."""
-    current = state.grants.get(purpose)
-    if current is not None and current.policy_version == state.policy_version:
-        return state
+    """Record a grant under the current policy version; a repeated grant is a new grant
+    (SPEC §3: the receipt names the latest one)."""
     grants = dict(state.grants)
     grants[purpose] = Grant(purpose, now, state.policy_version, source)
     return dataclasses.replace(state, grants=grants)
@@ -107,13 +105,16 @@ def with_policy_version(state: ConsentState, version: str) -> ConsentState:
 
 
 def bound(state: ConsentState, *, minor: bool) -> ConsentState:
-    """A fresh binding: no grants carried over from any earlier owner."""
-    return ConsentState(policy_version=state.policy_version, bound=True, minor=minor)
+    """A fresh binding: no grants carried over from any earlier owner; a suspension
+    stays (P13: it lasts until the cloud resumes collection)."""
+    return ConsentState(
+        policy_version=state.policy_version, bound=True, minor=minor, suspended=state.suspended
+    )
 
 
 def unbound(state: ConsentState) -> ConsentState:
-    """After a wipe: nothing bound, nothing granted."""
-    return ConsentState(policy_version=state.policy_version)
+    """After a wipe: nothing bound, nothing granted; a suspension stays (P13)."""
+    return ConsentState(policy_version=state.policy_version, suspended=state.suspended)
 
 
 def suspended(state: ConsentState, value: bool) -> ConsentState:

@@ -18,7 +18,8 @@ MAX_DEVICE_ID_LENGTH: Final = 64
 # write on every down/, so no device may ever be issued this name.
 BACKEND_ID: Final = "smartmi-backend"
 TOPIC_ROOT: Final = "smartmi/v1"
-UP_KINDS: Final = ("activation", "crash", "deletion-request")
+# "sync" is the command sync of SPEC §3 (commands first): not personal, no consent.
+UP_KINDS: Final = ("activation", "crash", "deletion-request", "sync")
 
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 

@@ -29,8 +29,11 @@ def consent_entry(
     }
 
 
-def sent_entry(msg_id: str, purpose: str, payload: bytes, *, now: float) -> dict[str, Any]:
-    """An entry for a message the broker acknowledged."""
+def sent_entry(
+    msg_id: str, purpose: str, payload: bytes, *, now: float, confirmed: bool = True
+) -> dict[str, Any]:
+    """An entry for a message that left the device: ``confirmed`` by the broker's PUBACK,
+    or not (written to the network, then its purpose stopped and the link lost)."""
     data = json.loads(payload).get("data", {})
     return {
         "type": "sent",
@@ -39,6 +42,7 @@ def sent_entry(msg_id: str, purpose: str, payload: bytes, *, now: float) -> dict
         "at": rfc3339(now),
         "fields": sorted(data),
         "sha256": payload_digest(payload),
+        "confirmed": confirmed,
     }
 
 

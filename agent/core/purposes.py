@@ -12,6 +12,7 @@ import datetime as dt
 import enum
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -132,15 +133,24 @@ def rfc3339(ts: float) -> str:
     return text.replace("+00:00", "Z")
 
 
+# RFC 3339 §5.6 date-time in UTC: full date, "T", full time, optional fraction, and
+# "Z" or "+00:00". Python's fromisoformat alone also takes ISO 8601 forms that RFC 3339
+# does not (basic format, week dates, a space for "T").
+_RFC3339_UTC = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:Z|\+00:00)", re.ASCII
+)
+
+
 def parse_rfc3339(text: str) -> float:
-    """Seconds since the epoch for an RFC 3339 timestamp with an offset."""
+    """Seconds since the epoch for a strict RFC 3339 UTC time; SchemaError otherwise."""
+    if not _RFC3339_UTC.fullmatch(text):
+        raise SchemaError(f"not an RFC 3339 UTC time: {text[:40]!r}")
+    whole, _, frac = text.removesuffix("Z").removesuffix("+00:00").partition(".")
     try:
-        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        value = dt.datetime.fromisoformat(whole).replace(tzinfo=dt.UTC)
     except ValueError as exc:
-        raise SchemaError(f"not an RFC 3339 time: {text!r}") from exc
-    if value.tzinfo is None:
-        raise SchemaError(f"time without a UTC offset: {text!r}")
-    return value.timestamp()
+        raise SchemaError(f"not an RFC 3339 UTC time: {text[:40]!r}") from exc
+    return value.timestamp() + (float(f"0.{frac}") if frac else 0.0)
 
 
 def validate_data(kind: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -1,131 +1,39 @@
 """The device's rules: events in, plans out (the h11 way).
 
 Pure: no I/O, no clock, no randomness. Each rule takes the device's ``Settings``
-(the sealed state record), its ``CoreConfig`` and one event with its ``now`` and
+(``agent.core.settings``), its ``CoreConfig`` and one event with its ``now`` and
 any msg_id the shell minted, and returns a ``Plan``: the new settings and what
 the shell must carry out. ``agent.device.Device`` carries a plan out on the store
-in one transaction, in this order: wipe, purge, capture, ledger, save; then it
-stops the hand-off of what may no longer leave and tells its observers.
+in one transaction (purge, re-coarsen, capture, ledger, save), then tells the
+transport which purposes must stop leaving at once (``Plan.stop``).
 
 Every capture and every hand-off is decided by ``consent.decide`` (P1): here at
-capture, and in ``may_send`` at hand-off.
-
-Past 400 lines on purpose: every rule that changes the settings record is here, so
-a reader sees every transition of the device in one place, as in h11's state module.
+capture, and in ``may_send`` at hand-off. Cloud commands are decided in
+``agent.core.cloud``, which calls these rules with the command's stamp.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core import consent, ledger, lifecycle
-from agent.core.consent import ConsentState, Decision, Grant, Source
-from agent.core.identity import validate_device_id
+from agent.core.consent import Decision, Grant, Source
 from agent.core.items import DropReason, expired
 from agent.core.lifecycle import Event, State
-from agent.core.location import (
-    DEFAULT_PRECISION,
-    CoarseLocation,
-    Precision,
-    coarsen,
-    recoarsen,
-)
+from agent.core.location import DECIMALS, CoarseLocation, Precision, coarsen, recoarsen
+from agent.core.ordering import Stamp
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
 from agent.core.scrub import scrub
+from agent.core.settings import CoreConfig, CrashReport, Settings
 from agent.errors import ConsentNotInForce, SchemaError
 
 MAX_BINDING_ID = 128
+ALL = frozenset(Purpose)
 
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    """What the rules need to know about the device and the policy."""
-
-    device_id: str
-    serial: str
-    model: str
-    firmware_version: str
-    policy_version: str = "1"
-    outbox_cap: int = 10_000
-
-    def __post_init__(self) -> None:
-        validate_device_id(self.device_id)
-        if self.outbox_cap < 1:
-            raise SchemaError(f"outbox_cap must be at least 1, not {self.outbox_cap}")
-
-
-@dataclass(frozen=True, slots=True)
-class CrashReport:
-    """What a collector knows about a crash; the rules scrub and gate it."""
-
-    signature: str
-    stack: str
-    ip_addresses: tuple[str, ...] = ()
-    default_gateway: str | None = None
-    routes: tuple[dict[str, Any], ...] = ()
-    uptime_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The sealed state record: lifecycle, binding, consent, location."""
-
-    consent: ConsentState
-    lifecycle: State = State.FACTORY_NEW
-    activation_trigger: str | None = None
-    binding_id: str | None = None
-    precision: Precision = DEFAULT_PRECISION
-    location: CoarseLocation | None = None
-    firmware_version: str | None = None  # the firmware that wrote the record
-
-    @classmethod
-    def fresh(cls, policy_version: str) -> Settings:
-        """A factory-new device: bound to nobody, nothing granted (opt-in, P1)."""
-        return cls(consent=ConsentState(policy_version=policy_version))
-
-    def to_json(self) -> dict[str, Any]:
-        """The record as sealed in the store."""
-        loc, c = self.location, self.consent
-        return {
-            "lifecycle": self.lifecycle.value,
-            "activation_trigger": self.activation_trigger,
-            "binding_id": self.binding_id,
-            "precision": self.precision.value,
-            "location": None if loc is None else [loc.lat, loc.lon, loc.precision.value],
-            "firmware_version": self.firmware_version,
-            "suspended": c.suspended,
-            "minor": c.minor,
-            "grants": {
-                p.value: [g.granted_at, g.policy_version, g.source] for p, g in c.grants.items()
-            },
-        }
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any], policy_version: str) -> Settings:
-        """The record as read back; ``policy_version`` is the one configured now (P6)."""
-        loc = raw.get("location")
-        # "bound" is how records written before the state was renamed name it.
-        state = State({"bound": "activation-due"}.get(raw["lifecycle"], raw["lifecycle"]))
-        return cls(
-            consent=ConsentState(
-                policy_version=policy_version,
-                bound=state is not State.FACTORY_NEW,
-                minor=bool(raw.get("minor", False)),
-                suspended=bool(raw.get("suspended", False)),
-                grants={
-                    Purpose(p): Grant(Purpose(p), float(g[0]), str(g[1]), g[2])
-                    for p, g in raw.get("grants", {}).items()
-                },
-            ),
-            lifecycle=state,
-            activation_trigger=raw.get("activation_trigger"),
-            binding_id=raw.get("binding_id"),
-            precision=Precision(raw.get("precision", DEFAULT_PRECISION.value)),
-            location=None if loc is None else CoarseLocation(loc[0], loc[1], Precision(loc[2])),
-            firmware_version=raw.get("firmware_version"),
-        )
+__all__ = ["CoreConfig", "CrashReport", "Plan", "Settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +46,7 @@ class Purge:
 
 @dataclass(frozen=True, slots=True)
 class Capture:
-    """A new item to queue: its sealed payload is built, the shell stores it."""
+    """A new item to queue: its payload is built, the shell seals and stores it."""
 
     msg_id: str
     purpose: Purpose
@@ -166,16 +74,35 @@ class Plan:
     settings: Settings
     save: bool = True  # the settings changed: seal and write the record
     purge: tuple[Purge, ...] = ()
+    # Queued activations whose location must be re-coarsened to this precision (P3).
+    recoarsen: Precision | None = None
     capture: Capture | None = None
     ledger: tuple[dict[str, Any], ...] = ()
     wipe: Wipe | None = None
-    # Purposes whose items handed to the transport no longer count as in flight (P13).
-    hold: frozenset[Purpose] = field(default_factory=frozenset)
+    # Purposes that must stop leaving before the event returns (P2, P3, P9, P13).
+    stop: frozenset[Purpose] = field(default_factory=frozenset)
 
     @property
     def noop(self) -> bool:
         """Whether the event changed nothing at all."""
-        return not (self.save or self.purge or self.capture or self.ledger or self.wipe)
+        return not (
+            self.save or self.purge or self.capture or self.ledger or self.wipe or self.stop
+        )
+
+    def then(self, nxt: Plan) -> Plan:
+        """This plan followed by ``nxt``, which was decided on this plan's settings."""
+        if self.capture is not None and nxt.capture is not None:
+            raise SchemaError("one event captures at most one item")
+        return Plan(
+            nxt.settings,
+            save=self.save or nxt.save,
+            purge=self.purge + nxt.purge,
+            recoarsen=_coarser(self.recoarsen, nxt.recoarsen),
+            capture=self.capture or nxt.capture,
+            ledger=self.ledger + nxt.ledger,
+            wipe=nxt.wipe or self.wipe,
+            stop=self.stop | nxt.stop,
+        )
 
 
 def unchanged(s: Settings) -> Plan:
@@ -186,6 +113,11 @@ def unchanged(s: Settings) -> Plan:
 def decide(s: Settings, purpose: Purpose) -> Decision:
     """The single gate: may an item of ``purpose`` be captured or sent now?"""
     return consent.decide(s.consent, purpose)
+
+
+def local_stamp(s: Settings, now: float) -> Stamp:
+    """When a local action at device time ``now`` was made, on the cloud's clock."""
+    return Stamp.local(s.control.clock, now)
 
 
 def _consent_entry(
@@ -239,9 +171,7 @@ def activation(s: Settings, cfg: CoreConfig, *, now: float, msg_id: str) -> Plan
 def _then_activate(plan: Plan, cfg: CoreConfig, *, now: float, msg_id: str) -> Plan:
     """``plan``, followed by the activation it may have made possible."""
     act = activation(plan.settings, cfg, now=now, msg_id=msg_id)
-    if act.noop:
-        return plan
-    return dataclasses.replace(plan, settings=act.settings, capture=act.capture, save=True)
+    return plan if act.noop else plan.then(act)
 
 
 def bind(
@@ -282,12 +212,16 @@ def policy_changed(s: Settings, cfg: CoreConfig, *, now: float, msg_id: str) -> 
     after = dataclasses.replace(
         s, consent=consent.with_policy_version(s.consent, cfg.policy_version)
     )
-    plan = Plan(after, purge=superseded(after))
+    plan = Plan(after, purge=superseded(after), stop=ALL)
     return _then_activate(plan, cfg, now=now, msg_id=msg_id)
 
 
 def wipe(s: Settings, cfg: CoreConfig, event: Event, *, now: float, msg_id: str) -> Plan:
-    """P9 wipe and P10 deletion request (unbind, factory reset, account cancellation)."""
+    """P9 wipe and P10 deletion request (unbind, factory reset, account cancellation).
+
+    Everything personal goes, precision returns to its default (P3); the control
+    record stays: a suspension lasts until resumed (P13).
+    """
     step = lifecycle.step(s.lifecycle, event)
     reason = lifecycle.WIPE_REASONS[event]
     request = None
@@ -301,66 +235,133 @@ def wipe(s: Settings, cfg: CoreConfig, event: Event, *, now: float, msg_id: str)
             receipt=None,
         )
         request = (msg_id, now, payload)
-    after = Settings(consent=consent.unbound(s.consent))
-    return Plan(after, save=False, wipe=Wipe(reason, step.effect == "wipe", request))
+    after = Settings.fresh(s.consent.policy_version, s.control)
+    return Plan(after, save=False, wipe=Wipe(reason, step.effect == "wipe", request), stop=ALL)
 
 
 # -- consent ----------------------------------------------------------------------
 def grant(
-    s: Settings, cfg: CoreConfig, purpose: Purpose, *, now: float, source: Source, msg_id: str
+    s: Settings,
+    cfg: CoreConfig,
+    purpose: Purpose,
+    *,
+    now: float,
+    source: Source,
+    msg_id: str,
+    stamp: Stamp | None = None,
 ) -> Plan:
-    """Grant consent for a purpose; unchanged if it was already in force."""
+    """Grant consent for a purpose; a repeated grant is a new grant (SPEC §3)."""
     if s.lifecycle is State.FACTORY_NEW:
         raise ConsentNotInForce(purpose.value, "the device is not bound to an owner")
-    after = consent.grant(s.consent, purpose, now=now, source=source)
-    if after is s.consent:
-        return unchanged(s)
+    before = s.consent.grants.get(purpose)
+    after = dataclasses.replace(
+        s, consent=consent.grant(s.consent, purpose, now=now, source=source)
+    )
+    # Items captured under a grant of another policy version are not covered (P6).
+    stale = before is not None and before.policy_version != s.consent.policy_version
     plan = Plan(
-        dataclasses.replace(s, consent=after),
-        purge=(Purge(purpose, DropReason.SUPERSEDED),),
+        after.stamped(f"consent:{purpose.value}", stamp or local_stamp(s, now)),
+        purge=(Purge(purpose, DropReason.SUPERSEDED),) if stale else (),
         ledger=(_consent_entry(cfg, "grant", purpose, now, source),),
     )
     return _then_activate(plan, cfg, now=now, msg_id=msg_id)
 
 
-def withdraw(s: Settings, cfg: CoreConfig, purpose: Purpose, *, now: float, source: Source) -> Plan:
-    """Withdraw consent (P2): the gate closes and every pending item of it goes."""
+def withdraw(
+    s: Settings,
+    cfg: CoreConfig,
+    purpose: Purpose,
+    *,
+    now: float,
+    source: Source,
+    stamp: Stamp | None = None,
+) -> Plan:
+    """Withdraw consent (P2): the gate closes, every pending item of it goes, and
+    whatever of it the transport holds stops leaving."""
     if s.lifecycle is State.FACTORY_NEW:
         return unchanged(s)
+    after = dataclasses.replace(s, consent=consent.withdraw(s.consent, purpose))
     return Plan(
-        dataclasses.replace(s, consent=consent.withdraw(s.consent, purpose)),
+        after.stamped(f"consent:{purpose.value}", stamp or local_stamp(s, now)),
         purge=(Purge(purpose, DropReason.WITHDRAWN),),
         ledger=(_consent_entry(cfg, "withdraw", purpose, now, source),),
+        stop=frozenset({purpose}),
     )
 
 
 def suspension(
-    s: Settings, cfg: CoreConfig, value: bool, *, now: float, source: Source, msg_id: str
+    s: Settings,
+    cfg: CoreConfig,
+    value: bool,
+    *,
+    now: float,
+    source: Source,
+    msg_id: str,
+    stamp: Stamp,
 ) -> Plan:
-    """Suspend (P13) or resume all personal-data collection."""
-    if s.lifecycle is State.FACTORY_NEW or s.consent.suspended == value:
-        return unchanged(s)
+    """Suspend (P13) or resume all personal-data collection, bound or not.
+
+    The suspension lives in the control record, so it outlasts wipes and rebinds.
+    """
+    control = dataclasses.replace(s.control, suspended=value, suspension=stamp)
+    after = s.with_control(control)
+    if s.control.suspended == value:
+        return Plan(after, save=False)
+    bound = s.lifecycle is not State.FACTORY_NEW
+    action = "suspend" if value else "resume"
     plan = Plan(
-        dataclasses.replace(s, consent=consent.suspended(s.consent, value)),
-        ledger=(_consent_entry(cfg, "suspend" if value else "resume", None, now, source),),
-        hold=frozenset(Purpose) if value else frozenset(),
+        after,
+        save=False,  # the control record holds it, and the shell writes it when it changed
+        ledger=(_consent_entry(cfg, action, None, now, source),) if bound else (),
+        stop=ALL if value else frozenset(),
     )
-    if value:
-        return plan
-    return _then_activate(plan, cfg, now=now, msg_id=msg_id)
+    return plan if value else _then_activate(plan, cfg, now=now, msg_id=msg_id)
 
 
 # -- location ---------------------------------------------------------------------
-def set_precision(s: Settings, precision: Precision) -> Plan:
-    """Change the location precision; a stored location can only get coarser (P3)."""
-    return Plan(
-        dataclasses.replace(s, precision=precision, location=recoarsen(s.location, precision))
-    )
+def is_coarser(new: Precision, old: Precision) -> bool:
+    """Whether ``new`` allows less location than ``old`` (``off`` allows none)."""
+    rank = {Precision.OFF: -1, **DECIMALS}
+    return rank[new] < rank[old]
+
+
+def _coarser(a: Precision | None, b: Precision | None) -> Precision | None:
+    if a is None or b is None:
+        return a or b
+    return b if is_coarser(b, a) else a
+
+
+def set_precision(
+    s: Settings, precision: Precision, *, now: float, stamp: Stamp | None = None
+) -> Plan:
+    """Change the location precision; a stored location can only get coarser (P3).
+
+    A coarser precision reaches the activations already queued before this returns:
+    their location is re-coarsened (or removed, for ``off``), and any activation the
+    transport holds stops leaving.
+    """
+    after = dataclasses.replace(
+        s, precision=precision, location=recoarsen(s.location, precision)
+    ).stamped("precision", stamp or local_stamp(s, now))
+    if not is_coarser(precision, s.precision):
+        return Plan(after)
+    return Plan(after, recoarsen=precision, stop=frozenset({Purpose.ACTIVATION}))
 
 
 def set_location(s: Settings, lat: float, lon: float) -> Plan:
     """Take a position; it is coarsened here, the exact value is never kept (P3)."""
     return Plan(dataclasses.replace(s, location=coarsen(lat, lon, s.precision)))
+
+
+def recoarsened(payload: bytes, precision: Precision) -> bytes:
+    """A queued activation's payload with its location no finer than ``precision`` (P3)."""
+    doc = json.loads(payload)
+    loc = doc["data"].get("location")
+    if loc is not None:
+        old = CoarseLocation(float(loc["lat"]), float(loc["lon"]), Precision(loc["precision"]))
+        new = recoarsen(old, precision)
+        doc["data"]["location"] = None if new is None else new.to_json()
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
 # -- capture ----------------------------------------------------------------------

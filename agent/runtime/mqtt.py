@@ -12,15 +12,26 @@ internals it says so at the line, and these are the only such places:
   a connection broke;
 * paho's ``_reset_sockets`` closes a socket that a failed handshake left open
   (paho has no public close);
-* ``Connection.unsend`` takes a PUBLISH that has not started onto the wire back
-  out of paho's ``_out_packet`` and ``_out_messages`` (paho has no API for it).
+* paho's public ``on_socket_register_write`` hook, which aiomqtt sets, is replaced
+  by one that checks, when the loop gets to it, that the socket is still the one it
+  was asked for: aiomqtt's own adds a writer for a file descriptor that may have
+  been closed (an error in the loop's log) or reused by another connection.
+
+Nothing is ever taken back out of paho's queues. The transport hands paho a PUBLISH
+only when paho has nothing left to write (``Connection.pending_write``) and has it
+written at once (``Connection.flush``), so at most the last one can be held by a
+full socket; if that one must not leave, ``Connection.abort`` ends the connection
+before its last bytes are written.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -51,6 +62,9 @@ class Options:
     persistent: bool = True
     session_expiry_s: int = 7 * 24 * 3600
     max_inflight: int = 20
+    # Incoming QoS 1 messages are acknowledged by ``Connection.ack``, once their
+    # effect is durable, not by paho on receipt (SPEC §3).
+    manual_ack: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +87,8 @@ class Incoming:
 
     topic: str
     payload: bytes | None
+    mid: int = 0
+    qos: int = 0
 
 
 class LastErrorLog(logging.LoggerAdapter[logging.Logger]):
@@ -149,35 +165,60 @@ class Connection:
             yield Incoming(
                 message.topic.value,
                 bytes(payload) if isinstance(payload, bytes | bytearray) else None,
+                message.mid,
+                message.qos,
             )
 
-    def unsend(self, mid: int) -> bool:
-        """Take a PUBLISH that has not started onto the wire back out of paho (P2).
+    def ack(self, message: Incoming) -> None:
+        """Acknowledge an incoming QoS 1 message (with ``Options.manual_ack``)."""
+        if message.qos > 0:
+            self._paho.ack(message.mid, message.qos)
 
-        paho keeps packets not yet written in ``_out_packet`` and QoS 1 messages until
-        their PUBACK in ``_out_messages``; it has no public API to remove either. A
-        packet partly or wholly written has left the device and stays.
+    def pending_write(self) -> bool:
+        """Whether paho still holds bytes it has not written to the socket."""
+        return bool(self._paho.want_write())
+
+    def flush(self) -> None:
+        """Write what paho holds now, as far as the socket takes it."""
+        self._paho.loop_write()
+
+    def abort(self) -> None:
+        """End the connection at once: what paho has not written never leaves.
+
+        The socket is shut down under paho; paho then sees the connection end and
+        aiomqtt reports it, so the session ends the usual way.
         """
-        client = self._paho
-        with client._out_message_mutex:  # paho 2.2.0 internals, see the module docstring
-            msg = client._out_messages.get(mid)
-            if msg is None:
-                return False
-            packets = client._out_packet
-            packet = next(
-                (p for p in packets if p["mid"] == mid and p["command"] & 0xF0 == paho.PUBLISH),
-                None,
-            )
-            if packet is not None:
-                if packet["pos"] > 0:
-                    return False
-                packets.remove(packet)
-            elif msg.state != paho.mqtt_ms_queued:
-                return False
-            del client._out_messages[mid]
-            if msg.state != paho.mqtt_ms_queued:
-                client._inflight_messages -= 1
-            return True
+        sock = self._paho.socket()
+        if not isinstance(sock, socket.socket):  # ssl.SSLSocket is one
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _register_write_safely(client: aiomqtt.Client) -> None:
+    """paho asks for a writer when it has bytes to write; add it only for a live socket."""
+    loop = asyncio.get_running_loop()
+    broke = client._disconnected  # aiomqtt 2.5.1: the future that ends the connection
+
+    def register(c: paho.Client, userdata: Any, sock: Any) -> None:
+        fd = sock.fileno()
+
+        def write() -> None:
+            try:
+                c.loop_write()
+            except Exception as exc:  # noqa: BLE001  # any failure here ends the connection
+                if not broke.done():
+                    broke.set_exception(exc)
+
+        def add() -> None:
+            if fd >= 0 and sock.fileno() == fd:  # not closed (and not reused) meanwhile
+                loop.add_writer(fd, write)
+
+        loop.call_soon_threadsafe(add)  # paho may call this from aiomqtt's connect thread
+
+    client._client.on_socket_register_write = register
 
 
 @contextlib.asynccontextmanager
@@ -218,6 +259,10 @@ async def connect(
         if on_puback is None
         else _Client(o.host, o.port, on_puback=on_puback, **kwargs)
     )
+    _register_write_safely(client)
+    if o.manual_ack:
+        # paho's public setter, reached through aiomqtt 2.5.1's private client attribute.
+        client._client.manual_ack_set(True)
     try:
         async with client:
             yield Connection(client)

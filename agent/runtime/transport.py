@@ -1,41 +1,55 @@
 """The MQTT transport: mutual TLS, QoS 1 hand-off of the outbox, cloud commands, reconnects.
 
 ``agent.runtime.mqtt`` (aiomqtt over paho-mqtt) runs the connection: paho's own TLS
-socket on our event loop, so a connection costs no asyncio SSL transport buffers.
-The transport carries out what the device decides and nothing more:
+socket on our event loop. The transport carries out what the device decides:
 
-* an item leaves only when ``Device.next_batch`` hands it over (P1), and is
-  acknowledged to the core only on a successful PUBACK (MQTT v5 §3.4.2.1: a reason
-  code of 0x80 or above is a refusal, reported and retried later, never a success);
-* a withdrawal or wipe takes back every PUBLISH that paho still holds and has not
-  started to write (P2, P9); a packet already on the wire has left the device;
-* a lost connection sends every in-flight item back to the outbox with the same
-  ``msg_id`` (at-least-once; the cloud de-duplicates by ``msg_id``);
-* reconnects follow the jittered schedules of ``agent.core.backoff``; certificate
-  problems use the slow one and are reported with their kind.
+* **Commands first** (SPEC §3). After every (re)connect it subscribes, then sends a
+  sync request on ``up/sync``; the cloud answers on ``down/sync`` after every
+  command it issued before, so the broker delivers the answer behind them. Until
+  the answer arrives only deletion requests leave. Without an answer (a bare broker
+  with no cloud behind it) personal data keeps waiting, the request is repeated
+  with backoff, and ``status`` says so.
+* **Acknowledged after it takes effect.** Commands are acknowledged by us, not by
+  paho on receipt: after ``Device.take`` has made the effect durable, or refused
+  the command for good. A command whose effect cannot be written is not
+  acknowledged: the connection is ended so that the broker delivers it again.
+* **A hand-off that needs no recall.** An item goes to paho only when paho has
+  nothing left to write, and is written at once; what paho has taken has left the
+  device. If a withdrawal, suspension, wipe or coarser precision stops a purpose
+  while paho still holds unwritten bytes of an item of it, the connection is
+  aborted before they are written (``Connection.abort``).
+* An item is acknowledged to the device only on a successful PUBACK (MQTT v5
+  §3.4.2.1): a reason code of 0x80 or above is a refusal, and 0x10 ("no matching
+  subscribers") for personal data means nobody received it; both leave the item
+  queued and pause sending with backoff.
+* A lost connection sends every in-flight item back to the outbox with the same
+  ``msg_id`` (at-least-once; the cloud de-duplicates by ``msg_id``); reconnects
+  follow ``agent.core.backoff``, certificate problems the slow schedule.
 
 Each connection uses a fresh paho client with a persistent session on the broker
 (clean start off, a session expiry on v5), so commands sent while the device was
-offline arrive, while unacknowledged PUBLISHes are re-sent from our outbox rather
-than from paho's memory of an earlier connection.
+offline arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import ssl
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core import backoff, commands
 from agent.core.identity import down_filter, up_topic
-from agent.core.items import DropReason
-from agent.core.purposes import Purpose
+from agent.core.items import DropReason, Outgoing
+from agent.core.ordering import Clock
+from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import Device
 from agent.errors import (
     AgentError,
@@ -45,12 +59,15 @@ from agent.errors import (
     TransportError,
 )
 from agent.runtime import mqtt
-from agent.runtime.commands import apply
 
 log = logging.getLogger("smartmi.transport")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # keep commands queued for a device offline up to a week
-HOUSEKEEPING_S = 600.0  # retention purges run at least this often while idle (P7)
+HOUSEKEEPING_S = 600.0  # the drain loop wakes at least this often while idle
+BLOCKED_POLL_S = 0.02  # how often a full socket is looked at again
+NO_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK: accepted, but nobody subscribed (§3.4.2.1)
+# The command sync is repeated while no answer comes: 5 s, then doubling to 5 min.
+SYNC_RETRY = backoff.Backoff(base=5.0, cap=300.0, floor=5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +91,17 @@ class TransportStats:
     published: int = 0
     acknowledged: int = 0
     refused: int = 0
-    recalled: int = 0
+    aborted: int = 0
+    syncs: int = 0
     commands_applied: int = 0
+    commands_ignored: int = 0
     commands_rejected: int = 0
     first_connected_at: float | None = None
     last_error: str | None = None
     last_error_kind: str | None = None
 
 
-# (command name, its result or why it was refused, the time the device acted)
+# (command name, what it did or why it was refused, the time the device acted)
 CommandListener = Callable[[str, "dict[str, Any] | CommandRejected", float], None]
 # Records one acknowledgement: (transport, msg_id, time); the default is ``record_ack``.
 AckSink = Callable[["Transport", str, float], None]
@@ -100,7 +119,6 @@ class Transport:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         command_listener: CommandListener | None = None,
-        guard: commands.ReplayGuard | None = None,
         ack_sink: AckSink | None = None,
     ) -> None:
         self.device = device
@@ -109,18 +127,19 @@ class Transport:
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self.command_listener = command_listener
-        self.guard = guard or commands.ReplayGuard()
         self.ack_sink = ack_sink
         self.stats = TransportStats()
         self.connected = asyncio.Event()
-        # Set while connected with nothing in flight and nothing sendable right now.
+        # Set once the cloud answered this connection's command sync (commands first).
+        self.synced = asyncio.Event()
+        # Set while synced with nothing in flight and nothing sendable right now.
         self.idle = asyncio.Event()
         # Set on every failed connection or refused PUBLISH; callers clear it.
         self.trouble = asyncio.Event()
         self._wake = asyncio.Event()
         self._conn: mqtt.Connection | None = None
-        self._mids: dict[int, str] = {}  # paho mid -> msg_id, in flight on this connection
-        self._by_msg: dict[str, int] = {}
+        self._flying: dict[int, Outgoing] = {}  # paho mid -> item, on this connection
+        self._sync: tuple[str, float] | None = None  # (sync_id, sent at) awaiting its answer
         self._paused_until = 0.0
         self._refusals = 0
         self._stopping = False
@@ -142,13 +161,25 @@ class Transport:
         return self.device.device_id
 
     # -- what the device tells us (DeviceObserver) ---------------------------------
-    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
-        """Take withdrawn or wiped items back out of the MQTT client (P2, P9)."""
-        self._recall(msg_ids)
+    def stopped(self, purposes: frozenset[Purpose]) -> None:
+        """Nothing of ``purposes`` may leave now: abort if paho holds unwritten bytes of one."""
+        conn = self._conn
+        if conn is None or not conn.pending_write():
+            return  # everything handed over is on the wire: it has left (P11 ledgers it)
+        if any(o.purpose in purposes for o in self._flying.values()):
+            self.stats.aborted += 1
+            log.warning(
+                "connection aborted: a message of a stopped purpose was not fully written",
+                extra={"device": self.device_id, "purposes": sorted(p.value for p in purposes)},
+            )
+            conn.abort()
 
     def sendable(self) -> None:
         """Something may have become sendable."""
         self.poke()
+
+    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
+        """Queued items were deleted: nothing to do, they were never handed over."""
 
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
         """A capture: ``sendable`` follows."""
@@ -207,6 +238,7 @@ class Transport:
             persistent=True,  # commands sent while the device was offline arrive
             session_expiry_s=SESSION_EXPIRY_S,
             max_inflight=self.window,
+            manual_ack=True,  # a command is acknowledged once its effect is durable
         )
 
     async def _session(self) -> None:
@@ -221,18 +253,62 @@ class Transport:
             log.info("connected", extra={"device": self.device_id})
             await conn.subscribe(down_filter(self.device_id), qos=1)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._drain(conn), name=f"drain:{self.device_id}")
                 tg.create_task(self._receive(conn), name=f"commands:{self.device_id}")
+                tg.create_task(self._sync_loop(conn), name=f"sync:{self.device_id}")
+                tg.create_task(self._drain(conn), name=f"drain:{self.device_id}")
         raise TransportError("the connection ended")
 
     def _lost(self) -> None:
         """The connection is gone: in-flight items wait in the outbox again."""
         self.connected.clear()
+        self.synced.clear()
         self.idle.clear()
         self._conn = None
-        self._mids.clear()
-        self._by_msg.clear()
-        self.device.connection_lost()
+        self._sync = None
+        self._flying.clear()
+        self.device.connection_lost(now=self.clock())
+
+    # -- commands first ------------------------------------------------------------
+    async def _sync_loop(self, conn: mqtt.Connection) -> None:
+        """Ask the cloud for the commands it issued before this connection, until it answers."""
+        attempt = 0
+        while not self.synced.is_set():
+            sync_id = uuid.uuid4().hex
+            sent = self.clock()
+            self._sync = (sync_id, sent)
+            body = {"sync_id": sync_id, "device_id": self.device_id, "sent_at": rfc3339(sent)}
+            conn.publish_nowait(up_topic(self.device_id, "sync"), json.dumps(body).encode())
+            conn.flush()
+            wait = SYNC_RETRY.delay(attempt, self.rng)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self.synced.wait()
+            if not self.synced.is_set():
+                attempt += 1
+                log.warning(
+                    "no answer to the command sync: personal data waits for the cloud",
+                    extra={"device": self.device_id, "waited_s": round(wait, 1)},
+                )
+
+    def _sync_answered(self, payload: bytes, now: float) -> None:
+        answer = commands.parse_sync(payload)
+        if self._sync is None or answer.sync_id != self._sync[0]:
+            return  # an answer to an earlier connection's request
+        sent = self._sync[1]
+        clock = Clock.from_sync(sent, parse_rfc3339(answer.now), now)
+        self.device.clock_compared(clock, now=now)
+        self.stats.syncs += 1
+        self._sync = None
+        self.synced.set()
+        log.info(
+            "commands synced",
+            extra={
+                "device": self.device_id,
+                "clock_offset_s": round(clock.offset, 3),
+                "clock_error_s": round(clock.error, 3),
+            },
+        )
+        self.poke()
 
     # -- outgoing ----------------------------------------------------------------
     async def _drain(self, conn: mqtt.Connection) -> None:
@@ -242,52 +318,67 @@ class Transport:
             timeout = HOUSEKEEPING_S
             if now < self._paused_until:
                 timeout = self._paused_until - now
+            elif conn.pending_write():
+                timeout = BLOCKED_POLL_S  # the socket is full: hand over nothing more
             else:
-                room = self.window - len(self._mids)
-                if room > 0:
-                    batch = self.device.next_batch(now=now, limit=room)
-                    for out in batch:
-                        self._publish(conn, out.msg_id, out.kind, out.payload)
-                    if not batch and not self._mids:
-                        self.idle.set()
+                self._hand_over(conn, now)
+                if conn.pending_write():
+                    timeout = BLOCKED_POLL_S
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def _publish(self, conn: mqtt.Connection, msg_id: str, kind: str, payload: bytes) -> None:
-        try:
-            mid = conn.publish_nowait(up_topic(self.device_id, kind), payload)
-        except TransportError:
-            self.device.retry(msg_id)
-            raise
-        self._mids[mid] = msg_id
-        self._by_msg[msg_id] = mid
-        self.stats.published += 1
+    def _hand_over(self, conn: mqtt.Connection, now: float) -> None:
+        """Give paho what it can write now, one item at a time (no recall needed)."""
+        room = self.window - len(self._flying)
+        synced = self.synced.is_set()
+        batch = self.device.next_batch(now=now, limit=room, personal=synced) if room > 0 else []
+        for n, out in enumerate(batch):
+            if conn.pending_write():
+                # The socket is full: the rest was never handed over and waits.
+                self.device.give_back([o.msg_id for o in batch[n:]])
+                break
+            try:
+                mid = conn.publish_nowait(up_topic(self.device_id, out.kind), out.payload)
+            except TransportError:
+                self.device.give_back([o.msg_id for o in batch[n:]])
+                raise
+            self._flying[mid] = out
+            self.stats.published += 1
+            conn.flush()
+        if synced and not batch and not self._flying:
+            self.idle.set()
 
     def _on_puback(self, ack: mqtt.PubAck) -> None:
-        msg_id = self._mids.pop(ack.mid, None)
-        if msg_id is None:
-            return
-        self._by_msg.pop(msg_id, None)
+        out = self._flying.pop(ack.mid, None)
         now = self.clock()
-        if ack.refused:
-            self.stats.refused += 1
-            refused = PublishRefused(msg_id, ack.code, ack.reason)
-            self.stats.last_error = str(refused)
-            self.stats.last_error_kind = "publish-refused"
-            self.trouble.set()
-            log.error("publish refused", extra={"device": self.device_id, "error": str(refused)})
-            self.device.retry(msg_id)
+        if out is None:  # a sync request's PUBACK
+            if ack.refused:
+                self._undelivered(PublishRefused("sync", ack.code, ack.reason), now)
+            return
+        nobody = ack.code == NO_SUBSCRIBERS and out.purpose is not None
+        if ack.refused or nobody:
+            self._undelivered(PublishRefused(out.msg_id, ack.code, ack.reason), now)
+            self.device.retry(out.msg_id)
             self._paused_until = now + backoff.REFUSED.delay(self._refusals, self.rng)
             self._refusals += 1
         else:
             self._refusals = 0
             self.stats.acknowledged += 1
             if self.ack_sink is not None:
-                self.ack_sink(self, msg_id, now)
+                self.ack_sink(self, out.msg_id, now)
                 return
-            self.record_ack(msg_id, now)
+            self.record_ack(out.msg_id, now)
         self.poke()
+
+    def _undelivered(self, refused: PublishRefused, now: float) -> None:
+        self.stats.refused += 1
+        self.stats.last_error = str(refused)
+        self.stats.last_error_kind = (
+            "no-subscribers" if refused.reason_code == NO_SUBSCRIBERS else "publish-refused"
+        )
+        self.trouble.set()
+        log.error("publish not delivered", extra={"device": self.device_id, "error": str(refused)})
 
     def record_ack(self, msg_id: str, now: float) -> None:
         """Tell the device the broker acknowledged ``msg_id`` (ledgered, removed)."""
@@ -295,51 +386,61 @@ class Transport:
             self.device.acknowledged(msg_id, now=now)
         except AgentError as exc:
             # The item stays queued and is sent again: at-least-once.
-            log.exception("cannot record acknowledgement", extra={"error": str(exc)})
-
-    def _recall(self, msg_ids: list[str]) -> None:
-        """Take withdrawn or wiped items back out of the MQTT client (P2, P9)."""
-        conn = self._conn
-        if conn is None:
-            return
-        for msg_id in msg_ids:
-            mid = self._by_msg.get(msg_id)
-            if mid is not None and conn.unsend(mid):
-                del self._by_msg[msg_id]
-                del self._mids[mid]
-                self.stats.recalled += 1
-            # Otherwise it is on the wire: its PUBACK is recorded as sent (P11).
+            log.error("cannot record acknowledgement", extra={"error": str(exc)})  # noqa: TRY400  # an expected failure, no traceback
 
     # -- incoming ----------------------------------------------------------------
     async def _receive(self, conn: mqtt.Connection) -> None:
         prefix = down_filter(self.device_id).removesuffix("+")
         async for message in conn.incoming():
             topic, payload = message.topic, message.payload
+            now = self.clock()
             if not topic.startswith(prefix) or payload is None:
-                self._rejected("", CommandRejected("bad-topic"), self.clock())
-                continue
-            self.handle_command(topic.removeprefix(prefix), payload)
+                self._rejected("", CommandRejected("bad-topic"), now)
+            elif topic == prefix + "sync":
+                try:
+                    self._sync_answered(payload, now)
+                except CommandRejected as exc:
+                    self._rejected("sync", exc, now)
+            else:
+                # An effect that cannot be made durable raises here: not acknowledged,
+                # the session ends, and the broker delivers the command again.
+                self.handle_command(topic.removeprefix(prefix), payload)
+            conn.ack(message)
 
     def handle_command(self, name: str, payload: bytes) -> None:
-        """Validate and apply one command; hostile input is logged, never raised."""
+        """Validate and carry out one command; hostile input is logged, never raised.
+
+        Returns once the effect is durable (or the command is refused for good);
+        raises TransportError if the effect could not be written.
+        """
         now = self.clock()
         try:
             command = commands.parse(name, payload)
-            self.guard.admit(command, now=now)
-            result = apply(self.device, command, now=now)
+            taken = self.device.take(command, now=now)
         except CommandRejected as exc:
             self._rejected(name, exc, now)
             return
         except AgentError as exc:
-            self._rejected(name, CommandRejected(type(exc).__name__, str(exc)), now)
-            return
-        self.stats.commands_applied += 1
+            log.error(  # noqa: TRY400  # an expected failure, no traceback
+                "command not applied: its effect could not be written",
+                extra={"device": self.device_id, "command": name, "error": str(exc)},
+            )
+            raise TransportError(f"command {name} not applied: {exc}") from exc
+        if taken.applied:
+            self.stats.commands_applied += 1
+        else:
+            self.stats.commands_ignored += 1
         log.info(
-            "command applied",
-            extra={"device": self.device_id, "command": name, "command_id": command.command_id},
+            "command taken",
+            extra={
+                "device": self.device_id,
+                "command": name,
+                "command_id": command.command_id,
+                "result": taken.result,
+            },
         )
         if self.command_listener is not None:
-            self.command_listener(name, result, now)
+            self.command_listener(name, taken.result, now)
         self.poke()
 
     def _rejected(self, name: str, exc: CommandRejected, now: float) -> None:
@@ -361,14 +462,16 @@ class Transport:
         s = self.stats
         return {
             "connected": self.connected.is_set(),
+            "commands_synced": self.synced.is_set(),
             "attempts": s.attempts,
             "connects": s.connects,
-            "in_flight": len(self._mids),
+            "in_flight": len(self._flying),
             "published": s.published,
             "acknowledged": s.acknowledged,
             "refused": s.refused,
-            "recalled": s.recalled,
+            "aborted": s.aborted,
             "commands_applied": s.commands_applied,
+            "commands_ignored": s.commands_ignored,
             "commands_rejected": s.commands_rejected,
             "last_error": s.last_error,
         }

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS deletion_requests (
     PRIMARY KEY (device_id, msg_id)
 );
 CREATE TABLE IF NOT EXISTS wipes (device_id TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS control (device_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS device_meta (
     device_id TEXT PRIMARY KEY,
     wipe_count INTEGER NOT NULL DEFAULT 0

@@ -12,6 +12,8 @@ Tables::
     deletion_requests  pending deletion requests (P10), sealed with the system key,
                        which survives wipes
     wipes              a wipe in progress, finished on the next open after a crash
+    control            not personal: suspension, commands taken, clock offset; system
+                       key, survives wipes
     device_meta        not personal: how many times the device was wiped
     quarantine         records that failed to open, kept for inspection, never sent
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +170,44 @@ class DeviceStore:
                 (self.device_id, blob),
             )
 
+    # -- control (system key, survives wipes) ------------------------------
+    def load_control(self) -> dict[str, Any] | None:
+        """The control record, or None if there is none; TamperedRecord (after moving it
+        to quarantine) if it fails to open."""
+        row = self.db.conn.execute(
+            "SELECT blob FROM control WHERE device_id = ?", (self.device_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            plain = self._system_vault().open(
+                row[0], self._aad("control"), table="control", row_id=self.device_id
+            )
+        except TamperedRecord as exc:
+            self._quarantine(
+                "control",
+                self.device_id,
+                row[0],
+                exc,
+                delete_sql="DELETE FROM control WHERE device_id = ?",
+                delete_args=(self.device_id,),
+            )
+            raise
+        value: dict[str, Any] = json.loads(plain)
+        return value
+
+    def save_control(self, value: dict[str, Any]) -> None:
+        """Seal and store the control record."""
+        blob = self._system_vault().seal(
+            json.dumps(value, sort_keys=True).encode(), self._aad("control")
+        )
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO control (device_id, blob) VALUES (?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET blob = excluded.blob",
+                (self.device_id, blob),
+            )
+
     # -- outbox ------------------------------------------------------------
     def _item_aad(self, msg_id: str, purpose: str, captured_ms: int) -> bytes:
         return self._aad("outbox", msg_id, purpose, captured_ms)
@@ -226,6 +267,35 @@ class DeviceStore:
             if len(out) >= limit:
                 break
         return out
+
+    def rewrite(self, purpose: Purpose, change: Callable[[bytes], bytes]) -> int:
+        """Re-seal every queued item of ``purpose`` with ``change(payload)``; how many."""
+        rows = self.db.conn.execute(
+            "SELECT seq, msg_id, captured_ms, blob FROM outbox "
+            "WHERE device_id = ? AND purpose = ?",
+            (self.device_id, purpose.value),
+        ).fetchall()
+        vault = self._data_vault()
+        with self.db.transaction() as c:
+            for seq, msg_id, cms, blob in rows:
+                aad = self._item_aad(msg_id, purpose.value, cms)
+                try:
+                    payload = vault.open(blob, aad, table="outbox", row_id=msg_id)
+                except TamperedRecord as exc:
+                    self._quarantine(
+                        "outbox",
+                        msg_id,
+                        blob,
+                        exc,
+                        delete_sql="DELETE FROM outbox WHERE seq = ?",
+                        delete_args=(seq,),
+                    )
+                    continue
+                c.execute(
+                    "UPDATE outbox SET blob = ? WHERE seq = ?",
+                    (vault.seal(change(payload), aad), seq),
+                )
+        return len(rows)
 
     def _delete_returning(self, where: str, args: tuple[Any, ...]) -> list[str]:
         with self.db.transaction() as c:

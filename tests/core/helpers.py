@@ -23,6 +23,7 @@ class Recorder:
     queued_ids: list[str] = field(default_factory=list)
     acked_ids: list[str] = field(default_factory=list)
     wakes: int = 0
+    stops: list[frozenset[Purpose]] = field(default_factory=list)
 
     def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
         self.dropped_ids.extend(msg_ids)
@@ -30,6 +31,9 @@ class Recorder:
 
     def sendable(self) -> None:
         self.wakes += 1
+
+    def stopped(self, purposes: frozenset[Purpose]) -> None:
+        self.stops.append(purposes)
 
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
         self.queued_ids.append(msg_id)

@@ -83,7 +83,6 @@ def test_a_clean_history_passes() -> None:
     t.queued_items = {"a": (Purpose.ACTIVATION, T0 + 1), "c": (Purpose.DIAGNOSTICS, T0 + 2)}
     t.log(T0 + 5, "withdraw", purpose="diagnostics")
     t.log(T0 + 6, "wipe", reason="unbind")
-    t.deletion_requests = {"d"}
     received = [
         message("activation", "a", T0 + 1, T0 + 1.1),
         message("crash", "c", T0 + 2, T0 + 5.5),  # on the wire at the withdrawal
@@ -145,7 +144,6 @@ def test_location_finer_than_precision() -> None:
 def test_data_from_before_a_wipe() -> None:
     t = truth()
     t.log(T0 + 3, "wipe", reason="factory-reset")
-    t.deletion_requests = {"d"}
     received = [
         message("crash", "c", T0 + 2, T0 + 30),
         message(DELETION_KIND, "d", T0 + 3, T0 + 3),
@@ -156,13 +154,69 @@ def test_data_from_before_a_wipe() -> None:
 def test_missing_and_unexplained_deletion_requests() -> None:
     t = truth()
     t.log(T0 + 3, "wipe", reason="unbind")
-    t.deletion_requests = {"d1"}
-    assert kinds_of(t, [message(DELETION_KIND, "d2", T0 + 3, T0 + 3)]) == [
-        "deletion-request",
-        "deletion-request",
-    ]
-    t.pending_at_end = {"d1"}  # still pending at the end (offline): not missing
+    assert kinds_of(t, []) == ["deletion-request"]  # a wipe without its request
+    one = message(DELETION_KIND, "d1", T0 + 3, T0 + 3)
+    assert kinds_of(t, [one]) == []
+    two = [one, message(DELETION_KIND, "d2", T0 + 3, T0 + 3)]
+    assert kinds_of(t, two) == ["deletion-request"]  # one no wipe caused
+    t.deletion_requests_pending = 1  # still pending at the end (offline): not missing
     assert kinds_of(t, []) == []
+
+
+def activation_at(msg_id: str, captured: float, left: float, precision: str) -> Received:
+    grid = {"city": (48.14, 11.58), "region": (48.1, 11.6), "country": (48.0, 12.0)}
+    lat, lon = grid[precision]
+    data = {
+        "serial": "S",
+        "model": "m",
+        "firmware_version": "1",
+        "trigger": "first-activation",
+        "location": {"lat": lat, "lon": lon, "precision": precision},
+    }
+    return message("activation", msg_id, captured, left, data=data)
+
+
+def test_precision_is_judged_when_the_message_leaves() -> None:
+    t = truth()
+    t.log(T0 + 1.5, "precision", level="city")
+    # Captured at city precision, then the owner chose country while it waited.
+    t.log(T0 + 10, "precision", level="country", via="cloud")
+    assert kinds_of(t, [activation_at("a", T0 + 2, T0 + 20, "city")]) == ["location"]
+    # On the wire when the choice was made: within the grace, not a violation.
+    assert kinds_of(t, [activation_at("b", T0 + 2, T0 + 10.5, "city")]) == []
+
+
+def test_a_wipe_resets_precision() -> None:
+    t = truth()
+    t.log(T0 + 1.5, "precision", level="country")
+    t.log(T0 + 5, "wipe", reason="account-cancelled", via="cloud")
+    t.log(T0 + 6, "bind", minor=False)
+    t.log(T0 + 7, "grant", purpose="activation")
+    dr = message(DELETION_KIND, "d", T0 + 5, T0 + 5)
+    # The default precision (region) is in force again after the wipe.
+    assert kinds_of(t, [dr, activation_at("a", T0 + 8, T0 + 8, "region")]) == []
+
+
+def test_a_suspension_lasts_across_wipes_until_resumed() -> None:
+    t = truth()
+    t.log(T0 + 2, "suspend", via="cloud")
+    t.log(T0 + 3, "wipe", reason="unbind")
+    t.log(T0 + 4, "bind", minor=False)
+    t.log(T0 + 5, "grant", purpose="diagnostics")
+    dr = message(DELETION_KIND, "d", T0 + 3, T0 + 3)
+    assert kinds_of(t, [dr, message("crash", "c", T0 + 6, T0 + 6, granted=T0 + 5)]) == [
+        "no-consent"
+    ]
+    t.log(T0 + 7, "resume", via="cloud")
+    assert kinds_of(t, [dr, message("crash", "c", T0 + 8, T0 + 8, granted=T0 + 5)]) == []
+
+
+def test_a_cloud_grant_issued_before_a_local_withdrawal_does_not_count() -> None:
+    t = truth()
+    t.log(T0 + 10, "grant", purpose="diagnostics", via="cloud")  # issued then, applied late
+    t.log(T0 + 12, "withdraw", purpose="diagnostics")  # the owner, on the device
+    late = message("crash", "c", T0 + 20, T0 + 20, granted=T0 + 10)
+    assert kinds_of(t, [late]) == ["no-consent"]
 
 
 def test_lost_items_and_broker_custody() -> None:

@@ -8,6 +8,7 @@ from agent.core import rules
 from agent.core.items import DropReason
 from agent.core.lifecycle import Event, State
 from agent.core.location import Precision
+from agent.core.ordering import Stamp
 from agent.core.purposes import Purpose, parse_envelope
 from agent.core.rules import CoreConfig, CrashReport, Settings
 from agent.errors import ConsentNotInForce
@@ -39,8 +40,12 @@ def test_bind_then_grant_captures_the_activation_once_with_a_coarse_location() -
     }
     assert plan.settings.lifecycle is State.ACTIVATED
     assert [e["action"] for e in plan.ledger] == ["grant"]
+    # A repeated grant is a new grant (SPEC §3), but the activation is not captured twice.
     again = rules.grant(plan.settings, CFG, A, now=T + 2, source="cloud", msg_id="act-2")
-    assert again.noop
+    assert again.capture is None
+    assert [e["action"] for e in again.ledger] == ["grant"]
+    receipt = again.settings.consent.grants[A].receipt()
+    assert receipt.granted_at == "2027-01-15T08:00:02.000Z"
 
 
 def test_withdraw_closes_the_gate_purges_and_ledgers_in_one_plan() -> None:
@@ -60,13 +65,16 @@ def test_grant_needs_a_binding_and_a_crash_needs_consent() -> None:
         rules.crash(bound(D, minor=True), CFG, CrashReport("s", "x"), now=T, msg_id="c")
 
 
-def test_suspension_holds_in_flight_and_resume_releases() -> None:
+def test_suspension_stops_everything_and_resume_releases() -> None:
     s = bound(D)
-    plan = rules.suspension(s, CFG, True, now=T, source="cloud", msg_id="x")
-    assert plan.hold == frozenset(Purpose)
+    stamp = Stamp.cloud(T)
+    plan = rules.suspension(s, CFG, True, now=T, source="cloud", msg_id="x", stamp=stamp)
+    assert plan.stop == frozenset(Purpose)
     assert rules.may_send(plan.settings, D, T, T) == "hold"
-    resumed = rules.suspension(plan.settings, CFG, False, now=T, source="cloud", msg_id="x")
-    assert resumed.hold == frozenset()
+    resumed = rules.suspension(
+        plan.settings, CFG, False, now=T, source="cloud", msg_id="x", stamp=stamp
+    )
+    assert resumed.stop == frozenset()
     assert rules.may_send(resumed.settings, D, T, T) == "send"
 
 
@@ -78,7 +86,7 @@ def test_expired_items_are_never_sent() -> None:
 
 @pytest.mark.parametrize("event", [Event.UNBIND, Event.FACTORY_RESET, Event.ACCOUNT_CANCELLED])
 def test_wipe_plans_a_journaled_wipe_with_one_deletion_request(event: Event) -> None:
-    s = rules.set_precision(bound(A, D), Precision.CITY).settings
+    s = rules.set_precision(bound(A, D), Precision.CITY, now=T).settings
     plan = rules.wipe(s, CFG, event, now=T, msg_id="dr-1")
     assert plan.wipe is not None
     assert plan.wipe.journal

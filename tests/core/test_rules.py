@@ -55,19 +55,22 @@ def test_default_is_opt_in_for_every_purpose() -> None:
     assert all(not consent.decide(s, p).allowed for p in Purpose)
 
 
-def test_grant_records_policy_version_and_regrant_is_noop() -> None:
+def test_grant_records_policy_version_and_a_regrant_is_a_new_grant() -> None:
     s = _bound()
     g = s.grants[A]
     assert (g.policy_version, g.granted_at, g.source) == ("2", 10.0, "local")
-    assert consent.grant(s, A, now=99.0, source="cloud") is s
+    again = consent.grant(s, A, now=99.0, source="cloud").grants[A]
+    assert (again.granted_at, again.source) == (99.0, "cloud")  # the receipt names the latest
     fresh = consent.grant(consent.with_policy_version(s, "3"), A, now=50.0, source="cloud")
     assert consent.decide(fresh, A).reason is Reason.OK
     assert fresh.grants[A].policy_version == "3"
 
 
-def test_rebind_carries_no_grants() -> None:
+def test_rebind_carries_no_grants_but_keeps_a_suspension() -> None:
     again = consent.bound(consent.unbound(_bound()), minor=False)
     assert consent.decide(again, A).reason is Reason.NOT_GRANTED
+    held = consent.bound(consent.unbound(consent.suspended(_bound(), True)), minor=False)
+    assert held.suspended  # P13: until the cloud resumes collection
 
 
 ALL_STATES = list(State)

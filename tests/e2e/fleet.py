@@ -90,6 +90,11 @@ class Agent:
         assert self.transport is not None
         await asyncio.wait_for(self.transport.connected.wait(), CONNECT_TIMEOUT)
 
+    async def synced(self) -> None:
+        """Wait until the cloud answered this connection's command sync."""
+        assert self.transport is not None
+        await asyncio.wait_for(self.transport.synced.wait(), CONNECT_TIMEOUT)
+
     async def next_command(self) -> tuple[str, object]:
         """The next command outcome (a result dict or a CommandRejected)."""
         async with asyncio.timeout(CONNECT_TIMEOUT):

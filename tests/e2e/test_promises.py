@@ -95,7 +95,7 @@ async def test_p2_withdraw_with_1000_pending_while_offline(
         await agent.stop()
 
 
-async def test_p2_withdraw_while_sending_takes_back_what_paho_holds(
+async def test_p2_withdraw_while_sending_stops_what_has_not_left(
     make_agent: MakeAgent, cloud: Cloud
 ) -> None:
     async with running(make_agent()) as agent:
@@ -118,17 +118,22 @@ async def test_p2_withdraw_while_sending_takes_back_what_paho_holds(
         await until(cloud, lambda: "activation" in kinds(cloud, agent))
         await agent.idle()
         crashes = {m.envelope()["msg_id"] for m in cloud.of(agent.device_id, "crash")}
-        ledgered = {
-            e["msg_id"]
+        sent = [
+            e
             for e in core.export(now=time.time())["entries"]
             if e.get("type") == "sent" and e.get("purpose") == "diagnostics"
-        }
-        # Whatever reached the cloud had left the device before the withdrawal and
-        # is in the ledger; the rest never left.
-        assert crashes == ledgered
+        ]
+        confirmed = {e["msg_id"] for e in sent if e["confirmed"]}
+        # Whatever reached the cloud had been handed over before the withdrawal, left
+        # and is in the ledger; nothing else of the purpose left afterwards.
+        assert crashes <= {e["msg_id"] for e in sent}
+        assert confirmed <= crashes
         assert len(crashes) < 300
-        marker = 1
-        assert transport.stats.published - marker - transport.stats.recalled == len(crashes)
+        handed = transport.stats.published - 1  # the activation is the marker
+        if transport.stats.aborted:  # at most the one item paho had not fully written
+            assert handed - 1 <= len(crashes) <= handed
+        else:
+            assert len(crashes) == handed
 
 
 async def test_p3_location_is_coarsened_to_the_precision_in_force(
@@ -205,7 +210,9 @@ async def test_p6_a_policy_change_voids_grants_and_their_pending_items(
 ) -> None:
     agent = make_agent(policy_version="2026-01")
     core = agent.open()
-    now = time.time()
+    # The owner acted a minute before the cloud's grant below: the order is certain even
+    # with the device clock's error (see agent.core.ordering).
+    now = time.time() - 60
     core.bind("b-1", now=now)
     core.grant(Purpose.DIAGNOSTICS, now=now)
     for n in range(5):
@@ -216,13 +223,13 @@ async def test_p6_a_policy_change_voids_grants_and_their_pending_items(
     assert core.queued_count() == 0
     agent.start()
     try:
-        await agent.connected()
+        await agent.synced()  # the device clock is compared with the cloud's
         await cloud.command(
             agent.device_id,
             "consent",
             {"binding_id": "b-1", "purposes": {"diagnostics": True}, "policy_version": "2026-06"},
         )
-        assert await agent.next_command() == ("consent", {"diagnostics": True})
+        assert await agent.next_command() == ("consent", {"consent:diagnostics": "applied"})
         core.capture_crash(crash(9), now=time.time())
         await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 1)
         await agent.idle()
@@ -300,12 +307,12 @@ async def test_p13_suspend_holds_and_resume_releases(make_agent: MakeAgent, clou
         core.bind("b-1", now=now)
         core.grant(Purpose.DIAGNOSTICS, now=now)
         await cloud.command(agent.device_id, "suspend-collection", {})
-        assert await agent.next_command() == ("suspend-collection", {"suspended": True})
-        assert core.settings.consent.suspended
+        assert await agent.next_command() == ("suspend-collection", {"suspension": "applied"})
+        assert core.settings.control.suspended
         with pytest.raises(ConsentNotInForce):
             core.capture_crash(crash(), now=time.time())
         await cloud.command(agent.device_id, "resume-collection", {})
-        assert await agent.next_command() == ("resume-collection", {"suspended": False})
+        assert await agent.next_command() == ("resume-collection", {"suspension": "applied"})
         core.capture_crash(crash(2), now=time.time())
         await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 1)
         await agent.idle()

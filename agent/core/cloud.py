@@ -1,0 +1,150 @@
+"""What a cloud command does (SPEC §3): the latest choice wins, narrowing never waits.
+
+Pure. ``take`` decides one parsed command against the device's settings and
+returns the plan to carry out and a result per setting (no values):
+
+* a command seen before (``Memory``) is refused as a replay;
+* a command for another binding, or for no binding, is refused;
+* per setting it acts on, a narrowing command (withdraw, suspend, unbind,
+  account-cancelled, a coarser precision or ``off``) is applied whatever its age or
+  the device's clock skew, unless it is certainly older than the setting's latest
+  change; a widening one (grant, resume, a finer precision) must be fresh (not
+  stale, not from the future) and certainly newer than the latest change
+  (``agent.core.ordering``);
+* a command that was taken, applied or ignored, is remembered in the same plan, so
+  it is applied exactly once even if its acknowledgement never reached the broker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from agent.core import rules
+from agent.core.commands import (
+    AccountCancelledCommand,
+    Command,
+    ConsentCommand,
+    OwnerCommand,
+    PrecisionCommand,
+    ResumeCommand,
+    SuspendCommand,
+    UnbindCommand,
+    check_fresh,
+)
+from agent.core.lifecycle import Event
+from agent.core.location import Precision
+from agent.core.ordering import Direction, Stamp, admit
+from agent.core.rules import Plan
+from agent.core.settings import CoreConfig, Settings
+from agent.errors import CommandRejected
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    """A command's plan and what it did, setting by setting (``applied`` or why not)."""
+
+    plan: Plan
+    result: dict[str, Any]
+
+    @property
+    def applied(self) -> bool:
+        """Whether any part of the command changed a setting."""
+        return any(v == "applied" or isinstance(v, dict) for v in self.result.values())
+
+
+def _owner(s: Settings, command: OwnerCommand) -> None:
+    if s.binding_id is None:
+        raise CommandRejected("not-bound", command_id=command.command_id)
+    if s.binding_id != command.binding_id:
+        raise CommandRejected("other-binding", command_id=command.command_id)
+
+
+class _Taking:
+    """One command being decided, setting by setting, on a growing plan."""
+
+    def __init__(self, s: Settings, cfg: CoreConfig, command: Command, now: float) -> None:
+        self.cfg, self.command, self.now = cfg, command, now
+        self.issued = command.issued
+        self.stamp = Stamp.cloud(self.issued)
+        clock = s.control.clock
+        self.cloud_now = now if clock is None else clock.to_cloud(now)
+        self.plan = rules.unchanged(s)
+        self.result: dict[str, Any] = {}
+
+    @property
+    def s(self) -> Settings:
+        return self.plan.settings
+
+    def admitted(self, key: str, direction: Direction, latest: Stamp | None) -> bool:
+        """Whether the command may change setting ``key``; records why not."""
+        if direction == "widening":
+            check_fresh(self.command, self.issued, self.cloud_now)
+            if self.s.control.memory.full:
+                raise CommandRejected("memory-full", command_id=self.command.command_id)
+        why = admit(direction, self.issued, latest)
+        if why is not None:
+            self.result[key] = f"ignored: {why} than the latest change"
+            return False
+        self.result[key] = "applied"
+        return True
+
+    def add(self, nxt: Plan) -> None:
+        self.plan = self.plan.then(nxt)
+
+
+def take(s: Settings, cfg: CoreConfig, command: Command, *, now: float, msg_id: str) -> Taken:
+    """Decide ``command``; raises CommandRejected when it may not be taken at all."""
+    if s.control.memory.knows(command.command_id):
+        raise CommandRejected("replay", command_id=command.command_id)
+    if isinstance(command, OwnerCommand):
+        _owner(s, command)
+    t = _Taking(s, cfg, command, now)
+    match command:
+        case ConsentCommand():
+            _consent(t, command, msg_id)
+        case PrecisionCommand():
+            level = Precision(command.precision)
+            coarser = rules.is_coarser(level, s.precision) or level is s.precision
+            if t.admitted(
+                "precision", "narrowing" if coarser else "widening", s.stamps.get("precision")
+            ):
+                t.add(rules.set_precision(t.s, level, now=now, stamp=t.stamp))
+        case UnbindCommand() | AccountCancelledCommand():
+            event = Event.UNBIND if isinstance(command, UnbindCommand) else Event.ACCOUNT_CANCELLED
+            t.result["binding"] = "applied"
+            t.add(rules.wipe(t.s, cfg, event, now=now, msg_id=msg_id))
+        case SuspendCommand() | ResumeCommand():
+            value = isinstance(command, SuspendCommand)
+            if t.admitted("suspension", "narrowing" if value else "widening", s.control.suspension):
+                t.add(
+                    rules.suspension(
+                        t.s, cfg, value, now=now, source="cloud", msg_id=msg_id, stamp=t.stamp
+                    )
+                )
+    memory = t.s.control.memory.remember(command.command_id, t.issued, now)
+    settings = t.s.with_control(dataclasses.replace(t.s.control, memory=memory))
+    return Taken(dataclasses.replace(t.plan, settings=settings), t.result)
+
+
+def _consent(t: _Taking, command: ConsentCommand, msg_id: str) -> None:
+    for purpose, granted in command.purposes.items():
+        if granted and command.policy_version != t.cfg.policy_version:
+            # P6: a grant under another policy version is not consent to this one.
+            raise CommandRejected(
+                "policy-version",
+                f"grant under {command.policy_version!r}, the device runs {t.cfg.policy_version!r}",
+                command_id=command.command_id,
+            )
+        key = f"consent:{purpose.value}"
+        if not t.admitted(key, "widening" if granted else "narrowing", t.s.stamps.get(key)):
+            continue
+        if granted:
+            t.add(
+                rules.grant(
+                    t.s, t.cfg, purpose, now=t.now, source="cloud", msg_id=msg_id, stamp=t.stamp
+                )
+            )
+        else:
+            t.add(rules.withdraw(t.s, t.cfg, purpose, now=t.now, source="cloud", stamp=t.stamp))
