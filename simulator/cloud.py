@@ -68,6 +68,7 @@ class Cloud:
     # Answer the devices' command syncs (SPEC §3); a test turns this off to play a
     # bare broker with no cloud behind it.
     answer_syncs: bool = True
+    syncs_seen: int = 0
     syncs_answered: int = 0
     # Every command issued, in order: (device_id, name, document), for replays.
     issued: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
@@ -135,8 +136,10 @@ class Cloud:
         async for message in conn.incoming():
             parts = message.topic.split("/")
             payload = message.payload or b""
-            if len(parts) == 5 and parts[4] == "sync" and self.answer_syncs:
-                self._answer(parts[2], payload)
+            if len(parts) == 5 and parts[4] == "sync":  # the command sync, not data
+                self.syncs_seen += 1
+                if self.answer_syncs:
+                    self._answer(parts[2], payload)
             elif len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
                 self.received.append(Received(parts[2], parts[4], payload, self.clock()))
             async with self._changed:

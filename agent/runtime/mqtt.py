@@ -273,6 +273,8 @@ async def connect(
         raise _translate(cause or group.exceptions[0], log.last_error) from None
     except* (OSError, ssl.SSLError) as group:
         raise _translate(group.exceptions[0]) from None
+    except* TransportError as group:  # raised by the caller's tasks, through a TaskGroup
+        raise group.exceptions[0] from None
     finally:
         # A connection that failed half-way (a refused certificate, a timeout) leaves
         # paho's socket open; close it and its wake-up pair now (paho 2.2.0 internals).

@@ -160,6 +160,11 @@ class Transport:
         """The device this transport serves."""
         return self.device.device_id
 
+    @property
+    def backpressured(self) -> bool:
+        """Whether the socket is full: paho holds bytes it has not written yet."""
+        return self._conn is not None and self._conn.pending_write()
+
     # -- what the device tells us (DeviceObserver) ---------------------------------
     def stopped(self, purposes: frozenset[Purpose]) -> None:
         """Nothing of ``purposes`` may leave now: abort if paho holds unwritten bytes of one."""
@@ -470,6 +475,7 @@ class Transport:
             "acknowledged": s.acknowledged,
             "refused": s.refused,
             "aborted": s.aborted,
+            "backpressured": self.backpressured,
             "commands_applied": s.commands_applied,
             "commands_ignored": s.commands_ignored,
             "commands_rejected": s.commands_rejected,

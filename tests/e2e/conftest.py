@@ -26,7 +26,7 @@ def make_agent(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki, request: pytest.FixtureRequest
 ) -> Callable[..., Agent]:
     """Build agents with IDs unique to this test."""
-    base = request.node.name.replace("[", "-").replace("]", "")[-40:]
+    base = request.node.name.replace("[", "-").replace("]", "")[-40:].lstrip("-_")
     counter = iter(range(1000))
 
     def make(**kw: object) -> Agent:

@@ -146,6 +146,11 @@ async def until(cloud: Cloud, predicate: Callable[[], bool], within: float = 20.
         await cloud.wait_for(lambda _received: predicate())
 
 
+def kinds(cloud: Cloud, agent: Agent) -> list[str]:
+    """The kinds of what the cloud received from ``agent``, in order of arrival."""
+    return [m.kind for m in cloud.of(agent.device_id)]
+
+
 def crash(n: int = 0) -> CrashReport:
     """A crash report as a collector would make it."""
     return CrashReport(

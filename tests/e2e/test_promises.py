@@ -17,15 +17,11 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose
 from agent.errors import ConsentNotInForce
 from simulator.cloud import Cloud
-from tests.e2e.fleet import Agent, crash, running, until
+from tests.e2e.fleet import Agent, crash, kinds, running, until
 
 pytestmark = pytest.mark.asyncio
 
 MakeAgent = Callable[..., Agent]
-
-
-def kinds(cloud: Cloud, agent: Agent) -> list[str]:
-    return [m.kind for m in cloud.of(agent.device_id)]
 
 
 async def test_p1_p11_activation_reaches_the_backend_once_and_is_ledgered(

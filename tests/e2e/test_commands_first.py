@@ -1,0 +1,138 @@
+"""Commands first, and acknowledged after they take effect (SPEC §3), on a real broker.
+
+A device offline while the cloud withdraws, suspends or unbinds must apply that
+before anything personal leaves after the reconnect; with no cloud to answer its
+command sync it holds personal data (deletion requests still leave); and a command
+whose effect could not be written is not acknowledged, so the broker delivers it
+again and it is applied once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agent.core.purposes import Purpose
+from agent.errors import StorageError
+from simulator.cloud import Cloud
+from tests.e2e.fleet import Agent, crash, kinds, until
+
+pytestmark = pytest.mark.asyncio
+
+MakeAgent = Callable[..., Agent]
+
+
+async def _offline_with_queue(agent: Agent, n: int = 20) -> None:
+    """The device has been online once (its broker session exists), then goes offline
+    with ``n`` crashes and an activation queued."""
+    core = agent.open()
+    now = time.time() - 60
+    core.bind("b-1", now=now)
+    agent.start()
+    await agent.synced()
+    await agent.stop()
+    core = agent.open()
+    core.set_location(48.137154, 11.575382, now=now)
+    core.grant(Purpose.DIAGNOSTICS, now=now)
+    core.grant(Purpose.ACTIVATION, now=now)
+    for k in range(n):
+        core.capture_crash(crash(k), now=now + 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "expected"),
+    [
+        ("consent", {"purposes": {"diagnostics": False, "activation": False}}, []),
+        ("suspend-collection", {}, []),
+        ("unbind", {}, ["deletion-request"]),
+        ("account-cancelled", {}, ["deletion-request"]),
+    ],
+)
+async def test_a_command_issued_while_offline_applies_before_anything_leaves(
+    make_agent: MakeAgent, cloud: Cloud, name: str, body: dict[str, Any], expected: list[str]
+) -> None:
+    agent = make_agent()
+    await _offline_with_queue(agent)
+    owner = {"binding_id": "b-1", "policy_version": "1"} if name == "consent" else {}
+    if name in ("unbind", "account-cancelled"):
+        owner = {"binding_id": "b-1"}
+    await cloud.command(agent.device_id, name, {**owner, **body})
+    agent.start()
+    try:
+        await agent.synced()
+        if expected:
+            await until(cloud, lambda: len(cloud.of(agent.device_id)) >= len(expected))
+        await agent.idle()
+        await asyncio.sleep(0.3)  # anything wrongly sent would be on its way by now
+        assert kinds(cloud, agent) == expected
+    finally:
+        await agent.stop()
+
+
+async def test_without_an_answer_to_the_sync_personal_data_waits(
+    make_agent: MakeAgent, cloud: Cloud
+) -> None:
+    agent = make_agent()
+    await _offline_with_queue(agent, n=3)
+    assert agent.core is not None
+    agent.core.unbind(now=time.time())  # a deletion request, then a new owner's data
+    agent.core.bind("b-2", now=time.time())
+    agent.core.grant(Purpose.DIAGNOSTICS, now=time.time())
+    agent.core.capture_crash(crash(99), now=time.time())
+    cloud.answer_syncs = False  # a bare broker: nobody answers the command sync
+    transport = agent.start()
+    try:
+        await agent.connected()
+        await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 1)
+        await asyncio.sleep(1.0)
+        assert kinds(cloud, agent) == ["deletion-request"]  # it may leave at once
+        assert not transport.status()["commands_synced"]
+        assert agent.core.queued_count() == 1  # held, not dropped
+        cloud.answer_syncs = True  # the cloud is back: the next sync request is answered
+        await agent.synced()
+        await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 2)
+        assert sorted(kinds(cloud, agent)) == ["crash", "deletion-request"]
+    finally:
+        await agent.stop()
+
+
+async def test_a_command_whose_effect_cannot_be_written_is_delivered_again(
+    make_agent: MakeAgent, cloud: Cloud
+) -> None:
+    agent = make_agent()
+    core = agent.open()
+    core.bind("b-1", now=time.time() - 60)
+    core.grant(Purpose.DIAGNOSTICS, now=time.time() - 60)
+    real_take = core.take
+    failures: list[str] = []
+
+    def flaky_take(command: Any, *, now: float) -> Any:
+        if not failures:
+            failures.append(command.command_id)
+            raise StorageError("disk full")  # nothing was written
+        return real_take(command, now=now)
+
+    core.take = flaky_take  # type: ignore[method-assign]
+    transport = agent.start()
+    try:
+        await agent.synced()
+        off = {"binding_id": "b-1", "purposes": {"diagnostics": False}, "policy_version": "1"}
+        command_id = await cloud.command(agent.device_id, "consent", off)
+        # Not acknowledged: the session ends and the broker delivers it again.
+        assert await agent.next_command() == ("consent", {"consent:diagnostics": "applied"})
+        assert failures == [command_id]
+        assert transport.stats.connects == 2
+        assert not core.decide(Purpose.DIAGNOSTICS).allowed
+        await agent.idle()
+        await asyncio.sleep(0.3)
+        assert agent.commands.empty()  # applied exactly once
+        withdrawals = [
+            e for e in core.export(now=time.time())["entries"] if e.get("action") == "withdraw"
+        ]
+        assert len(withdrawals) == 1
+    finally:
+        await agent.stop()
