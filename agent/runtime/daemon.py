@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from agent.config import AgentConfig
-from agent.device import open_device
+from agent.device import RETENTION_SWEEP_S, Device, open_device
 from agent.errors import AgentError, ConfigError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
@@ -113,10 +113,12 @@ async def run(config: AgentConfig) -> None:
             async with asyncio.TaskGroup() as tg:
                 link = tg.create_task(transport.run(), name="transport")
                 crashes = tg.create_task(collector.run(), name="crash-collector")
+                sweeper = tg.create_task(retention(device), name="retention")
                 await stop.wait()
                 log.info("stopping", extra={"device": device.device_id})
                 transport.stop(link)
                 crashes.cancel()
+                sweeper.cancel()
         finally:
             server.close()
             await server.wait_closed()
@@ -126,6 +128,15 @@ async def run(config: AgentConfig) -> None:
             "stopped",
             extra={"device": device.device_id, "queued": device.queued_count()},
         )
+
+
+async def retention(device: Device, interval: float = RETENTION_SWEEP_S) -> None:
+    """Delete what is past its retention every ``interval`` seconds, connected or not (P7)."""
+    while True:
+        swept = device.sweep_retention(now=time.time())
+        if swept:
+            log.info("retention swept", extra={"device": device.device_id, "expired": swept})
+        await asyncio.sleep(interval)
 
 
 def main(config: AgentConfig) -> int:

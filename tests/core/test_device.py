@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce, IllegalTransition
+from agent.runtime.daemon import retention
 from tests.core.helpers import Recorder, Rig
 
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
@@ -287,3 +290,93 @@ def test_deletion_requests_beyond_the_batch_limit_wait_their_turn(rig: Rig) -> N
     for out in first:
         core.acknowledged(out.msg_id, now=rig.now)
     assert [o.msg_id for o in core.next_batch(now=rig.tick(), limit=2)] == requests[2:]
+
+
+def test_suspension_keeps_what_is_on_the_wire_and_holds_the_rest(rig: Rig) -> None:
+    bound(rig, D)
+    core = rig.core
+    assert core is not None
+    ids = [core.capture_crash(CRASH, now=rig.tick()) for _ in range(3)]
+    flying = core.next_batch(now=rig.now, limit=2)
+    seen = Recorder()
+    core.watch(seen)
+    core.set_suspended(True, now=rig.tick())
+    assert seen.stops == [frozenset(Purpose)]  # the transport stops what it has not written
+    for out in flying:  # written before the suspension: their PUBACKs still come
+        core.acknowledged(out.msg_id, now=rig.tick())
+    sent = {e["msg_id"] for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"}
+    assert sent == set(ids[:2])  # in the user's record (P11), not lost from it
+    assert core.next_batch(now=rig.tick()) == []  # held while suspended (P13)
+    core.connection_lost(now=rig.now)
+    assert core.next_batch(now=rig.tick()) == []
+    core.set_suspended(False, now=rig.tick())
+    assert [o.msg_id for o in core.next_batch(now=rig.now)] == [ids[2]]  # only the held one
+
+
+def test_a_suspension_applies_unbound_and_lasts_across_unbind_rebind_and_restart(
+    rig: Rig,
+) -> None:
+    core = rig.core
+    assert core is not None
+    core.set_suspended(True, now=rig.tick())  # nobody bound yet (P13)
+    bound(rig, A, D)
+    assert not core.decide(D).allowed
+    core.unbind(now=rig.tick())
+    core = rig.open()  # a restart
+    bound(rig, A, D)
+    assert rig.core is not None
+    assert rig.core.status()["suspended"]
+    assert rig.core.decide(D).reason.value == "suspended"
+    rig.core.set_suspended(False, now=rig.tick())
+    assert rig.core.decide(D).allowed
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"),
+    [
+        (Precision.COUNTRY, {"lat": 48.0, "lon": 12.0, "precision": "country"}),
+        (Precision.OFF, None),
+        (Precision.CITY, {"lat": 48.14, "lon": 11.58, "precision": "city"}),  # finer: unchanged
+    ],
+)
+def test_a_coarser_precision_reaches_queued_activations(
+    rig: Rig, level: Precision, expected: dict[str, object] | None
+) -> None:
+    core = rig.core
+    assert core is not None
+    core.set_precision(Precision.CITY, now=rig.tick())
+    core.set_location(48.137154, 11.575382, now=rig.tick())
+    bound(rig, A)  # the activation is queued with a city-level location
+    seen = Recorder()
+    core.watch(seen)
+    core.set_precision(level, now=rig.tick())
+    (item,) = rig.deliver_all()
+    assert parse_envelope(item.payload).data["location"] == expected
+    assert seen.stops == ([] if level is Precision.CITY else [frozenset({A})])
+
+
+def test_retention_is_swept_without_a_connection(rig: Rig) -> None:
+    bound(rig, D)
+    core = rig.core
+    assert core is not None
+    core.capture_crash(CRASH, now=rig.tick())
+    assert core.sweep_retention(now=rig.now + 13 * 86_400) == 0
+    assert core.sweep_retention(now=rig.now + 15 * 86_400) == 1  # P7, no hand-off needed
+    assert core.queued_count() == 0
+    assert core.dropped[DropReason.EXPIRED] == 1
+
+
+@pytest.mark.asyncio
+async def test_the_daemon_sweeps_retention_on_a_timer(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, now=time.time() - 15 * 86_400)  # captured 15 days ago
+    core = rig.open()
+    bound(rig, D)
+    core.capture_crash(CRASH, now=rig.tick())
+    sweeper = asyncio.create_task(retention(core, interval=0.01))
+    try:
+        async with asyncio.timeout(5):
+            while core.queued_count():  # noqa: ASYNC110  # the timer's effect, no event to await
+                await asyncio.sleep(0.01)
+    finally:
+        sweeper.cancel()
+    assert core.dropped[DropReason.EXPIRED] == 1
