@@ -85,8 +85,18 @@ class DeviceTruth:
         """Not part of the ground truth."""
 
     def log(self, t: float, what: str, **info: Any) -> None:
-        """Record an event the device carried out at ``t``."""
+        """Record the user's choice (or a device event) at real time ``t``."""
         self.events.append((t, what, info))
+
+    def real_time(self, device_t: float) -> float:
+        """A time the device stamped (``captured_at``), on the real clock: the device's
+        clock ran ``offset_s`` ahead from each ``clock`` event on."""
+        shifts = [(t, float(i["offset_s"])) for t, w, i in self.events if w == "clock"]
+        offset = 0.0
+        for t, off in sorted(shifts):
+            if device_t - off >= t:
+                offset = off
+        return device_t - offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +228,7 @@ def _left(truth: DeviceTruth, r: Received) -> float:
 def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged by
     v: Verdict, tl: _Timeline, truth: DeviceTruth, r: Received, env: Any, purpose: Purpose
 ) -> None:
-    captured = parse_rfc3339(env.captured_at)
+    captured = truth.real_time(parse_rfc3339(env.captured_at))
     dev, msg_id = truth.device_id, env.msg_id
     if tl.minor_at(captured):
         v.add("minor", dev, msg_id, f"{r.kind} from a minor's device")

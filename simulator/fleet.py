@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import ssl
 import sys
@@ -28,6 +29,7 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
 from agent.errors import AgentError, CommandRejected
+from agent.runtime.collectors import parse_crash_file
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
 from agent.store.database import Database
@@ -52,6 +54,20 @@ def rss_kib() -> int:
     return 0
 
 
+def _crash_report(text: str | None, k: int) -> CrashReport:
+    """A crash as the collector reads it from a crash file (``text``), or a plain one."""
+    if text is None:
+        return CrashReport(
+            signature=f"SIGSEGV in sim #{k}",
+            stack='Traceback (most recent call last):\n  File "/home/sim/app.py"',
+            ip_addresses=("10.0.0.2",),
+            default_gateway="10.0.0.1",
+            uptime_s=float(k),
+        )
+    signature, stack, uptime = parse_crash_file(text.encode())
+    return CrashReport(signature, stack, ("10.0.0.2",), "10.0.0.1", uptime_s=uptime)
+
+
 @dataclass
 class SimDevice:
     """One simulated device: its core, transport and ground truth."""
@@ -61,8 +77,14 @@ class SimDevice:
     core: Device
     transport: Transport
     truth: DeviceTruth
+    target: BrokerTarget | None = None
     task: asyncio.Task[None] | None = None
     binds: int = 0
+    clock_offset: float = 0.0  # the device clock minus real time (a ``clock`` event)
+
+    def now(self) -> float:
+        """The device's own clock."""
+        return time.time() + self.clock_offset
 
 
 @dataclass
@@ -136,49 +158,64 @@ class Fleet:
         idents = self.pki.ensure_devices([d for _, d in ids])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.workdir / "fleet.db", synchronous="NORMAL")
-        keys = FileKeyStore(self.workdir / "keys")
-        acks = AckBatch(self.db)
+        keys = self._keys = FileKeyStore(self.workdir / "keys")
+        self._acks = AckBatch(self.db)
         for g in self.scenario.groups:
             if any(e.action in FAULTS for e in g.events):
                 proxy = FaultProxy(self.host, self.port, random.Random(self.rng.random()))  # noqa: S311
                 await proxy.start()
                 self.proxies[g.name] = proxy
-        now = time.time()
         for g, device_id in ids:
             ident = idents[device_id]
             ctx = client_context(self.pki.ca_cert, ident.cert, ident.key)
             via = self.proxies.get(g.name)
-            target = BrokerTarget(
-                self.host, via.port if via else self.port, ctx, connect_timeout=30.0
-            )
-            store = DeviceStore(self.db, device_id, keys)
-            core = Device(
-                store,
-                CoreConfig(
-                    device_id=device_id,
-                    serial=f"SN-{device_id}",
-                    model="smartmi.fan.sim",
-                    firmware_version="1.0.0",
-                    policy_version=g.policy_version,
-                ),
-                now=now,
-            )
             grace = 2.0 + max(
                 [(e.ms or 0) / 1000 for e in g.events if e.action == "latency"]
                 + [FaultProxy.RETRANSMIT_S for e in g.events if e.action == "loss"]
                 + [0.0]
             )
             truth = DeviceTruth(device_id, g.name, g.policy_version, grace_s=grace)
-            dev = SimDevice(device_id, g, core, None, truth)  # type: ignore[arg-type]
-            dev.transport = Transport(
-                core,
-                target,
-                rng=random.Random(self.rng.random()),  # noqa: S311
-                command_listener=self._on_command(dev),
-                ack_sink=acks.add,
+            dev = SimDevice(device_id, g, None, None, truth)  # type: ignore[arg-type]
+            dev.target = BrokerTarget(
+                self.host, via.port if via else self.port, ctx, connect_timeout=30.0
             )
-            core.watch(truth)
+            self._power_on(dev, keys)
             self.devices[device_id] = dev
+
+    def _power_on(self, dev: SimDevice, keys: FileKeyStore) -> None:
+        """The device's agent starts: its store opens, a new transport (not yet running)."""
+        assert self.db is not None and dev.target is not None  # noqa: S101, PT018  # built
+        store = DeviceStore(self.db, dev.device_id, keys)
+        dev.core = Device(
+            store,
+            CoreConfig(
+                device_id=dev.device_id,
+                serial=f"SN-{dev.device_id}",
+                model="smartmi.fan.sim",
+                firmware_version="1.0.0",
+                policy_version=dev.truth.policy_version,
+                outbox_cap=self.scenario.outbox_cap,
+            ),
+            now=dev.now(),
+        )
+        dev.core.watch(dev.truth)
+        dev.transport = Transport(
+            dev.core,
+            dev.target,
+            clock=dev.now,
+            rng=random.Random(self.rng.random()),  # noqa: S311
+            command_listener=self._on_command(dev),
+            ack_sink=self._acks.add,
+        )
+
+    async def _reboot(self, dev: SimDevice) -> None:
+        """Power the agent off and on: the same store, a new process's memory."""
+        if dev.task is not None:
+            dev.transport.stop(dev.task)
+            with contextlib.suppress(asyncio.CancelledError):
+                await dev.task
+        self._power_on(dev, self._keys)
+        dev.task = asyncio.create_task(dev.transport.run(), name=dev.device_id)
 
     def _on_command(self, dev: SimDevice) -> Callable[[str, Any, float], None]:
         """Count what a cloud command did on the device (the truth was logged when the
@@ -227,7 +264,11 @@ class Fleet:
             return
         assert target is not None  # noqa: S101
         dev = self.devices[target]
-        if e.via == "cloud":
+        if e.action == "reboot":
+            await self._reboot(dev)
+            self.stats.events_applied += 1
+            return
+        if e.source == "cloud":
             # Sent, not awaited: the cloud does not wait for one device before the next.
             task = asyncio.create_task(self._cloud_event(dev, e))
             self._sending.add(task)
@@ -252,51 +293,51 @@ class Fleet:
         proxy.partition(False)
         proxy.latency_s, proxy.loss = 0.0, 0.0
 
-    def _local_event(self, dev: SimDevice, e: Event, now: float) -> None:  # one branch per action
+    def _local_event(self, dev: SimDevice, e: Event, real: float) -> None:  # one branch per action
+        """A local action: the device acts at its own clock, the truth is real time."""
         core, truth = dev.core, dev.truth
+        now = real + dev.clock_offset
         if e.action == "bind":
             dev.binds += 1
             core.bind(f"{dev.device_id}-b{dev.binds}", now=now, minor=e.minor)
-            truth.log(now, "bind", minor=e.minor)
+            truth.log(real, "bind", minor=e.minor)
         elif e.action == "grant":
             core.grant(Purpose(str(e.purpose)), now=now)
-            truth.log(now, "grant", purpose=e.purpose)
+            truth.log(real, "grant", purpose=e.purpose)
         elif e.action == "withdraw":
             core.withdraw(Purpose(str(e.purpose)), now=now)
-            truth.log(now, "withdraw", purpose=e.purpose)
+            truth.log(real, "withdraw", purpose=e.purpose)
         elif e.action == "policy-version":
             assert e.version is not None  # noqa: S101
-            truth.log(now, "policy-version", version=e.version)
+            truth.log(real, "policy-version", version=e.version)
             core.set_policy_version(e.version, now=now)
         elif e.action == "location":
             assert e.lat is not None and e.lon is not None  # noqa: S101, PT018
             core.set_location(e.lat, e.lon, now=now)
         elif e.action == "precision":
             core.set_precision(Precision(str(e.level)), now=now)
-            truth.log(now, "precision", level=e.level)
+            truth.log(real, "precision", level=e.level)
         elif e.action == "crash":
             for k in range(e.count):
-                report = CrashReport(
-                    signature=f"SIGSEGV in sim #{k}",
-                    stack='Traceback (most recent call last):\n  File "/home/sim/app.py"',
-                    ip_addresses=("10.0.0.2",),
-                    default_gateway="10.0.0.1",
-                    uptime_s=float(k),
-                )
-                core.capture_crash(report, now=now)
+                core.capture_crash(_crash_report(e.text, k), now=now)
         elif e.action == "firmware-update":
             assert e.version is not None  # noqa: S101
             core.firmware_updated(e.version, now=now)
+        elif e.action == "clock":
+            assert e.shift_s is not None  # noqa: S101
+            dev.clock_offset += e.shift_s
+            truth.log(real, "clock", offset_s=dev.clock_offset)
+            core.sweep_retention(now=dev.now())  # the device's timer runs on its clock
         elif e.action in ("unbind", "factory-reset", "account-cancelled"):
             wipe = {
                 "unbind": core.unbind,
                 "factory-reset": core.factory_reset,
                 "account-cancelled": core.account_cancelled,
             }[e.action]
-            truth.log(now, "wipe", reason=e.action)
+            truth.log(real, "wipe", reason=e.action)
             wipe(now=now)
-        else:  # suspend / resume are cloud commands (P13)
-            raise CommandRejected("local-suspend", "suspend and resume come from the cloud")
+        else:  # the scenario's validation keeps every other action from getting here
+            raise CommandRejected("not-a-local-action", e.action)
 
     async def _cloud_event(self, dev: SimDevice, e: Event) -> None:
         """Issue a cloud command; the ground truth is the user's choice at its issue time."""
@@ -322,6 +363,11 @@ class Fleet:
         elif e.action in ("unbind", "account-cancelled"):
             truth.log(issued, "wipe", reason=e.action, via="cloud")
             await self.cloud.command(dev.device_id, e.action, binding)
+        elif e.action == "replay":
+            # Not the user's choice: the cloud's latest command to the device, again.
+            last = next((c for c in reversed(self.cloud.issued) if c[0] == dev.device_id), None)
+            if last is not None:
+                await self.cloud.send_raw(dev.device_id, last[1], json.dumps(last[2]).encode())
         elif e.action in ("suspend", "resume"):
             truth.log(issued, e.action, via="cloud")
             await self.cloud.command(
@@ -358,6 +404,7 @@ class Fleet:
                 phase[0] = "connecting"
                 start = time.monotonic()
                 self.start()
+                sweeper = asyncio.create_task(self._sweep_retention(), name="retention")
                 await asyncio.gather(*(d.transport.connected.wait() for d in self.devices.values()))
                 self.stats.connect_s = time.monotonic() - start
                 self.stats.connected = len(self.devices)
@@ -384,6 +431,7 @@ class Fleet:
                     dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {
                         r.msg_id for r in requests
                     }
+                sweeper.cancel()
                 await self.stop()
         finally:
             if ticker is not None:
@@ -395,6 +443,22 @@ class Fleet:
             if self.db is not None:
                 self.db.close()
             self.stats.elapsed_s = time.time() - self._t0
+
+    async def _sweep_retention(self, interval: float = 10.0) -> None:
+        """Every device's retention timer (P7), connected or not, on its own clock."""
+        while True:
+            await asyncio.sleep(interval)
+            for dev in self.devices.values():
+                dev.core.sweep_retention(now=dev.now())
+
+    def outages(self) -> list[tuple[float, float]]:
+        """From each broker restart until the backend had subscribed again: what the broker
+        acknowledged before the end of such a window may have been lost with it (the
+        broker's custody, not the device's)."""
+        return [
+            (t, min((o for o in self.cloud.online_at if o > t), default=float("inf")))
+            for t in self.stats.broker_restarts
+        ]
 
     async def _drain(self) -> bool:
         """Wait until every device is idle and the backend has every acknowledged item."""
@@ -409,7 +473,12 @@ class Fleet:
                 d.transport.idle.is_set() and d.transport.connected.is_set()
                 for d in self.devices.values()
             )
-            if idle and all(m in arrived for d in self.devices.values() for m in d.truth.acked):
+            windows = self.outages()
+            if idle and all(
+                m in arrived or any(t < end for _start, end in windows)
+                for d in self.devices.values()
+                for m, t in d.truth.acked.items()
+            ):
                 return True
             await asyncio.sleep(0.5)
         return False

@@ -40,6 +40,12 @@ def run(  # the command line's options
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
+    if broker_url is not None and scenario.restarts_broker:
+        raise ConfigError(
+            "the scenario restarts the broker, which the simulator can do only to a broker "
+            "it started: run it without --broker, or remove its broker-restart events",
+            where=str(scenario_path),
+        )
     pki = DevPki(dev_dir / "pki").ensure()
     workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with contextlib.ExitStack() as stack:
@@ -73,10 +79,7 @@ def run(  # the command line's options
     verdict = check(
         {d: dev.truth for d, dev in fleet.devices.items()},
         fleet.cloud.received,
-        outages=[
-            (t, min((o for o in fleet.cloud.online_at if o > t), default=float("inf")))
-            for t in fleet.stats.broker_restarts
-        ],
+        outages=fleet.outages(),
     )
     doc = report.build(fleet, verdict)
     report.write_json(doc, report_path)

@@ -23,21 +23,29 @@ Actions and their keys:
 
 =================  ==========================================================
 bind               ``minor`` (bool)
-grant, withdraw    ``purpose``; ``via`` local|cloud
+grant, withdraw    ``purpose``; ``via`` local (default) or cloud
 policy-version     ``version`` (the device's configured policy changes, P6)
 location           ``lat``, ``lon``
 precision          ``level`` off|country|region|city; ``via`` local|cloud
-crash              ``count`` (crashes captured, default 1)
+crash              ``count`` (crashes captured, default 1), ``text`` (the crash file's text)
 firmware-update    ``version``
 unbind             ``via`` local|cloud
 factory-reset
 account-cancelled  ``via`` local|cloud
-suspend, resume    (always by cloud command, P13)
+suspend, resume    by cloud command only (P13)
 latency            ``ms``, ``for_s``: delay every byte to and from the broker
 loss               ``rate`` (0-1), ``for_s``: segments late as if retransmitted
 partition          ``for_s``: the group's connections cut and refused
-broker-restart     (the whole fleet's broker; the group is ignored)
+broker-restart     (the whole fleet's broker; the group is ignored); only a
+                   broker the simulator started itself, not with ``--broker``
+reboot             the agent restarts: its store reopens, its memory is new
+clock              ``shift_s``: the devices' clocks jump forward or back
+replay             the cloud re-sends the device's latest command (a replay)
 =================  ==========================================================
+
+An event that a group cannot carry out (a suspension from the device, a crash
+from the cloud, a broker restart with ``--broker``) is an error when the file is
+loaded, never a silent refusal. ``outbox_cap`` sets every device's outbox bound.
 
 Every event may carry ``jitter_s``: each device of the group does it at a time
 drawn uniformly from [at, at + jitter_s], from the scenario's seed.
@@ -71,6 +79,9 @@ Action = Literal[
     "loss",
     "partition",
     "broker-restart",
+    "reboot",
+    "clock",
+    "replay",
 ]
 
 _NEEDS: dict[str, tuple[str, ...]] = {
@@ -83,8 +94,21 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "latency": ("ms", "for_s"),
     "loss": ("rate", "for_s"),
     "partition": ("for_s",),
+    "clock": ("shift_s",),
 }
 FAULTS = frozenset({"latency", "loss", "partition"})
+# Where each action can come from; the first is the default.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "grant": ("local", "cloud"),
+    "withdraw": ("local", "cloud"),
+    "precision": ("local", "cloud"),
+    "unbind": ("local", "cloud"),
+    "account-cancelled": ("local", "cloud"),
+    "suspend": ("cloud",),  # P13: the service's decision, never the device's
+    "resume": ("cloud",),
+    "replay": ("cloud",),  # the cloud (or an attacker on its path) re-sends a command
+}
+MAX_CRASH_TEXT = 16_384
 
 
 class _Model(BaseModel):
@@ -97,7 +121,7 @@ class Event(_Model):
     at: float = Field(ge=0)
     action: Action
     jitter_s: float = Field(default=0.0, ge=0)
-    via: Literal["local", "cloud"] = "local"
+    via: Literal["local", "cloud"] | None = None  # default: see _SOURCES
     purpose: Literal["activation", "diagnostics"] | None = None
     minor: bool = False
     version: str | None = Field(default=None, min_length=1, max_length=64)
@@ -108,15 +132,31 @@ class Event(_Model):
     ms: float | None = Field(default=None, ge=0, le=10_000)
     rate: float | None = Field(default=None, ge=0, le=1)
     for_s: float | None = Field(default=None, gt=0, le=3600)
+    shift_s: float | None = Field(default=None, ge=-90 * 86_400, le=90 * 86_400)
+    # Crash text as another process would write it (hostile input for P3, P12).
+    text: str | None = Field(default=None, min_length=1, max_length=MAX_CRASH_TEXT)
 
     @model_validator(mode="after")
     def _required(self) -> Event:
         missing = [k for k in _NEEDS.get(self.action, ()) if getattr(self, k) is None]
         if missing:
             raise ValueError(f"action {self.action!r} needs {', '.join(missing)}")
-        if self.via == "cloud" and self.action in ("factory-reset", "bind", "crash"):
-            raise ValueError(f"action {self.action!r} cannot come from the cloud")
+        sources = _SOURCES.get(self.action, ("local",))
+        if self.via is not None and self.via not in sources:
+            raise ValueError(
+                f"action {self.action!r} cannot come from the {self.via}: "
+                f"use via = {' or '.join(repr(v) for v in sources)}"
+            )
+        if self.text is not None and self.action != "crash":
+            raise ValueError("only a crash carries text")
         return self
+
+    @property
+    def source(self) -> Literal["local", "cloud"]:
+        """Where the event comes from (``via``, or the action's default)."""
+        return self.via or (
+            "cloud" if _SOURCES.get(self.action, ("local",))[0] == "cloud" else "local"
+        )
 
 
 class Group(_Model):
@@ -135,7 +175,13 @@ class Scenario(_Model):
     seed: int = 1
     duration_s: float = Field(gt=0, le=3600)
     settle_s: float = Field(default=60, gt=0, le=3600)
+    outbox_cap: int = Field(default=10_000, ge=1, le=1_000_000)  # per device (P7)
     groups: list[Group] = Field(min_length=1)
+
+    @property
+    def restarts_broker(self) -> bool:
+        """Whether a timeline restarts the broker (only a broker the simulator started)."""
+        return any(e.action == "broker-restart" for g in self.groups for e in g.events)
 
     @model_validator(mode="after")
     def _shares(self) -> Scenario:

@@ -13,9 +13,11 @@ internals it says so at the line, and these are the only such places:
 * paho's ``_reset_sockets`` closes a socket that a failed handshake left open
   (paho has no public close);
 * paho's public ``on_socket_register_write`` hook, which aiomqtt sets, is replaced
-  by one that checks, when the loop gets to it, that the socket is still the one it
-  was asked for: aiomqtt's own adds a writer for a file descriptor that may have
-  been closed (an error in the loop's log) or reused by another connection.
+  by one that checks, when the loop gets to it, that the socket is still open and
+  paho still has something to write: aiomqtt's own adds the writer later, when paho
+  may already have written everything and dropped its registration, so the writer
+  is never removed, spins, and outlives the socket (its file descriptor reused by
+  another connection).
 
 Nothing is ever taken back out of paho's queues. The transport hands paho a PUBLISH
 only when paho has nothing left to write (``Connection.pending_write``) and has it
@@ -213,7 +215,11 @@ def _register_write_safely(client: aiomqtt.Client) -> None:
                     broke.set_exception(exc)
 
         def add() -> None:
-            if fd >= 0 and sock.fileno() == fd:  # not closed (and not reused) meanwhile
+            # Not closed (nor reused) meanwhile, and still something to write: the
+            # transport writes at once, so paho has often written it all and dropped
+            # its registration before this runs. A writer added then would never be
+            # removed (paho thinks none is registered) and would outlive the socket.
+            if fd >= 0 and sock.fileno() == fd and c.want_write():
                 loop.add_writer(fd, write)
 
         loop.call_soon_threadsafe(add)  # paho may call this from aiomqtt's connect thread
