@@ -38,7 +38,7 @@ from agent.core.items import (
 )
 from agent.core.lifecycle import Event, State
 from agent.core.location import CoarseLocation, Precision
-from agent.core.ordering import Clock, Stamp, rebased
+from agent.core.ordering import Clock, rebased
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
 from agent.core.rules import Plan
 from agent.core.settings import Control, CoreConfig, CrashReport, Settings
@@ -200,6 +200,10 @@ class Device:
         with self.store.db.transaction():
             for purge in plan.purge:
                 drops.setdefault(purge.reason, []).extend(self.store.purge_purpose(purge.purpose))
+            if plan.drop_captured_since is not None:
+                drops.setdefault(DropReason.SUSPENDED, []).extend(
+                    self.store.purge_captured_since(plan.drop_captured_since)
+                )
             if plan.recoarsen is not None:
                 level = plan.recoarsen
                 self.store.rewrite(Purpose.ACTIVATION, lambda p: rules.recoarsened(p, level))
@@ -323,9 +327,13 @@ class Device:
         plan = rules.withdraw(self.settings, self.config, purpose, now=now, source=source)
         return self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
 
-    def set_suspended(self, value: bool, *, now: float, source: Source = "cloud") -> None:
-        """Suspend (P13) or resume all personal-data collection."""
-        stamp = rules.local_stamp(self.settings, now) if source == "local" else Stamp.cloud(now)
+    def set_suspended(self, value: bool, *, now: float, source: Source = "local") -> None:
+        """Suspend (P13) or resume all personal-data collection, on the device's word.
+
+        The cloud's ``suspend-collection`` goes through ``take``, which orders it by its
+        issue time and deletes what was captured after it.
+        """
+        stamp = rules.local_stamp(self.settings, now)
         plan = rules.suspension(
             self.settings,
             self.config,

@@ -143,6 +143,16 @@ class _Timeline:
     minor: list[tuple[float, float | None]]
     precision: list[tuple[float, Precision]]
     wipes: list[float]
+    # A grant's life, from the grant to its withdrawal, the wipe or a new policy; a
+    # suspension (or a minor's binding) closes the gate within it but does not end it.
+    epochs: dict[Purpose, list[tuple[float, float | None]]]
+
+    def epoch_end(self, purpose: Purpose, t: float) -> float | None:
+        """When the grant in force at ``t`` ended (None: it has not)."""
+        for start, end in self.epochs[purpose]:
+            if start - EPS <= t and (end is None or t < end + EPS):
+                return end
+        return t
 
     def in_force(self, purpose: Purpose, t: float) -> tuple[float, float | None, str] | None:
         for start, end, policy in self.intervals[purpose]:
@@ -159,7 +169,7 @@ class _Timeline:
         return any(s - EPS <= t and (e is None or t < e + EPS) for s, e in self.minor)
 
 
-def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per event
+def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912, PLR0915  # one branch per event
     """Rebuild when each purpose's consent was in force, from the events alone (SPEC §2)."""
     intervals: dict[Purpose, list[tuple[float, float | None, str]]] = {p: [] for p in Purpose}
     open_at: dict[Purpose, tuple[float, str]] = {}
@@ -169,6 +179,8 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per 
     bound = minor = suspended = False
     policy = truth.policy_version
     grants: dict[Purpose, str] = {}
+    epochs: dict[Purpose, list[tuple[float, float | None]]] = {p: [] for p in Purpose}
+    epoch_at: dict[Purpose, float] = {}
 
     def settle(t: float) -> None:
         for p in Purpose:
@@ -178,6 +190,11 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per 
             elif not ok and p in open_at:
                 start, pol = open_at.pop(p)
                 intervals[p].append((start, t, pol))
+            granted = bound and grants.get(p) == policy
+            if granted and p not in epoch_at:
+                epoch_at[p] = t
+            elif not granted and p in epoch_at:
+                epochs[p].append((epoch_at.pop(p), t))
 
     minor_since: float | None = None
     for t, what, info in sorted(truth.events, key=lambda e: e[0]):
@@ -209,9 +226,11 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912  # one branch per 
         settle(t)
     for p, (start, pol) in open_at.items():
         intervals[p].append((start, None, pol))
+    for p, start in epoch_at.items():
+        epochs[p].append((start, None))
     if minor_since is not None:
         minor_spans.append((minor_since, None))
-    return _Timeline(intervals, minor_spans, precision, wipes)
+    return _Timeline(intervals, minor_spans, precision, wipes, epochs)
 
 
 def _left(truth: DeviceTruth, r: Received) -> float:
@@ -239,15 +258,25 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
         v.add("no-consent", dev, msg_id, f"{purpose.value} consent not in force at capture")
     elif receipt is None or receipt.purpose != purpose or receipt.policy_version != span[2]:
         v.add("no-consent", dev, msg_id, "the receipt does not match the grant in force")
-    elif span[1] is not None and _left(truth, r) > span[1] + truth.grace_s:
-        late = _left(truth, r) - span[1]
-        v.add(
-            "no-consent",
-            dev,
-            msg_id,
-            f"left {late:.1f} s after the consent ended (captured {rfc3339(captured)}, "
-            f"consent {rfc3339(span[0])} to {rfc3339(span[1])})",
-        )
+    else:
+        # When it left (less the grace for a message already on the wire), its grant must
+        # not have ended and the gate must be open: a suspension holds items, it does
+        # not void their grant (P13), a withdrawal does (P2).
+        left = _left(truth, r)
+        on_wire = left - truth.grace_s  # the earliest it may have been written
+        ended = tl.epoch_end(purpose, captured)
+        if ended is not None and on_wire > ended:
+            v.add(
+                "no-consent",
+                dev,
+                msg_id,
+                f"left {left - ended:.1f} s after its grant ended "
+                f"(captured {rfc3339(captured)}, granted {rfc3339(span[0])})",
+            )
+        elif on_wire > captured and not (
+            tl.in_force(purpose, left) or tl.in_force(purpose, on_wire)
+        ):
+            v.add("no-consent", dev, msg_id, f"left while {purpose.value} was not in force")
     for w in tl.wipes:
         if captured < w - EPS and _left(truth, r) > w + truth.grace_s:
             v.add("after-wipe", dev, msg_id, "captured before a wipe, arrived after it")

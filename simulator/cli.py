@@ -138,20 +138,36 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a simulated fleet and check it."""
-    from simulator.run import run
+    from simulator.run import ExternalBroker, Outputs, run
 
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    outputs = Outputs(
+        report=Path(args.report),
+        junit=path(args.junit),
+        timeline=path(args.timeline),
+        capture=path(args.capture),
+    )
+    broker = None
+    if args.broker:
+        broker = ExternalBroker(args.broker, path(args.ca), path(args.cert), path(args.key))
     return run(
         devices=args.devices,
         scenario_path=Path(args.scenario),
         dev_dir=Path(args.dir).resolve(),
-        report_path=Path(args.report),
-        junit_path=Path(args.junit) if args.junit else None,
-        broker_url=args.broker,
-        ca=Path(args.ca) if args.ca else None,
-        cert=Path(args.cert) if args.cert else None,
-        key=Path(args.key) if args.key else None,
+        outputs=outputs,
+        broker=broker,
         seed=args.seed,
     )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Judge a capture against a timeline."""
+    from simulator.run import check_capture
+
+    report = Path(args.report) if args.report else None
+    return check_capture(Path(args.timeline), Path(args.capture), report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="with --broker: the CA that signed the broker's certificate")
     p.add_argument("--cert", help="with --broker: the backend's certificate")
     p.add_argument("--key", help="with --broker: the backend's key")
+    p.add_argument("--timeline", help="also write the run's ground truth here (for check)")
+    p.add_argument(
+        "--capture",
+        help="also capture every uplink as an observer (mosquitto_sub) into this file, "
+        "and judge it apart from the backend",
+    )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "check",
+        help="judge a capture (mosquitto_sub -F '%%U %%t %%x') against a timeline file",
+    )
+    p.add_argument(
+        "--timeline", required=True, help="the ground truth (smartmi-sim run --timeline)"
+    )
+    p.add_argument("--capture", required=True, help="what an observer at the broker received")
+    p.add_argument("--report", help="also write the verdict as JSON here")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("agent-config", help="write an agent.toml for a dev device")
     p.add_argument("device_id", help="the device ID (its certificate is issued if missing)")

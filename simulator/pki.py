@@ -5,6 +5,7 @@ Everything is ECDSA P-256. The layout of a PKI directory::
     ca.pem  ca.key                 the dev CA (10 years)
     broker.pem  broker.key         server certificate, SAN localhost, 127.0.0.1, ::1
     backend.pem  backend.key       the cloud identity (CN smartmi-backend)
+    observer.pem observer.key      an observer that reads every uplink (CN smartmi-observer)
     devices/<id>.pem  <id>.key     one per device, CN = device ID
 
 Private keys are written 0600. This is for development and CI only: a production
@@ -26,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.core.identity import BACKEND_ID, validate_device_id
+from agent.core.identity import BACKEND_ID, OBSERVER_ID, validate_device_id
 from agent.errors import PkiError
 from agent.store.fsutil import write_private
 
@@ -104,6 +105,11 @@ class DevPki:
         """The cloud backend's client identity."""
         return Identity(self.root / "backend.pem", self.root / "backend.key")
 
+    @property
+    def observer(self) -> Identity:
+        """An observer's client identity: reads every uplink, writes nothing."""
+        return Identity(self.root / "observer.pem", self.root / "observer.key")
+
     def device(self, device_id: str) -> Identity:
         """Where the identity of ``device_id`` lives (it may not exist yet)."""
         validate_device_id(device_id)
@@ -118,6 +124,8 @@ class DevPki:
             self.issue_server(self.broker, "localhost")
         if not (self.backend.cert.exists() and self.backend.key.exists()):
             self._issue_client(self.backend, BACKEND_ID)
+        if not (self.observer.cert.exists() and self.observer.key.exists()):
+            self._issue_client(self.observer, OBSERVER_ID)
         return self
 
     def _load_or_create_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -24,13 +24,45 @@ RULES = (
 )
 
 
+def judged(verdict: Verdict, grace: dict[str, float]) -> dict[str, Any]:
+    """The checker's part of a report: violations, counts and the grace it allowed."""
+    counts = Counter(v.kind for v in verdict.violations)
+    return {
+        # The only grace: a message already on the wire when the user made a choice
+        # may arrive this long after it (per group: its path's latency).
+        "grace_s": grace,
+        "received": verdict.received,
+        "unique": verdict.unique,
+        "duplicates": verdict.duplicates,
+        "by_kind": dict(verdict.by_kind),
+        "broker_custody": verdict.broker_custody,
+        "latency_s": percentiles(verdict.latencies_s),
+        "violation_counts": {k: counts.get(k, 0) for k in RULES},
+        "violations": [v.to_json() for v in verdict.violations],
+        "verdict": "pass" if not verdict.violations else "fail",
+    }
+
+
+def verdict_summary(doc: dict[str, Any]) -> list[str]:
+    """The lines that say what the checker found."""
+    n = len(doc["violations"])
+    if not n:
+        return ["  violations  none"]
+    counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
+    return [f"  VIOLATIONS  {n}: {counts}"] + [
+        f"    {v['kind']:<16} {v['device']} {v['msg_id']}: {v['detail']}"
+        for v in doc["violations"][:10]
+    ]
+
+
 def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     """The report document."""
     s = fleet.stats
     n = len(fleet.devices)
     transports = [d.transport.stats for d in fleet.devices.values()]
     per_device = (s.rss_fleet_kib - s.rss_baseline_kib) / n if n else 0.0
-    counts = Counter(v.kind for v in verdict.violations)
+    grace = {d.group.name: d.truth.grace_s for d in fleet.devices.values()}
+    judgement = judged(verdict, grace)
     return {
         "scenario": fleet.scenario.name,
         "seed": fleet.seed,
@@ -62,10 +94,11 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "broker_custody": verdict.broker_custody,
             "drained": s.drained,
         },
-        "latency_s": percentiles(verdict.latencies_s),
-        "violation_counts": {k: counts.get(k, 0) for k in RULES},
-        "violations": [v.to_json() for v in verdict.violations],
-        "verdict": "pass" if not verdict.violations else "fail",
+        "latency_s": judgement["latency_s"],
+        "grace_s": grace,
+        "violation_counts": judgement["violation_counts"],
+        "violations": judgement["violations"],
+        "verdict": judgement["verdict"],
     }
 
 
@@ -90,16 +123,9 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
     if not d["drained"]:
         lines.append("  warning     the fleet did not drain within settle_s")
-    n = len(doc["violations"])
-    if n:
-        counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
-        lines.append(f"  VIOLATIONS  {n}: {counts}")
-        lines.extend(
-            f"    {v['kind']:<16} {v['device']} {v['msg_id']}: {v['detail']}"
-            for v in doc["violations"][:10]
-        )
-    else:
-        lines.append("  violations  none")
+    grace = ", ".join(f"{g} {v:g} s" for g, v in sorted(doc["grace_s"].items()))
+    lines.append(f"  grace       for messages on the wire when a choice was made: {grace}")
+    lines.extend(verdict_summary(doc))
     return "\n".join(lines)
 
 

@@ -5,14 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
+import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent.core.identity import up_topic
 from agent.errors import ConfigError
+from agent.runtime import mqtt
 from agent.runtime.tls import client_context
-from simulator import report
+from simulator import report, timeline
 from simulator.broker import MosquittoBroker
 from simulator.checker import check
 from simulator.fleet import Fleet
@@ -20,27 +28,52 @@ from simulator.pki import DevPki
 from simulator.scenario import load_scenario
 
 
-def run(  # the command line's options
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes what it found."""
+
+    report: Path
+    junit: Path | None = None
+    timeline: Path | None = None
+    capture: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExternalBroker:
+    """A broker the simulator did not start, and the backend's identity on it."""
+
+    url: str
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+    def address(self) -> tuple[str, int, ssl.SSLContext]:
+        """Host, port and the backend's TLS context; ConfigError on a bad URL or identity."""
+        if not (self.ca and self.cert and self.key):
+            raise ConfigError("--broker needs --ca, --cert and --key (the backend's identity)")
+        parts = urlsplit(self.url)
+        if parts.scheme != "mqtts" or not parts.hostname:
+            raise ConfigError(f"--broker must be an mqtts:// URL, not {self.url!r}")
+        return parts.hostname, parts.port or 8883, client_context(self.ca, self.cert, self.key)
+
+
+def run(
     *,
     devices: int,
     scenario_path: Path,
     dev_dir: Path,
-    report_path: Path,
-    junit_path: Path | None = None,
-    broker_url: str | None = None,
-    ca: Path | None = None,
-    cert: Path | None = None,
-    key: Path | None = None,
+    outputs: Outputs,
+    broker: ExternalBroker | None = None,
     seed: int | None = None,
 ) -> int:
-    """Run the fleet; 0 only with zero violations."""
+    """Run the fleet; 0 only with zero violations (of the backend's and any capture's)."""
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
     # Per-device connection chatter would drown the progress lines; the report has
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
-    if broker_url is not None and scenario.restarts_broker:
+    if broker is not None and scenario.restarts_broker:
         raise ConfigError(
             "the scenario restarts the broker, which the simulator can do only to a broker "
             "it started: run it without --broker, or remove its broker-restart events",
@@ -49,21 +82,17 @@ def run(  # the command line's options
     pki = DevPki(dev_dir / "pki").ensure()
     workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with contextlib.ExitStack() as stack:
-        cloud_tls = None
-        restart = None
-        if broker_url is None:
-            broker = stack.enter_context(MosquittoBroker(pki))
-            host, port = broker.host, broker.port
-            restart = broker.restart
-            print(f"started Mosquitto on {broker.url} (log {broker.log_path})", file=sys.stderr)
+        cloud_tls, restart = None, None
+        if broker is None:
+            local = stack.enter_context(MosquittoBroker(pki))
+            host, port, restart = local.host, local.port, local.restart
+            print(f"started Mosquitto on {local.url} (log {local.log_path})", file=sys.stderr)
         else:
-            if not (ca and cert and key):
-                raise ConfigError("--broker needs --ca, --cert and --key (the backend's identity)")
-            parts = urlsplit(broker_url)
-            if parts.scheme != "mqtts" or not parts.hostname:
-                raise ConfigError(f"--broker must be an mqtts:// URL, not {broker_url!r}")
-            host, port = parts.hostname, parts.port or 8883
-            cloud_tls = client_context(ca, cert, key)
+            host, port, cloud_tls = broker.address()
+        if outputs.capture is not None:
+            # An independent observer at the broker: judged apart from the backend.
+            stack.enter_context(observe(host, port, pki, outputs.capture))
+            asyncio.run(wait_observing(host, port, pki, outputs.capture))
         fleet = Fleet(
             scenario,
             devices,
@@ -76,22 +105,107 @@ def run(  # the command line's options
             seed=seed,
         )
         asyncio.run(fleet.run())
-    verdict = check(
-        {d: dev.truth for d, dev in fleet.devices.items()},
-        fleet.cloud.received,
-        outages=fleet.outages(),
-    )
+    return _judge(fleet, outputs)
+
+
+def _judge(fleet: Fleet, outputs: Outputs) -> int:
+    """Check what the backend (and an observer) received; write and print the report."""
+    truths = {d: dev.truth for d, dev in fleet.devices.items()}
+    verdict = check(truths, fleet.cloud.received, outages=fleet.outages())
     doc = report.build(fleet, verdict)
-    report.write_json(doc, report_path)
-    if junit_path is not None:
-        report.write_junit(doc, junit_path)
+    if outputs.timeline is not None:
+        timeline.write(outputs.timeline, truths, fleet.outages())
+    failures = len(verdict.violations)
+    if outputs.capture is not None:
+        seen = check(truths, timeline.read_capture(outputs.capture), outages=fleet.outages())
+        agree = Counter(v.kind for v in seen.violations) == Counter(
+            v.kind for v in verdict.violations
+        )
+        doc["capture"] = report.judged(seen, doc["grace_s"]) | {"agrees": agree}
+        failures = max(failures, len(seen.violations))
+    report.write_json(doc, outputs.report)
+    if outputs.junit is not None:
+        report.write_junit(doc, outputs.junit)
     print(report.summary(doc))
-    print(f"report: {report_path}" + (f", JUnit: {junit_path}" if junit_path else ""))
-    if verdict.violations:
+    if "capture" in doc:
+        cap = doc["capture"]
+        print(
+            f"  capture     {cap['unique']} unique seen by an observer at the broker: "
+            f"{len(cap['violations'])} violations, "
+            + ("agrees with the backend" if cap["agrees"] else "DISAGREES with the backend")
+        )
+    print(f"report: {outputs.report}" + (f", JUnit: {outputs.junit}" if outputs.junit else ""))
+    if failures:
         counts = ", ".join(f"{n} {k}" for k, n in doc["violation_counts"].items() if n)
         print(
-            f"smartmi-sim: {len(verdict.violations)} privacy violations ({counts})",
+            f"smartmi-sim: {failures} privacy violations ({counts or 'in the capture'})",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def check_capture(timeline_path: Path, capture_path: Path, report_path: Path | None) -> int:
+    """``smartmi-sim check``: judge a capture against a timeline; 0 only without violations."""
+    truths, outages = timeline.read(timeline_path)
+    received = timeline.read_capture(capture_path)
+    verdict = check(truths, received, outages=outages)
+    doc = report.judged(verdict, {t.group: t.grace_s for t in truths.values()})
+    if report_path is not None:
+        report.write_json(doc, report_path)
+    print(
+        f"capture {capture_path}: {len(received)} messages, {doc['unique']} unique "
+        f"({doc['duplicates']} duplicates by msg_id) from {len(truths)} devices"
+    )
+    print("\n".join(report.verdict_summary(doc)))
+    return 1 if verdict.violations else 0
+
+
+@contextlib.contextmanager
+def observe(host: str, port: int, pki: DevPki, out: Path) -> Iterator[None]:
+    """``mosquitto_sub`` as the observer identity, writing every uplink to ``out``."""
+    cmd = [
+        "mosquitto_sub", "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1",
+        "-i", f"smartmi-observer-{os.getpid()}", "--cafile", str(pki.ca_cert),
+        "--cert", str(pki.observer.cert), "--key", str(pki.observer.key),
+        "-t", "smartmi/v1/+/up/#", "-F", "%U %t %x",
+    ]  # fmt: skip
+    try:
+        sink = out.open("wb")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the capture: {exc.strerror}", where=str(out)) from exc
+    try:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        sink.close()
+        raise ConfigError(
+            "--capture needs mosquitto_sub (Debian: apt-get install mosquitto-clients)"
+        ) from None
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        sink.close()
+
+
+async def wait_observing(host: str, port: int, pki: DevPki, out: Path, within: float = 15) -> None:
+    """Wait until the observer's subscription is live: a probe device's sync request
+    (not data; the checker skips it) shows up in the capture."""
+    probe = "sim-observer-probe"
+    ident = pki.ensure_devices([probe])[probe]
+    options = mqtt.Options(
+        host=host,
+        port=port,
+        tls=client_context(pki.ca_cert, ident.cert, ident.key),
+        client_id=probe,
+        persistent=False,
+    )
+    deadline = time.monotonic() + within
+    async with mqtt.connect(options) as conn:
+        while time.monotonic() < deadline:
+            await conn.publish(up_topic(probe, "sync"), b'{"probe": true}')
+            await asyncio.sleep(0.2)
+            if probe.encode() in await asyncio.to_thread(out.read_bytes):
+                return
+    raise ConfigError(f"the observer's capture stayed empty for {within:g} s", where=str(out))

@@ -17,6 +17,9 @@ MAX_DEVICE_ID_LENGTH: Final = 64
 # The backend's certificate CN. The ACL grants it read on every device's up/ and
 # write on every down/, so no device may ever be issued this name.
 BACKEND_ID: Final = "smartmi-backend"
+# An observer's certificate CN: the ACL lets it read every device's up/ and nothing
+# else, so an independent capture can be judged beside the backend (SPEC §4).
+OBSERVER_ID: Final = "smartmi-observer"
 TOPIC_ROOT: Final = "smartmi/v1"
 # "sync" is the command sync of SPEC §3 (commands first): not personal, no consent.
 UP_KINDS: Final = ("activation", "crash", "deletion-request", "sync")
@@ -40,8 +43,8 @@ def validate_device_id(device_id: str) -> str:
             device_id,
             "use letters, digits and . _ : - only, starting with a letter or digit",
         )
-    if device_id == BACKEND_ID:
-        raise InvalidDeviceId(device_id, "it is the backend identity's reserved name")
+    if device_id in (BACKEND_ID, OBSERVER_ID):
+        raise InvalidDeviceId(device_id, "it is a reserved name (backend or observer)")
     return device_id
 
 

@@ -66,6 +66,7 @@ class DropReason(enum.StrEnum):
     CAPACITY = "capacity"  # P7 cap, oldest first
     SUPERSEDED = "superseded"  # its grant no longer exists (policy change, re-grant)
     WIPED = "wiped"  # P9
+    SUSPENDED = "suspended"  # captured after the service stopped, unknown to the device (P13)
 
 
 def retention_cutoff(purpose: Purpose, now: float) -> float:

@@ -58,6 +58,10 @@ class Clock:
         """Device time ``now`` on the cloud's clock."""
         return now - self.offset
 
+    def to_device(self, t: float) -> float:
+        """Cloud time ``t`` on the device's clock."""
+        return t + self.offset
+
     def to_json(self) -> list[float]:
         """As sealed in the control record."""
         return [self.offset, self.error, self.measured_at]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core import consent, ledger, lifecycle
+from agent.core.commands import FUTURE_SKEW_S
 from agent.core.consent import Decision, Grant, Source
 from agent.core.items import DropReason, expired
 from agent.core.lifecycle import Event, State
@@ -81,12 +82,21 @@ class Plan:
     wipe: Wipe | None = None
     # Purposes that must stop leaving before the event returns (P2, P3, P9, P13).
     stop: frozenset[Purpose] = field(default_factory=frozenset)
+    # Delete what was captured at or after this device time: collected after the
+    # service stopped, while the device could not know (P13).
+    drop_captured_since: float | None = None
 
     @property
     def noop(self) -> bool:
         """Whether the event changed nothing at all."""
         return not (
-            self.save or self.purge or self.capture or self.ledger or self.wipe or self.stop
+            self.save
+            or self.purge
+            or self.capture
+            or self.ledger
+            or self.wipe
+            or self.stop
+            or self.drop_captured_since is not None
         )
 
     def then(self, nxt: Plan) -> Plan:
@@ -102,6 +112,7 @@ class Plan:
             ledger=self.ledger + nxt.ledger,
             wipe=nxt.wipe or self.wipe,
             stop=self.stop | nxt.stop,
+            drop_captured_since=nxt.drop_captured_since or self.drop_captured_since,
         )
 
 
@@ -301,7 +312,10 @@ def suspension(
 ) -> Plan:
     """Suspend (P13) or resume all personal-data collection, bound or not.
 
-    The suspension lives in the control record, so it outlasts wipes and rebinds.
+    The suspension lives in the control record, so it outlasts wipes and rebinds. A
+    cloud suspension also deletes what the device captured after the service stopped
+    (an offline device keeps collecting until it hears of it): from its issue time on
+    the device's clock, less that clock's error (or five minutes if never compared).
     """
     control = dataclasses.replace(s.control, suspended=value, suspension=stamp)
     after = s.with_control(control)
@@ -309,11 +323,20 @@ def suspension(
         return Plan(after, save=False)
     bound = s.lifecycle is not State.FACTORY_NEW
     action = "suspend" if value else "resume"
+    since = None
+    if value and stamp.source == "cloud":
+        clock = s.control.clock
+        since = (
+            stamp.at - FUTURE_SKEW_S
+            if clock is None
+            else clock.to_device(stamp.at) - clock.error_at(now)
+        )
     plan = Plan(
         after,
         save=False,  # the control record holds it, and the shell writes it when it changed
         ledger=(_consent_entry(cfg, action, None, now, source),) if bound else (),
         stop=ALL if value else frozenset(),
+        drop_captured_since=since,
     )
     return plan if value else _then_activate(plan, cfg, now=now, msg_id=msg_id)
 

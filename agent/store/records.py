@@ -315,6 +315,10 @@ class DeviceStore:
             "purpose = ? AND captured_ms < ?", (purpose.value, _ms(cutoff))
         )
 
+    def purge_captured_since(self, cutoff: float) -> list[str]:
+        """Delete every item captured at or after ``cutoff`` (collected while suspended)."""
+        return self._delete_returning("captured_ms >= ?", (_ms(cutoff),))
+
     def purge_oldest(self, n: int) -> list[str]:
         """Delete the ``n`` oldest items (P7 cap)."""
         return self._delete_returning(

@@ -256,3 +256,17 @@ def test_a_slow_backend_is_not_a_late_device() -> None:
     assert kinds_of(t, late) == ["no-consent"]
     t.acked = {"c": T0 + 2.1}  # but the broker had it before the withdrawal
     assert kinds_of(t, late) == []
+
+
+def test_items_held_through_a_suspension_may_leave_after_the_resume() -> None:
+    t = truth()
+    t.log(T0 + 3, "suspend", via="cloud")
+    t.log(T0 + 9, "resume", via="cloud")
+    held = message("crash", "c", T0 + 2, T0 + 10)  # captured before, left after the resume
+    assert kinds_of(t, [held]) == []
+    during = message("crash", "d", T0 + 2, T0 + 6)  # left while suspended
+    assert kinds_of(t, [during]) == ["no-consent"]
+    t.log(T0 + 12, "withdraw", purpose="diagnostics")
+    t.log(T0 + 13, "grant", purpose="diagnostics")
+    # Its grant ended with the withdrawal: a new grant does not cover it (P2).
+    assert kinds_of(t, [message("crash", "e", T0 + 10, T0 + 20)]) == ["no-consent"]

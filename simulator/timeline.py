@@ -1,0 +1,116 @@
+"""Timeline and capture files: the checker's inputs, written by one tool and read by another.
+
+A **timeline** (JSON) is the ground truth of a run: per device, what the user chose
+and when (local actions at the time the user acted, cloud commands at their issue
+time), and what the device's outbox queued, acknowledged, dropped and still held.
+The fleet writes one with ``smartmi-sim run --timeline FILE``; a lab harness can
+write one for real devices (``events`` alone are enough to judge consent, precision,
+minors and wipes; without ``queued`` no item can be called lost).
+
+A **capture** is what an MQTT client subscribed to ``smartmi/v1/+/up/#`` received,
+one message a line, as ``mosquitto_sub -F '%U %t %x'`` prints it: the arrival time
+(Unix seconds), the topic and the payload in hex. ``smartmi-sim check`` judges a
+capture against a timeline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+from agent.core.purposes import Purpose
+from agent.errors import ConfigError
+from simulator.checker import DeviceTruth
+from simulator.cloud import Received
+
+SCHEMA: Final = "smartmi.timeline/1"
+
+
+def dump(truths: dict[str, DeviceTruth], outages: list[tuple[float, float]]) -> dict[str, Any]:
+    """A run's ground truth as a JSON document."""
+    return {
+        "schema": SCHEMA,
+        "outages": [[s, e if e != float("inf") else None] for s, e in outages],
+        "devices": {
+            d: {
+                "group": t.group,
+                "policy_version": t.policy_version,
+                "grace_s": t.grace_s,
+                "events": [[at, what, info] for at, what, info in t.events],
+                "queued": {m: [p.value, at] for m, (p, at) in t.queued_items.items()},
+                "acked": t.acked,
+                "dropped": sorted(t.dropped_items),
+                "pending_at_end": sorted(t.pending_at_end),
+                "deletion_requests_pending": t.deletion_requests_pending,
+            }
+            for d, t in truths.items()
+        },
+    }
+
+
+def write(path: Path, truths: dict[str, DeviceTruth], outages: list[tuple[float, float]]) -> None:
+    """Write a timeline file."""
+    path.write_text(json.dumps(dump(truths, outages)) + "\n", encoding="utf-8")
+
+
+def read(path: Path) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]]]:
+    """The truths and broker outages of a timeline file; ConfigError names what is wrong."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("timeline file not found", where=str(path)) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"not a readable JSON timeline: {exc}", where=str(path)) from exc
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ConfigError(f"not a {SCHEMA} document", where=str(path))
+    truths: dict[str, DeviceTruth] = {}
+    try:
+        for device_id, d in doc["devices"].items():
+            t = DeviceTruth(
+                device_id, str(d["group"]), str(d["policy_version"]), grace_s=float(d["grace_s"])
+            )
+            t.events = [(float(at), str(what), dict(info)) for at, what, info in d["events"]]
+            t.queued_items = {
+                m: (Purpose(p), float(at)) for m, (p, at) in d.get("queued", {}).items()
+            }
+            t.acked = {m: float(at) for m, at in d.get("acked", {}).items()}
+            t.dropped_items = set(d.get("dropped", []))
+            t.pending_at_end = set(d.get("pending_at_end", []))
+            t.deletion_requests_pending = int(d.get("deletion_requests_pending", 0))
+            truths[device_id] = t
+        outages = [
+            (float(s), float("inf") if e is None else float(e)) for s, e in doc.get("outages", [])
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"a device entry is malformed: {exc!r}", where=str(path)) from exc
+    return truths, outages
+
+
+def read_capture(path: Path) -> list[Received]:
+    """Messages from a ``mosquitto_sub -F '%U %t %x'`` capture; ConfigError on a bad line."""
+    out: list[Received] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError("capture file not found", where=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the capture: {exc}", where=str(path)) from exc
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append(_captured(line))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"line {n} is not 'TIME TOPIC HEX' (mosquitto_sub -F '%U %t %x'): {exc}",
+                    where=str(path),
+                ) from exc
+    return out
+
+
+def _captured(line: str) -> Received:
+    stamp, topic, hexed = line.split(" ", 2)
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[3] != "up":
+        raise ValueError(f"not an uplink topic: {topic[:80]!r}")
+    return Received(parts[2], parts[4], bytes.fromhex(hexed.strip()), float(stamp))
