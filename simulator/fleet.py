@@ -140,6 +140,9 @@ class Fleet:
         self._t0 = 0.0
         self._events_total = 0
         self._sending: set[asyncio.Task[None]] = set()
+        # When an observer capturing beside the backend had subscribed again after each
+        # broker restart (``smartmi-sim run --capture``); empty without one.
+        self.observer_back: list[float] = []
 
     # -- building ------------------------------------------------------------------
     def _say(self, text: str) -> None:
@@ -456,7 +459,13 @@ class Fleet:
         acknowledged before the end of such a window may have been lost with it (the
         broker's custody, not the device's)."""
         return [
-            (t, min((o for o in self.cloud.online_at if o > t), default=float("inf")))
+            (
+                t,
+                max(
+                    min((o for o in online if o > t), default=float("inf"))
+                    for online in (self.cloud.online_at, self.observer_back or [t])
+                ),
+            )
             for t in self.stats.broker_restarts
         ]
 

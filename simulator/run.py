@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -82,11 +83,15 @@ def run(
     pki = DevPki(dev_dir / "pki").ensure()
     workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with contextlib.ExitStack() as stack:
-        cloud_tls, restart = None, None
+        cloud_tls: ssl.SSLContext | None = None
+        restart: Callable[[], object] | None = None
+        observer_back: list[float] = []  # when the observer had subscribed again
         if broker is None:
             local = stack.enter_context(MosquittoBroker(pki))
             host, port, restart = local.host, local.port, local.restart
             print(f"started Mosquitto on {local.url} (log {local.log_path})", file=sys.stderr)
+            if outputs.capture is not None:
+                restart = _observed_restart(local, pki, outputs.capture, observer_back)
         else:
             host, port, cloud_tls = broker.address()
         if outputs.capture is not None:
@@ -104,8 +109,23 @@ def run(
             cloud_tls=cloud_tls,
             seed=seed,
         )
+        fleet.observer_back = observer_back
         asyncio.run(fleet.run())
     return _judge(fleet, outputs)
+
+
+def _observed_restart(
+    broker: MosquittoBroker, pki: DevPki, capture: Path, back: list[float]
+) -> Callable[[], None]:
+    """Restart the broker, then wait until the observer's subscription is live again:
+    what the broker acknowledged before then may be lost to the observer too."""
+
+    def restart() -> None:
+        broker.restart()
+        asyncio.run(wait_observing(broker.host, broker.port, pki, capture))
+        back.append(time.time())
+
+    return restart
 
 
 def _judge(fleet: Fleet, outputs: Outputs) -> int:
@@ -202,10 +222,11 @@ async def wait_observing(host: str, port: int, pki: DevPki, out: Path, within: f
         persistent=False,
     )
     deadline = time.monotonic() + within
+    marker = os.urandom(8).hex()
     async with mqtt.connect(options) as conn:
         while time.monotonic() < deadline:
-            await conn.publish(up_topic(probe, "sync"), b'{"probe": true}')
+            await conn.publish(up_topic(probe, "sync"), json.dumps({"probe": marker}).encode())
             await asyncio.sleep(0.2)
-            if probe.encode() in await asyncio.to_thread(out.read_bytes):
+            if marker.encode().hex().encode() in await asyncio.to_thread(out.read_bytes):
                 return
     raise ConfigError(f"the observer's capture stayed empty for {within:g} s", where=str(out))
