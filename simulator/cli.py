@@ -10,9 +10,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent.core.identity import validate_device_id
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from simulator.pki import DevPki
 
 DEFAULT_DEV_DIR = Path(os.environ.get("SMARTMI_DEV_DIR", ".smartmi-dev"))
 
@@ -116,17 +120,26 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     with MosquittoBroker(pki, port=args.port, bind=args.bind, connection_messages=True) as broker:
         host = broker.host
+        # A minimal cloud beside the broker: it answers the agents' command syncs, so an
+        # agent on this bare broker does not hold its personal data (SPEC §3).
+        responder = threading.Thread(
+            target=_answer_syncs, args=(broker.host, broker.port, pki, stop), daemon=True
+        )
+        if not args.no_cloud:
+            responder.start()
         print(f"Mosquitto (mutual TLS) listening on {broker.url}")
         print(f"  CA:             {pki.ca_cert}")
         print(f"  backend:        --cert {pki.backend.cert} --key {pki.backend.key}")
         print(f"  sample device:  --cert {sample.cert} --key {sample.key}")
         print(f"  broker log:     {broker.log_path}")
-        print("Watch every device's uplink as the backend:")
+        print("Watch every device's uplink as an observer (it can read, not write):")
         print(
             f"  mosquitto_sub -h {host} -p {broker.port} -V mqttv5 -i watcher "
-            f"--cafile {pki.ca_cert} --cert {pki.backend.cert} --key {pki.backend.key} "
+            f"--cafile {pki.ca_cert} --cert {pki.observer.cert} --key {pki.observer.key} "
             "-t 'smartmi/v1/+/up/#' -v"
         )
+        if not args.no_cloud:
+            print("A dev cloud answers the agents' command syncs (--no-cloud: none does).")
         print("Press Ctrl-C to stop.", flush=True)
         while not stop.wait(0.5):
             if not broker.running:
@@ -134,6 +147,23 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
                 return 1
     print("broker stopped")
     return 0
+
+
+def _answer_syncs(host: str, port: int, pki: DevPki, stop: threading.Event) -> None:
+    """The dev cloud: the backend identity, answering every command sync until ``stop``."""
+    import asyncio
+
+    from simulator.cloud import Cloud
+
+    async def serve() -> None:
+        async with Cloud(host, port, pki).connected():
+            while not stop.is_set():  # noqa: ASYNC110  # a thread's Event, set by a signal
+                await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(serve())
+    except AgentError as exc:
+        print(f"dev cloud: {exc}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -239,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8883, help="TCP port (default %(default)s; 0 = any)")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--sample-device", default="dev-0001", help="device identity to print")
+    p.add_argument(
+        "--no-cloud",
+        action="store_true",
+        help="no dev cloud: nothing answers command syncs, so agents hold personal data",
+    )
     p.set_defaults(func=cmd_broker_up)
     return parser
 

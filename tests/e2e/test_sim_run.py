@@ -74,3 +74,77 @@ def test_bad_arguments_get_a_clear_error(
     assert "groups: Field required" in capsys.readouterr().err
     assert main(["--dir", str(tmp_path), "run", "--devices", "0", "--scenario", str(SMOKE)]) == 1
     assert "--devices must be at least 1" in capsys.readouterr().err
+
+
+SCENARIOS = SMOKE.parent
+
+
+@pytest.mark.slow
+def test_a_capture_by_an_observer_is_judged_apart_and_agrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The offline-commands scenario judged twice: from the backend, and from a
+    mosquitto_sub capture with the observer identity, by ``smartmi-sim check``."""
+    out, timeline, capture = tmp_path / "r.json", tmp_path / "t.json", tmp_path / "cap.txt"
+    rc = main(
+        [
+            "--dir", str(tmp_path / "dev"), "run", "--devices", "40",
+            "--scenario", str(SCENARIOS / "offline-commands.toml"), "--report", str(out),
+            "--timeline", str(timeline), "--capture", str(capture),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    doc = json.loads(out.read_text())
+    assert doc["capture"]["agrees"] is True
+    assert doc["capture"]["unique"] == doc["delivery"]["unique"] > 0
+    assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 0
+    assert "violations  none" in capsys.readouterr().out
+    # The same capture with one message no device's choice allowed: the check fails.
+    line = next(x for x in capture.read_text().splitlines() if "/up/crash " in x)
+    stamp, topic, hexed = line.split(" ", 2)
+    body = json.loads(bytes.fromhex(hexed))
+    body["msg_id"] = "forged-1"
+    forged = f"{float(stamp) + 3600:.6f} {topic.replace('/up/crash', '/up/activation')} "
+    tampered = tmp_path / "tampered.txt"
+    tampered.write_text(capture.read_text() + forged + json.dumps(body).encode().hex() + "\n")
+    assert main(["check", "--timeline", str(timeline), "--capture", str(tampered)]) == 1
+    assert "VIOLATIONS" in capsys.readouterr().out
+
+
+def test_check_names_a_bad_capture_or_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timeline, capture = tmp_path / "t.json", tmp_path / "c.txt"
+    timeline.write_text('{"schema": "smartmi.timeline/1", "devices": {}}')
+    capture.write_text("not a capture line\n")
+    assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 1
+    assert "line 1 is not 'TIME TOPIC HEX'" in capsys.readouterr().err
+    assert main(["check", "--timeline", str(tmp_path / "no.json"), "--capture", str(capture)]) == 1
+    assert "timeline file not found" in capsys.readouterr().err
+
+
+def test_a_broker_restart_with_an_external_broker_is_refused_at_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "--dir", str(tmp_path), "run", "--devices", "5",
+            "--scenario", str(SCENARIOS / "broker-restart.toml"),
+            "--broker", "mqtts://127.0.0.1:1", "--ca", "x", "--cert", "y", "--key", "z",
+        ]
+    )  # fmt: skip
+    assert rc == 1
+    assert "can do only to a broker it started" in capsys.readouterr().err
+
+
+def test_an_event_a_group_cannot_carry_out_is_a_load_time_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'name = "x"\nduration_s = 2\n[[groups]]\nname = "g"\nshare = 1.0\n'
+        'events = [{ at = 0.0, action = "suspend", via = "local" }]\n'
+    )
+    assert main(["--dir", str(tmp_path), "run", "--devices", "5", "--scenario", str(bad)]) == 1
+    assert "action 'suspend' cannot come from the local" in capsys.readouterr().err
