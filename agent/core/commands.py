@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
-    field_validator,
 )
 
 from agent.core.purposes import Purpose, parse_rfc3339
@@ -43,17 +43,19 @@ _Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[
 _Text = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
+def _rfc3339(value: str) -> str:
+    parse_rfc3339(value)  # strict RFC 3339 in UTC, or a SchemaError (a ValueError)
+    return value
+
+
+_Time = Annotated[_Text, AfterValidator(_rfc3339)]
+
+
 class _Command(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     command_id: _Id
-    issued_at: _Text
-
-    @field_validator("issued_at")
-    @classmethod
-    def _rfc3339(cls, value: str) -> str:
-        parse_rfc3339(value)  # strict RFC 3339 in UTC, or a SchemaError
-        return value
+    issued_at: _Time
 
     @property
     def issued(self) -> float:
@@ -139,9 +141,7 @@ def parse(name: str, payload: bytes) -> Command:
     try:
         return schema.model_validate_json(payload)
     except ValidationError as exc:
-        raise CommandRejected(
-            "schema", _where(exc), command_id=(command_id or "")[:64]
-        ) from None
+        raise CommandRejected("schema", _where(exc), command_id=(command_id or "")[:64]) from None
 
 
 class SyncAnswer(BaseModel):
@@ -155,13 +155,7 @@ class SyncAnswer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     sync_id: _Id
-    now: _Text
-
-    @field_validator("now")
-    @classmethod
-    def _rfc3339(cls, value: str) -> str:
-        parse_rfc3339(value)
-        return value
+    now: _Time
 
 
 def parse_sync(payload: bytes) -> SyncAnswer:

@@ -29,6 +29,10 @@ socket on our event loop. The transport carries out what the device decides:
 Each connection uses a fresh paho client with a persistent session on the broker
 (clean start off, a session expiry on v5), so commands sent while the device was
 offline arrive.
+
+Past 400 lines on purpose: the sync, the hand-off and the command loop share one
+connection's state (what is in flight, whether the cloud has answered), which one
+class keeps consistent across a connection's loss.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from agent.core.purposes import Purpose
 from agent.errors import TamperedRecord
@@ -130,83 +130,64 @@ class DeviceStore:
                 c.execute(f"DELETE FROM {table} WHERE device_id = ?", (self.device_id,))  # noqa: S608
         return moved
 
-    # -- state -------------------------------------------------------------
-    def load_state(self) -> dict[str, Any] | None:
-        """The device's sealed state record, or None if there is none (or it was rejected)."""
+    # -- one-row records: state (data key) and control (system key) -------
+    def _load_one(self, table: Literal["state", "control"], vault: Vault) -> dict[str, Any] | None:
+        """The device's row of ``table``, or None; TamperedRecord after quarantining it."""
         row = self.db.conn.execute(
-            "SELECT blob FROM state WHERE device_id = ?", (self.device_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        if not self.has_data_key():
-            self.unreadable_without_key()
-            return None
-        try:
-            plain = self._data_vault().open(
-                row[0], self._aad("state"), table="state", row_id=self.device_id
-            )
-            value: dict[str, Any] = json.loads(plain)
-        except TamperedRecord as exc:
-            self._quarantine(
-                "state",
-                self.device_id,
-                row[0],
-                exc,
-                delete_sql="DELETE FROM state WHERE device_id = ?",
-                delete_args=(self.device_id,),
-            )
-            return None
-        return value
-
-    def save_state(self, value: dict[str, Any]) -> None:
-        """Seal and store the device's state record."""
-        blob = self._data_vault().seal(
-            json.dumps(value, sort_keys=True).encode(), self._aad("state")
-        )
-        with self.db.transaction() as c:
-            c.execute(
-                "INSERT INTO state (device_id, blob) VALUES (?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET blob = excluded.blob",
-                (self.device_id, blob),
-            )
-
-    # -- control (system key, survives wipes) ------------------------------
-    def load_control(self) -> dict[str, Any] | None:
-        """The control record, or None if there is none; TamperedRecord (after moving it
-        to quarantine) if it fails to open."""
-        row = self.db.conn.execute(
-            "SELECT blob FROM control WHERE device_id = ?", (self.device_id,)
+            f"SELECT blob FROM {table} WHERE device_id = ?",  # noqa: S608  # fixed names
+            (self.device_id,),
         ).fetchone()
         if row is None:
             return None
         try:
-            plain = self._system_vault().open(
-                row[0], self._aad("control"), table="control", row_id=self.device_id
-            )
+            plain = vault.open(row[0], self._aad(table), table=table, row_id=self.device_id)
         except TamperedRecord as exc:
             self._quarantine(
-                "control",
+                table,
                 self.device_id,
                 row[0],
                 exc,
-                delete_sql="DELETE FROM control WHERE device_id = ?",
+                delete_sql=f"DELETE FROM {table} WHERE device_id = ?",  # noqa: S608
                 delete_args=(self.device_id,),
             )
             raise
         value: dict[str, Any] = json.loads(plain)
         return value
 
-    def save_control(self, value: dict[str, Any]) -> None:
-        """Seal and store the control record."""
-        blob = self._system_vault().seal(
-            json.dumps(value, sort_keys=True).encode(), self._aad("control")
-        )
+    def _save_one(
+        self, table: Literal["state", "control"], vault: Vault, value: dict[str, Any]
+    ) -> None:
+        blob = vault.seal(json.dumps(value, sort_keys=True).encode(), self._aad(table))
         with self.db.transaction() as c:
             c.execute(
-                "INSERT INTO control (device_id, blob) VALUES (?, ?) "
+                f"INSERT INTO {table} (device_id, blob) VALUES (?, ?) "  # noqa: S608  # fixed names
                 "ON CONFLICT (device_id) DO UPDATE SET blob = excluded.blob",
                 (self.device_id, blob),
             )
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The device's sealed state record, or None if there is none (or it was rejected)."""
+        if not self.has_data_key():
+            # Without the key the row (if any) can never open: quarantine it.
+            self.unreadable_without_key()
+            return None
+        try:
+            return self._load_one("state", self._data_vault())
+        except TamperedRecord:
+            return None
+
+    def save_state(self, value: dict[str, Any]) -> None:
+        """Seal and store the device's state record."""
+        self._save_one("state", self._data_vault(), value)
+
+    def load_control(self) -> dict[str, Any] | None:
+        """The control record (system key, survives wipes), or None if there is none;
+        TamperedRecord (after moving it to quarantine) if it fails to open."""
+        return self._load_one("control", self._system_vault())
+
+    def save_control(self, value: dict[str, Any]) -> None:
+        """Seal and store the control record."""
+        self._save_one("control", self._system_vault(), value)
 
     # -- outbox ------------------------------------------------------------
     def _item_aad(self, msg_id: str, purpose: str, captured_ms: int) -> bytes:
@@ -271,8 +252,7 @@ class DeviceStore:
     def rewrite(self, purpose: Purpose, change: Callable[[bytes], bytes]) -> int:
         """Re-seal every queued item of ``purpose`` with ``change(payload)``; how many."""
         rows = self.db.conn.execute(
-            "SELECT seq, msg_id, captured_ms, blob FROM outbox "
-            "WHERE device_id = ? AND purpose = ?",
+            "SELECT seq, msg_id, captured_ms, blob FROM outbox WHERE device_id = ? AND purpose = ?",
             (self.device_id, purpose.value),
         ).fetchall()
         vault = self._data_vault()
