@@ -146,6 +146,8 @@ class _Timeline:
     # A grant's life, from the grant to its withdrawal, the wipe or a new policy; a
     # suspension (or a minor's binding) closes the gate within it but does not end it.
     epochs: dict[Purpose, list[tuple[float, float | None]]]
+    # When the cloud issued a choice (it reaches the device a path delay later).
+    cloud_choices: list[float]
 
     def epoch_end(self, purpose: Purpose, t: float) -> float | None:
         """When the grant in force at ``t`` ended (None: it has not)."""
@@ -230,7 +232,8 @@ def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912, PLR0915  # one br
         epochs[p].append((start, None))
     if minor_since is not None:
         minor_spans.append((minor_since, None))
-    return _Timeline(intervals, minor_spans, precision, wipes, epochs)
+    cloud = [t for t, _what, info in truth.events if info.get("via") == "cloud"]
+    return _Timeline(intervals, minor_spans, precision, wipes, epochs, cloud)
 
 
 def _left(truth: DeviceTruth, r: Received) -> float:
@@ -252,7 +255,11 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
     if tl.minor_at(captured):
         v.add("minor", dev, msg_id, f"{r.kind} from a minor's device")
         return
-    span = tl.in_force(purpose, captured)
+    # A choice the cloud issued reaches the device only after the command's path delay:
+    # what the device captured within the grace after it is judged as of just before.
+    unheard = [t for t in tl.cloud_choices if captured - truth.grace_s <= t <= captured + EPS]
+    heard = min(unheard) - 2 * EPS if unheard else captured
+    span = tl.in_force(purpose, captured) or tl.in_force(purpose, heard)
     receipt = env.consent
     if span is None:
         v.add("no-consent", dev, msg_id, f"{purpose.value} consent not in force at capture")
@@ -285,8 +292,8 @@ def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged
         # No message leaves with a location finer than the precision in force when it
         # leaves (P3), nor than the one in force when it was captured.
         loc = env.data.get("location")
-        departed = max(captured, _left(truth, r) - truth.grace_s)
-        for when, at in (("captured", captured), ("left", departed)):
+        departed = max(heard, _left(truth, r) - truth.grace_s)
+        for when, at in (("captured", heard), ("left", departed)):
             precision = tl.precision_at(at)
             if loc is not None and (
                 precision is Precision.OFF or finer_than(loc["lat"], loc["lon"], precision)

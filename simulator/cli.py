@@ -189,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         outputs=outputs,
         broker=broker,
         seed=args.seed,
+        grace_s=args.grace,
     )
 
 
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="report.json", help="JSON report (default %(default)s)")
     p.add_argument("--junit", help="also write JUnit XML here (one case per privacy rule)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument(
+        "--grace",
+        type=float,
+        help="override the scenario's grace_s: how late a cloud choice may reach a device "
+        "or a message on the wire the broker (a large fleet in one process is slower)",
+    )
     p.add_argument("--broker", help="an mqtts:// broker to use instead of a local Mosquitto")
     p.add_argument("--ca", help="with --broker: the CA that signed the broker's certificate")
     p.add_argument("--cert", help="with --broker: the backend's certificate")

@@ -118,6 +118,7 @@ class Fleet:
         cloud_tls: ssl.SSLContext | None = None,
         progress: bool = True,
         seed: int | None = None,
+        grace_s: float | None = None,
         inject: Callable[[Fleet], Awaitable[None]] | None = None,
     ) -> None:
         self.scenario = scenario
@@ -132,6 +133,9 @@ class Fleet:
         # promises here on purpose.
         self.inject = inject
         self.seed = scenario.seed if seed is None else seed
+        # How late a choice may reach a device, or a message on the wire the broker,
+        # on the path's own delay (faults add theirs); stated in the report.
+        self.grace_s = scenario.grace_s if grace_s is None else grace_s
         self.rng = random.Random(self.seed)  # noqa: S311  # simulation, not cryptography
         self.devices: dict[str, SimDevice] = {}
         self.proxies: dict[str, FaultProxy] = {}
@@ -172,7 +176,7 @@ class Fleet:
             ident = idents[device_id]
             ctx = client_context(self.pki.ca_cert, ident.cert, ident.key)
             via = self.proxies.get(g.name)
-            grace = 2.0 + max(
+            grace = self.grace_s + max(
                 [(e.ms or 0) / 1000 for e in g.events if e.action == "latency"]
                 + [FaultProxy.RETRANSMIT_S for e in g.events if e.action == "loss"]
                 + [0.0]

@@ -66,10 +66,13 @@ def run(
     outputs: Outputs,
     broker: ExternalBroker | None = None,
     seed: int | None = None,
+    grace_s: float | None = None,
 ) -> int:
     """Run the fleet; 0 only with zero violations (of the backend's and any capture's)."""
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
+    if grace_s is not None and not 0 <= grace_s <= 60:
+        raise ConfigError(f"--grace must be 0 to 60 seconds, not {grace_s:g}")
     # Per-device connection chatter would drown the progress lines; the report has
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
@@ -108,6 +111,7 @@ def run(
             restart_broker=restart,
             cloud_tls=cloud_tls,
             seed=seed,
+            grace_s=grace_s,
         )
         fleet.observer_back = observer_back
         asyncio.run(fleet.run())

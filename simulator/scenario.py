@@ -176,6 +176,9 @@ class Scenario(_Model):
     duration_s: float = Field(gt=0, le=3600)
     settle_s: float = Field(default=60, gt=0, le=3600)
     outbox_cap: int = Field(default=10_000, ge=1, le=1_000_000)  # per device (P7)
+    # The checker's only grace: how late a cloud choice may reach a device, or a message
+    # already on the wire the broker (faults add their delay).
+    grace_s: float = Field(default=2.0, ge=0, le=60)
     groups: list[Group] = Field(min_length=1)
 
     @property
