@@ -1,0 +1,43 @@
+"""Delivered means delivered (SPEC §3): a v5 PUBACK 0x10 for personal data is no delivery."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+
+from agent.core.purposes import Purpose
+from agent.device import CrashReport
+from agent.runtime import mqtt
+from agent.runtime.transport import BrokerTarget, Transport
+from tests.core.helpers import Rig
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_no_matching_subscribers_leaves_personal_data_queued(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    core = rig.open()
+    core.bind("b", now=rig.tick())
+    core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
+    core.capture_crash(CrashReport("s", "x"), now=rig.tick())  # wiped with the owner
+    request = core.unbind(now=rig.tick())  # a deletion request is not personal data
+    core.bind("b2", now=rig.tick())
+    core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
+    crash = core.capture_crash(CrashReport("s", "x"), now=rig.tick())
+    transport = Transport(
+        core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), clock=lambda: rig.now
+    )
+    batch = core.next_batch(now=rig.now)
+    assert [o.msg_id for o in batch] == [request, crash]
+    for mid, out in enumerate(batch, 1):
+        transport._flying[mid] = out
+        transport._on_puback(mqtt.PubAck(mid, 0x10, "No matching subscribers"))
+    assert core.queued_count() == 1  # the crash waits to be sent again
+    assert core.in_flight() == []
+    assert core.store.deletion_requests() == []  # the broker has the deletion request
+    assert transport.stats.refused == 1
+    assert transport.stats.last_error_kind == "no-subscribers"
+    sent = [e for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"]
+    assert sent == []  # not in the record as delivered
