@@ -158,7 +158,10 @@ class Connection:
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         """Publish and wait until the broker has it (only without ``on_puback``)."""
-        await self._client.publish(topic, payload, qos=qos)
+        try:
+            await self._client.publish(topic, payload, qos=qos)
+        except aiomqtt.MqttError as exc:
+            raise _translate(exc) from exc
 
     async def incoming(self) -> AsyncIterator[Incoming]:
         """Every message the broker delivers, in order, until the connection ends."""
@@ -197,6 +200,19 @@ class Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _why_it_ended(
+    client: aiomqtt.Client, group: BaseExceptionGroup[Exception], logged: str | None
+) -> TransportError:
+    """The one TransportError that says why a connection ended."""
+    # aiomqtt 2.5.1 keeps why the connection broke on a private future.
+    broke = client._disconnected
+    cause = broke.exception() if broke.done() and not broke.cancelled() else None
+    mqtt_errors = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
+    if cause is not None or mqtt_errors:
+        return _translate(cause or mqtt_errors[0], logged)
+    return _translate(group.exceptions[0])
 
 
 def _register_write_safely(client: aiomqtt.Client) -> None:
@@ -272,15 +288,9 @@ async def connect(
     try:
         async with client:
             yield Connection(client)
-    except* aiomqtt.MqttError as group:
-        # aiomqtt 2.5.1 keeps why the connection broke on a private future.
-        broke = client._disconnected
-        cause = broke.exception() if broke.done() and not broke.cancelled() else None
-        raise _translate(cause or group.exceptions[0], log.last_error) from None
-    except* (OSError, ssl.SSLError) as group:
-        raise _translate(group.exceptions[0]) from None
-    except* TransportError as group:  # raised by the caller's tasks, through a TaskGroup
-        raise group.exceptions[0] from None
+    except* (aiomqtt.MqttError, OSError, ssl.SSLError, TransportError) as group:
+        # One error out, whatever the caller's tasks raised together as the link broke.
+        raise _why_it_ended(client, group, log.last_error) from None
     finally:
         # A connection that failed half-way (a refused certificate, a timeout) leaves
         # paho's socket open; close it and its wake-up pair now (paho 2.2.0 internals).

@@ -10,10 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiomqtt
 import pytest
 
 from agent.core.purposes import Purpose, rfc3339
-from agent.errors import CommandRejected
+from agent.errors import CommandRejected, TransportError
+from agent.runtime import mqtt
+from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
@@ -217,3 +220,25 @@ async def test_command_handler_survives_a_hostile_stream(
         assert isinstance(outcome, CommandRejected)
         assert outcome.reason == "replay"
         assert core.decide(Purpose.DIAGNOSTICS).allowed
+
+
+async def test_errors_raised_together_leave_the_adapter_as_one(
+    broker: MosquittoBroker, pki: DevPki
+) -> None:
+    """As a link breaks, the sync, drain and command tasks can all fail at once; the
+    transport's reconnect loop must get one TransportError, not an ExceptionGroup."""
+    ident = pki.ensure_devices(["group-errors-1"])["group-errors-1"]
+    options = mqtt.Options(
+        host=broker.host,
+        port=broker.port,
+        tls=client_context(pki.ca_cert, ident.cert, ident.key),
+        client_id="group-errors-1",
+        persistent=False,
+    )
+    with pytest.raises(TransportError) as caught:
+        async with mqtt.connect(options):
+            raise ExceptionGroup(
+                "tasks",
+                [aiomqtt.MqttCodeError(4, "not connected"), TransportError("could not publish")],
+            )
+    assert not isinstance(caught.value, ExceptionGroup)
