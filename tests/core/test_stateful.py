@@ -136,7 +136,8 @@ class DeviceMachine(RuleBasedStateMachine):
 
     @rule()
     def firmware_update(self) -> None:
-        self.rig.firmware = self.rig.firmware + ".1"
+        major, minor, patch = self.rig.firmware.split(".")
+        self.rig.firmware = f"{major}.{minor}.{int(patch) + 1}"  # a valid, bounded version
         self.core.firmware_updated(self.rig.firmware, now=self.rig.tick())
 
     @rule(seconds=st.sampled_from([-3600.0, 60.0, 86_400.0, 15 * 86_400.0, 40 * 86_400.0]))
