@@ -64,6 +64,8 @@ class DeviceTruth:
     dropped_items: set[str] = field(default_factory=set)
     pending_at_end: set[str] = field(default_factory=set)
     deletion_requests_pending: int = 0  # at the end of the run, not yet acknowledged
+    # When an observer at the broker first saw each message (a capture), if one ran.
+    seen_at: dict[str, float] = field(default_factory=dict)
 
     # -- what the device tells us (agent.device.DeviceObserver) ------------------
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
@@ -241,10 +243,15 @@ def _left(truth: DeviceTruth, r: Received) -> float:
 
     The backend's arrival time alone overstates it when the backend is slow to read
     (the whole fleet's uplink goes to one client); the broker acknowledged the
-    PUBLISH only after receiving it, so the earlier of the two bounds the departure.
+    PUBLISH only after receiving it, and an observer at the broker may have seen it
+    earlier still, so the earliest of these bounds the departure.
     """
-    acked = truth.acked.get(r.msg_id or "")
-    return r.arrived_at if acked is None else min(acked, r.arrived_at)
+    msg_id = r.msg_id or ""
+    return min(
+        r.arrived_at,
+        truth.acked.get(msg_id, r.arrived_at),
+        truth.seen_at.get(msg_id, r.arrived_at),
+    )
 
 
 def _judge_personal(  # noqa: PLR0917  # the message and everything it is judged by

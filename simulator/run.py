@@ -135,13 +135,18 @@ def _observed_restart(
 def _judge(fleet: Fleet, outputs: Outputs) -> int:
     """Check what the backend (and an observer) received; write and print the report."""
     truths = {d: dev.truth for d, dev in fleet.devices.items()}
+    captured = timeline.read_capture(outputs.capture) if outputs.capture is not None else []
+    for r in captured:  # the observer bounds departures too (it reads faster)
+        truth = truths.get(r.device_id)
+        if truth is not None and r.msg_id is not None:
+            truth.seen_at.setdefault(r.msg_id, r.arrived_at)
     verdict = check(truths, fleet.cloud.received, outages=fleet.outages())
     doc = report.build(fleet, verdict)
     if outputs.timeline is not None:
         timeline.write(outputs.timeline, truths, fleet.outages())
     failures = len(verdict.violations)
     if outputs.capture is not None:
-        seen = check(truths, timeline.read_capture(outputs.capture), outages=fleet.outages())
+        seen = check(truths, captured, outages=fleet.outages())
         agree = Counter(v.kind for v in seen.violations) == Counter(
             v.kind for v in verdict.violations
         )
