@@ -125,9 +125,7 @@ class Cloud:
                     self.connects += 1
                     await self._collect(conn)
             except TransportError:
-                task = asyncio.current_task()
-                if self._stopping or (task is not None and task.cancelling()):
-                    # aiomqtt's disconnect can turn a cancellation into this.
+                if self._stopping:  # aiomqtt's disconnect can turn a cancel into this
                     raise asyncio.CancelledError from None
                 self.online.clear()
                 self._conn = None

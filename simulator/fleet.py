@@ -441,6 +441,9 @@ class Fleet:
                 sweeper.cancel()
                 await self.stop()
         finally:
+            # Whatever ended the run, the transports stop for good: a cancellation alone
+            # may come back as an MQTT error and leave them reconnecting.
+            await self.stop()
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -510,3 +513,4 @@ class Fleet:
             if dev.task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await dev.task
+                dev.task = None

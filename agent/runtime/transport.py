@@ -213,10 +213,10 @@ class Transport:
                 self._failed(exc)
             finally:
                 self._lost()
-            task = asyncio.current_task()
-            if self._stopping or (task is not None and task.cancelling()):
-                # aiomqtt's disconnect may turn a cancellation (ours, or the event loop's
-                # at shutdown) into an MqttError: it must still end the loop.
+            if self._stopping:
+                # aiomqtt's disconnect may turn our cancellation into an MqttError; stop()
+                # says it was ours. (Task.cancelling() is no guide: a TaskGroup whose
+                # child failed leaves it raised.)
                 raise asyncio.CancelledError
             if self.stats.connects > connects:
                 attempt = 0  # it was connected: the schedule starts again
