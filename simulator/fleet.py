@@ -81,6 +81,9 @@ class SimDevice:
     task: asyncio.Task[None] | None = None
     binds: int = 0
     clock_offset: float = 0.0  # the device clock minus real time (a ``clock`` event)
+    # Issue times of the cloud commands on their way to the device, in order (None: a
+    # replay, which is not the user's choice); the device takes them in that order.
+    issued: list[float | None] = field(default_factory=list)
 
     def now(self) -> float:
         """The device's own clock."""
@@ -98,6 +101,8 @@ class FleetStats:
     events_applied: int = 0
     events_refused: Counter[str] = field(default_factory=Counter)
     broker_restarts: list[float] = field(default_factory=list)
+    # From a cloud command's issue to the device taking it: the path the grace covers.
+    command_delays_s: list[float] = field(default_factory=list)
     drained: bool = False
     elapsed_s: float = 0.0
 
@@ -229,6 +234,10 @@ class Fleet:
         cloud issued it, see ``_cloud_event``)."""
 
         def listener(name: str, result: dict[str, Any] | CommandRejected, now: float) -> None:
+            if dev.issued and name != "sync":
+                issued = dev.issued.pop(0)
+                if issued is not None:
+                    self.stats.command_delays_s.append(time.time() - issued)
             if isinstance(result, CommandRejected):
                 self.stats.events_refused[f"{name}:{result.reason}"] += 1
             elif any(v == "applied" for v in result.values()):
@@ -354,6 +363,8 @@ class Fleet:
             "binding_id": core.settings.binding_id or "not-bound",
             "issued_at": rfc3339(issued),
         }
+        if e.action != "replay":
+            dev.issued.append(issued)
         if e.action in ("grant", "withdraw"):
             truth.log(issued, e.action, purpose=e.purpose, via="cloud")
             body = {
@@ -374,6 +385,7 @@ class Fleet:
             # Not the user's choice: the cloud's latest command to the device, again.
             last = next((c for c in reversed(self.cloud.issued) if c[0] == dev.device_id), None)
             if last is not None:
+                dev.issued.append(None)
                 await self.cloud.send_raw(dev.device_id, last[1], json.dumps(last[2]).encode())
         elif e.action in ("suspend", "resume"):
             truth.log(issued, e.action, via="cloud")

@@ -95,6 +95,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "drained": s.drained,
         },
         "latency_s": judgement["latency_s"],
+        "command_delivery_s": percentiles(s.command_delays_s),
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
@@ -123,6 +124,12 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
     if not d["drained"]:
         lines.append("  warning     the fleet did not drain within settle_s")
+    cmd = doc["command_delivery_s"]
+    if cmd:
+        lines.append(
+            f"  commands    issue to device p50 {cmd['p50']} s, p99 {cmd['p99']} s, "
+            f"max {cmd['max']} s"
+        )
     grace = ", ".join(f"{g} {v:g} s" for g, v in sorted(doc["grace_s"].items()))
     lines.append(f"  grace       for messages on the wire when a choice was made: {grace}")
     lines.extend(verdict_summary(doc))
