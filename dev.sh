@@ -47,7 +47,8 @@ case "$job" in
         ;;
     fleet)
         exec .venv/bin/smartmi-sim run --devices 200 \
-            --scenario simulator/scenarios/smoke.toml --report report.json "$@"
+            --scenario simulator/scenarios/smoke.toml --report report.json \
+            --timeline timeline.json --capture capture.txt "$@"
         ;;
     test)
         .venv/bin/ruff check .

@@ -66,7 +66,7 @@ class _Command(BaseModel):
 class OwnerCommand(_Command):
     """A command that acts for an owner names the binding it is for."""
 
-    binding_id: _Text
+    binding_id: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,128}$")]
 
 
 class ConsentCommand(OwnerCommand):

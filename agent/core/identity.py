@@ -8,10 +8,11 @@ MQTT treats as structure: ``+`` and ``#`` are wildcards, ``/`` is a level separa
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final
 
-from agent.errors import InvalidDeviceId
+from agent.errors import InvalidDeviceId, SchemaError
 
 MAX_DEVICE_ID_LENGTH: Final = 64
 # The backend's certificate CN. The ACL grants it read on every device's up/ and
@@ -46,6 +47,31 @@ def validate_device_id(device_id: str) -> str:
     if device_id in (BACKEND_ID, OBSERVER_ID):
         raise InvalidDeviceId(device_id, "it is a reserved name (backend or observer)")
     return device_id
+
+
+MAX_BINDING_ID: Final = 128
+# A binding ID names an owner's binding in the cloud: visible ASCII only, so it can be
+# stored, logged and sent back in a deletion request whatever else happens (P9, P10).
+BINDING_ID = re.compile(r"[!-~]{1,128}", re.ASCII)
+
+
+def validate_binding_id(binding_id: str) -> str:
+    """Return ``binding_id`` if it is 1 to 128 visible ASCII characters; else SchemaError."""
+    if not BINDING_ID.fullmatch(binding_id):
+        raise SchemaError(
+            f"binding ID must be 1 to {MAX_BINDING_ID} visible ASCII characters "
+            "(letters, digits, punctuation; no spaces or control characters)"
+        )
+    return binding_id
+
+
+def safe_binding_id(binding_id: str) -> str:
+    """A stored binding ID as a deletion request can carry it: itself if valid, else a
+    digest of its bytes, so no stored value can block a wipe or its request (P9, P10)."""
+    if BINDING_ID.fullmatch(binding_id):
+        return binding_id
+    raw = binding_id.encode("utf-8", "surrogateescape")
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def up_topic(device_id: str, kind: str) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from agent.core import consent, ledger, lifecycle
 from agent.core.commands import FUTURE_SKEW_S
 from agent.core.consent import Decision, Grant, Source
+from agent.core.identity import safe_binding_id, validate_binding_id
 from agent.core.items import DropReason, expired
 from agent.core.lifecycle import Event, State
 from agent.core.location import DECIMALS, CoarseLocation, Precision, coarsen, recoarsen
@@ -31,7 +32,6 @@ from agent.core.scrub import scrub
 from agent.core.settings import CoreConfig, CrashReport, Settings
 from agent.errors import ConsentNotInForce, SchemaError
 
-MAX_BINDING_ID = 128
 ALL = frozenset(Purpose)
 
 __all__ = ["CoreConfig", "CrashReport", "Plan", "Settings"]
@@ -196,8 +196,7 @@ def bind(
     msg_id: str,
 ) -> Plan:
     """Bind to an owner; an activation becomes due (first, or restore after a wipe)."""
-    if not binding_id or len(binding_id) > MAX_BINDING_ID:
-        raise SchemaError(f"binding_id must be 1 to {MAX_BINDING_ID} characters")
+    validate_binding_id(binding_id)
     step = lifecycle.step(s.lifecycle, Event.BIND)
     after = dataclasses.replace(
         s,
@@ -242,7 +241,11 @@ def wipe(s: Settings, cfg: CoreConfig, event: Event, *, now: float, msg_id: str)
             msg_id=msg_id,
             device_id=cfg.device_id,
             captured_at=now,
-            data={"binding_id": s.binding_id, "reason": reason, "requested_at": rfc3339(now)},
+            data={
+                "binding_id": safe_binding_id(s.binding_id),
+                "reason": reason,
+                "requested_at": rfc3339(now),
+            },
             receipt=None,
         )
         request = (msg_id, now, payload)

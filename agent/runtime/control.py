@@ -96,6 +96,29 @@ def act(  # noqa: PLR0911  # one branch per verb
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+MAX_DEPTH: Final = 16  # a request is a flat object; nesting beyond this is refused unparsed
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    """One request line as a JSON object; ControlError for anything else."""
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"request too large (over {MAX_REQUEST} bytes)")
+    depth = deepest = 0
+    for byte in line:  # counted before parsing: a deep document never reaches json
+        if byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    if deepest > MAX_DEPTH:
+        raise ControlError(f"request nested {deepest} deep, at most {MAX_DEPTH}")
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise ControlError(f"a request is one JSON object on one line: {exc}") from None
+    if not isinstance(request, dict):
+        raise ControlError("a request is a JSON object")
+    return request
 
 
 def _prepare(path: Path) -> None:
@@ -112,14 +135,15 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
         try:
             line = await reader.readline()
             try:
-                if len(line) > MAX_REQUEST:
-                    raise ControlError("request too large")
-                request = json.loads(line)
-                if not isinstance(request, dict):
-                    raise ControlError("a request is a JSON object")
+                request = _decode(line)
                 reply: dict[str, Any] = {"ok": True, "result": handler(request)}
             except (AgentError, ValueError) as exc:
                 reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:  # noqa: BLE001  # every request is answered, the daemon lives
+                # A fault of ours, not the device's software crashing: logged with its
+                # type, never turned into a crash report or a dead control socket.
+                log.error("control request failed", extra={"error": type(exc).__name__})  # noqa: TRY400
+                reply = {"ok": False, "error": f"internal error ({type(exc).__name__}), logged"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:

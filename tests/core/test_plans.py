@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from agent.core import rules
@@ -11,7 +13,7 @@ from agent.core.location import Precision
 from agent.core.ordering import Stamp
 from agent.core.purposes import Purpose, parse_envelope
 from agent.core.rules import CoreConfig, CrashReport, Settings
-from agent.errors import ConsentNotInForce
+from agent.errors import ConsentNotInForce, SchemaError
 
 CFG = CoreConfig(device_id="dev-1", serial="SN-1", model="m", firmware_version="1.0")
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
@@ -113,3 +115,21 @@ def test_a_new_policy_supersedes_earlier_grants() -> None:
     plan = rules.policy_changed(bound(A, D), cfg, now=T, msg_id="x")
     assert {p.purpose for p in plan.purge} == {A, D}
     assert not any(rules.decide(plan.settings, p).allowed for p in Purpose)
+
+
+@pytest.mark.parametrize("binding_id", ["owner-\udcff", "", "with space", "tab\there", "x" * 129])
+def test_a_binding_id_must_be_visible_ascii(binding_id: str) -> None:
+    with pytest.raises(SchemaError, match="binding ID must be 1 to 128 visible ASCII"):
+        rules.bind(
+            Settings.fresh("1"), CFG, binding_id, minor=False, restored=False, now=T, msg_id="x"
+        )
+
+
+def test_nothing_stored_can_block_a_wipe_or_its_deletion_request() -> None:
+    s = dataclasses.replace(bound(A), binding_id="owner-\udcff")  # as an older version stored it
+    plan = rules.wipe(s, CFG, Event.UNBIND, now=T, msg_id="dr-1")
+    assert plan.wipe is not None
+    assert plan.wipe.deletion_request is not None
+    data = parse_envelope(plan.wipe.deletion_request[2]).data
+    assert data["binding_id"].startswith("sha256:")
+    assert plan.settings.lifecycle is State.FACTORY_NEW

@@ -197,3 +197,21 @@ def test_client_id_is_forced_to_certificate_cn(broker: MosquittoBroker, pki: Dev
         assert not c.publish(up_topic("acl-liar", "crash"), b"x").is_failure
     finally:
         c.close()
+
+
+@pytest.mark.parametrize(
+    "cipher", ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "ECDHE-ECDSA-AES128-SHA256"]
+)
+def test_tls_1_2_refuses_cbc_suites(broker: MosquittoBroker, pki: DevPki, cipher: str) -> None:
+    ident = pki.issue_device("sec-cbc")
+    ctx = ctx_for(pki.ca_cert, ident)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(cipher)
+    with pytest.raises(ssl.SSLError) as info:
+        raw_connect(ctx, broker.host, broker.port)
+    assert "handshake failure" in str(info.value).lower()
+    # Control: TLS 1.2 with an ECDHE AEAD suite gets in.
+    ok = ctx_for(pki.ca_cert, ident)
+    ok.maximum_version = ssl.TLSVersion.TLSv1_2
+    ok.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert raw_connect(ok, broker.host, broker.port) == CONNACK_OK
