@@ -20,7 +20,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,20 +281,25 @@ class Fleet:
         assert target is not None  # noqa: S101
         dev = self.devices[target]
         if e.action == "reboot":
-            await self._reboot(dev)
+            # Not awaited: the agent's old connection closes while the timeline goes on.
+            self._background(self._reboot(dev))
             self.stats.events_applied += 1
             return
         if e.source == "cloud":
             # Sent, not awaited: the cloud does not wait for one device before the next.
-            task = asyncio.create_task(self._cloud_event(dev, e))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            self._background(self._cloud_event(dev, e))
             return
         try:
             self._local_event(dev, e, time.time())
             self.stats.events_applied += 1
         except AgentError as exc:
             self.stats.events_refused[f"{e.action}:{type(exc).__name__}"] += 1
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the timeline; the run waits for all of it before draining."""
+        task = asyncio.create_task(work)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _fault(self, proxy: FaultProxy, e: Event) -> None:
         assert e.for_s is not None  # noqa: S101  # validated
