@@ -502,8 +502,10 @@ class Fleet:
             received = self.cloud.received
             arrived.update(r.msg_id for r in received[counted:])
             counted = len(received)
+            # Idle, and every cloud command taken: one still on its way may yet wipe
+            # a device and make a deletion request.
             idle = all(
-                d.transport.idle.is_set() and d.transport.connected.is_set()
+                d.transport.idle.is_set() and d.transport.connected.is_set() and not d.issued
                 for d in self.devices.values()
             )
             windows = self.outages()
