@@ -7,14 +7,16 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from agent.core.identity import up_topic
@@ -114,7 +116,7 @@ def run(
             grace_s=grace_s,
         )
         fleet.observer_back = observer_back
-        asyncio.run(fleet.run())
+        asyncio.run(_with_task_dump(fleet.run()))
     return _judge(fleet, outputs)
 
 
@@ -133,6 +135,23 @@ def _observed_restart(
         back.append(time.time())
 
     return restart
+
+
+async def _with_task_dump(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work``; on SIGUSR1 print where every task waits (a run that seems stuck)."""
+
+    def dump() -> None:
+        tasks = asyncio.all_tasks()
+        print(f"smartmi-sim: {len(tasks)} tasks", file=sys.stderr)
+        for task in list(tasks)[:200]:
+            task.print_stack(limit=3, file=sys.stderr)
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+    try:
+        await work
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
 
 
 def _judge(fleet: Fleet, outputs: Outputs) -> int:
