@@ -35,7 +35,7 @@ from agent.core.commands import (
 )
 from agent.core.lifecycle import Event
 from agent.core.location import Precision
-from agent.core.ordering import Direction, Stamp, admit
+from agent.core.ordering import Direction, Stamp, admit, order
 from agent.core.rules import Plan
 from agent.core.settings import CoreConfig, Settings
 from agent.errors import CommandRejected
@@ -77,8 +77,14 @@ class _Taking:
     def s(self) -> Settings:
         return self.plan.settings
 
-    def admitted(self, key: str, direction: Direction, latest: Stamp | None) -> bool:
-        """Whether the command may change setting ``key``; records why not."""
+    def admitted(self, key: str, direction: Direction, latest: Stamp | None) -> Stamp | None:
+        """The stamp the setting ``key`` gets if the command may change it; None (and
+        why, in the result) if it may not.
+
+        A narrowing command applied although the order is unknown does not make the
+        setting look older than its latest change: the setting keeps that stamp, so a
+        widening command issued in between can never pass for newer.
+        """
         if direction == "widening":
             check_fresh(self.command, self.issued, self.cloud_now)
             if self.s.control.memory.full:
@@ -86,9 +92,11 @@ class _Taking:
         why = admit(direction, self.issued, latest)
         if why is not None:
             self.result[key] = f"ignored: {why} than the latest change"
-            return False
+            return None
         self.result[key] = "applied"
-        return True
+        if latest is not None and order(self.issued, latest) != "newer":
+            return latest
+        return self.stamp
 
     def add(self, nxt: Plan) -> None:
         self.plan = self.plan.then(nxt)
@@ -107,20 +115,22 @@ def take(s: Settings, cfg: CoreConfig, command: Command, *, now: float, msg_id: 
         case PrecisionCommand():
             level = Precision(command.precision)
             coarser = rules.is_coarser(level, s.precision) or level is s.precision
-            if t.admitted(
+            if stamp := t.admitted(
                 "precision", "narrowing" if coarser else "widening", s.stamps.get("precision")
             ):
-                t.add(rules.set_precision(t.s, level, now=now, stamp=t.stamp))
+                t.add(rules.set_precision(t.s, level, now=now, stamp=stamp))
         case UnbindCommand() | AccountCancelledCommand():
             event = Event.UNBIND if isinstance(command, UnbindCommand) else Event.ACCOUNT_CANCELLED
             t.result["binding"] = "applied"
             t.add(rules.wipe(t.s, cfg, event, now=now, msg_id=msg_id))
         case SuspendCommand() | ResumeCommand():
             value = isinstance(command, SuspendCommand)
-            if t.admitted("suspension", "narrowing" if value else "widening", s.control.suspension):
+            if stamp := t.admitted(
+                "suspension", "narrowing" if value else "widening", s.control.suspension
+            ):
                 t.add(
                     rules.suspension(
-                        t.s, cfg, value, now=now, source="cloud", msg_id=msg_id, stamp=t.stamp
+                        t.s, cfg, value, now=now, source="cloud", msg_id=msg_id, stamp=stamp
                     )
                 )
     memory = t.s.control.memory.remember(command.command_id, t.issued, now)
@@ -138,13 +148,14 @@ def _consent(t: _Taking, command: ConsentCommand, msg_id: str) -> None:
                 command_id=command.command_id,
             )
         key = f"consent:{purpose.value}"
-        if not t.admitted(key, "widening" if granted else "narrowing", t.s.stamps.get(key)):
+        stamp = t.admitted(key, "widening" if granted else "narrowing", t.s.stamps.get(key))
+        if stamp is None:
             continue
         if granted:
             t.add(
                 rules.grant(
-                    t.s, t.cfg, purpose, now=t.now, source="cloud", msg_id=msg_id, stamp=t.stamp
+                    t.s, t.cfg, purpose, now=t.now, source="cloud", msg_id=msg_id, stamp=stamp
                 )
             )
         else:
-            t.add(rules.withdraw(t.s, t.cfg, purpose, now=t.now, source="cloud", stamp=t.stamp))
+            t.add(rules.withdraw(t.s, t.cfg, purpose, now=t.now, source="cloud", stamp=stamp))

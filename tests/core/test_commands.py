@@ -209,3 +209,21 @@ def body_min() -> dict[str, object]:
 
 def body_owner() -> dict[str, object]:
     return {**body_min(), "command_id": "u-1", "binding_id": "b-1"}
+
+
+def test_a_narrowing_command_of_unknown_order_does_not_let_an_older_grant_pass(
+    tmp_path: Path,
+) -> None:
+    """Offline: the owner withdraws on the device; the cloud's earlier withdrawal and a
+    grant issued between them arrive afterwards, before any clock comparison."""
+    rig = Rig(tmp_path)
+    core = rig.open()
+    core.bind("b-1", now=NOW)
+    core.grant(Purpose.DIAGNOSTICS, now=NOW)
+    core.withdraw(Purpose.DIAGNOSTICS, now=NOW + 60)  # device time, never compared
+    off = body(command_id="w-1", purposes={"diagnostics": False}, issued_at=rfc3339(NOW + 20))
+    assert take(rig, "consent", off, now=NOW + 100) == {"consent:diagnostics": "applied"}
+    grant = body(command_id="g-1", issued_at=rfc3339(NOW + 40))
+    result = take(rig, "consent", grant, now=NOW + 100)
+    assert result == {"consent:diagnostics": "ignored: unknown than the latest change"}
+    assert not core.decide(Purpose.DIAGNOSTICS).allowed
