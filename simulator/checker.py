@@ -352,17 +352,32 @@ def check(
         _judge_personal(v, timelines[r.device_id], truth, r, env, purpose)
     v.unique = sum(len(s) for s in seen.values())
     for d, truth in truths.items():
-        _judge_deletions(v, truth, timelines[d], deletions[d])
+        _judge_deletions(v, truth, timelines[d], deletions[d], windows)
         _judge_lost(v, truth, seen[d], windows)
     return v
 
 
-def _judge_deletions(v: Verdict, truth: DeviceTruth, tl: _Timeline, arrived: set[str]) -> None:
-    """One deletion request per wipe of a bound device (P10): each arrived or is still
-    pending at the end, and none arrived that no wipe caused."""
+def _judge_deletions(
+    v: Verdict,
+    truth: DeviceTruth,
+    tl: _Timeline,
+    arrived: set[str],
+    windows: list[tuple[float, float]],
+) -> None:
+    """One deletion request per wipe of a bound device (P10): each arrived, is still
+    pending at the end, or was acknowledged by a broker that lost it in a restart; and
+    none arrived that no wipe caused."""
+    custody = sum(
+        1
+        for m, t in truth.acked.items()
+        if m not in truth.queued_items
+        and m not in arrived
+        and any(t < end for _start, end in windows)
+    )
+    v.broker_custody += custody
     wipes, pending = len(tl.wipes), truth.deletion_requests_pending
-    if len(arrived) + pending < wipes:
-        missing = wipes - len(arrived) - pending
+    if len(arrived) + pending + custody < wipes:
+        missing = wipes - len(arrived) - pending - custody
         v.add("deletion-request", truth.device_id, None, f"{missing} wipe(s) without a request")
     for msg_id in sorted(arrived)[wipes:]:
         v.add("deletion-request", truth.device_id, msg_id, "a deletion request no wipe caused")

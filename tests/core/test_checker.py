@@ -270,3 +270,13 @@ def test_items_held_through_a_suspension_may_leave_after_the_resume() -> None:
     t.log(T0 + 13, "grant", purpose="diagnostics")
     # Its grant ended with the withdrawal: a new grant does not cover it (P2).
     assert kinds_of(t, [message("crash", "e", T0 + 10, T0 + 20)]) == ["no-consent"]
+
+
+def test_a_deletion_request_lost_in_a_broker_restart_is_the_brokers_custody() -> None:
+    t = truth()
+    t.log(T0 + 3, "wipe", reason="unbind")
+    t.acked = {"d1": T0 + 4}  # the broker acknowledged it, then restarted at T0 + 4.5
+    assert kinds_of(t, []) == ["deletion-request"]  # no window: it was lost
+    verdict = check({DEV: t}, [], outages=[(T0 + 4.5, T0 + 6)])
+    assert verdict.violations == []
+    assert verdict.broker_custody == 1
