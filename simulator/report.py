@@ -75,6 +75,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "seconds": None if s.connect_s is None else round(s.connect_s, 2),
             "devices_per_s": round(n / s.connect_s, 1) if s.connect_s else None,
             "reconnects": sum(max(0, t.connects - 1) for t in transports),
+            "stuck_stops": s.stuck_stops,
         },
         "memory": {
             "rss_baseline_kib": s.rss_baseline_kib,
@@ -122,6 +123,8 @@ def summary(doc: dict[str, Any]) -> str:
     ]
     if d["broker_custody"]:
         lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
+    if c.get("stuck_stops"):
+        lines.append(f"  warning     {c['stuck_stops']} transports had not stopped 10 s after stop()")
     if not d["drained"]:
         lines.append("  warning     the fleet did not drain within settle_s")
     cmd = doc["command_delivery_s"]

@@ -142,9 +142,11 @@ async def _with_task_dump(work: Coroutine[Any, Any, None]) -> None:
 
     def dump() -> None:
         tasks = asyncio.all_tasks()
-        print(f"smartmi-sim: {len(tasks)} tasks", file=sys.stderr)
-        for task in list(tasks)[:200]:
-            task.print_stack(limit=3, file=sys.stderr)
+        kinds = Counter(t.get_coro().__qualname__ for t in tasks)  # type: ignore[union-attr]
+        print(f"smartmi-sim: {len(tasks)} tasks: {dict(kinds)}", file=sys.stderr)
+        rare = [t for t in tasks if kinds[t.get_coro().__qualname__] < 50]  # type: ignore[union-attr]
+        for task in rare[:100]:
+            task.print_stack(limit=4, file=sys.stderr)
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, dump)

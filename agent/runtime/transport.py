@@ -38,7 +38,6 @@ class keeps consistent across a connection's loss.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -109,6 +108,22 @@ class TransportStats:
 CommandListener = Callable[[str, "dict[str, Any] | CommandRejected", float], None]
 # Records one acknowledgement: (transport, msg_id, time); the default is ``record_ack``.
 AckSink = Callable[["Transport", str, float], None]
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds``; a cancellation always propagates.
+
+    Python 3.11's ``asyncio.timeout`` can turn a cancellation that arrives as the
+    timeout expires into TimeoutError; a loop that ignored it would never end, and the
+    TaskGroup around it (a connection being stopped) would wait for ever.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError from None
 
 
 class Transport:
@@ -291,9 +306,7 @@ class Transport:
             conn.publish_nowait(up_topic(self.device_id, "sync"), json.dumps(body).encode())
             conn.flush()
             wait = SYNC_RETRY.delay(attempt, self.rng)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self.synced.wait()
+            await _wait(self.synced, wait)
             if not self.synced.is_set():
                 attempt += 1
                 log.warning(
@@ -335,9 +348,7 @@ class Transport:
                 self._hand_over(conn, now)
                 if conn.pending_write():
                     timeout = BLOCKED_POLL_S
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            await _wait(self._wake, timeout)
 
     def _hand_over(self, conn: mqtt.Connection, now: float) -> None:
         """Give paho what it can write now, one item at a time (no recall needed)."""
