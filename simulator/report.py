@@ -124,7 +124,7 @@ def summary(doc: dict[str, Any]) -> str:
     if d["broker_custody"]:
         lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
     if c.get("stuck_stops"):
-        lines.append(f"  warning     {c['stuck_stops']} transports had not stopped 10 s after stop()")
+        lines.append(f"  warning     {c['stuck_stops']} transports not stopped 10 s after stop()")
     if not d["drained"]:
         lines.append("  warning     the fleet did not drain within settle_s")
     cmd = doc["command_delivery_s"]
