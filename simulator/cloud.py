@@ -110,6 +110,9 @@ class Cloud:
             client_id=BACKEND_ID,
             protocol="v5",
             persistent=False,  # a clean session on every connection, see connected()
+            # The cloud issues commands to a whole fleet at once: with paho's default of
+            # 20 in flight they queued behind each other's PUBACKs for many seconds.
+            max_inflight=1000,
         )
 
     async def _run(self, ctx: ssl.SSLContext) -> None:
