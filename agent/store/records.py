@@ -229,25 +229,33 @@ class DeviceStore:
         for seq, msg_id, purpose, cms, blob in rows:
             if msg_id in exclude:
                 continue
-            try:
-                # The purpose column is bound into the AAD: an edited one fails here.
-                payload = self._data_vault().open(
-                    blob, self._item_aad(msg_id, purpose, cms), table="outbox", row_id=msg_id
-                )
-            except TamperedRecord as exc:
-                self._quarantine(
-                    "outbox",
-                    msg_id,
-                    blob,
-                    exc,
-                    delete_sql="DELETE FROM outbox WHERE seq = ?",
-                    delete_args=(seq,),
-                )
+            payload = self._open_item(seq, msg_id, purpose, cms, blob)
+            if payload is None:
                 continue
             out.append(StoredItem(seq, msg_id, Purpose(purpose), cms / 1000, payload))
             if len(out) >= limit:
                 break
         return out
+
+    def _open_item(
+        self, seq: int, msg_id: str, purpose: str, cms: int, blob: bytes
+    ) -> bytes | None:
+        """An outbox row's payload, or None after moving a row that fails to open to
+        quarantine. The purpose column is bound into the AAD: an edited one fails here."""
+        try:
+            return self._data_vault().open(
+                blob, self._item_aad(msg_id, purpose, cms), table="outbox", row_id=msg_id
+            )
+        except TamperedRecord as exc:
+            self._quarantine(
+                "outbox",
+                msg_id,
+                blob,
+                exc,
+                delete_sql="DELETE FROM outbox WHERE seq = ?",
+                delete_args=(seq,),
+            )
+            return None
 
     def rewrite(self, purpose: Purpose, change: Callable[[bytes], bytes]) -> int:
         """Re-seal every queued item of ``purpose`` with ``change(payload)``; how many."""
@@ -258,19 +266,10 @@ class DeviceStore:
         vault = self._data_vault()
         with self.db.transaction() as c:
             for seq, msg_id, cms, blob in rows:
-                aad = self._item_aad(msg_id, purpose.value, cms)
-                try:
-                    payload = vault.open(blob, aad, table="outbox", row_id=msg_id)
-                except TamperedRecord as exc:
-                    self._quarantine(
-                        "outbox",
-                        msg_id,
-                        blob,
-                        exc,
-                        delete_sql="DELETE FROM outbox WHERE seq = ?",
-                        delete_args=(seq,),
-                    )
+                payload = self._open_item(seq, msg_id, purpose.value, cms, blob)
+                if payload is None:
                     continue
+                aad = self._item_aad(msg_id, purpose.value, cms)
                 c.execute(
                     "UPDATE outbox SET blob = ? WHERE seq = ?",
                     (vault.seal(change(payload), aad), seq),
