@@ -40,6 +40,24 @@ class Outputs:
     timeline: Path | None = None
     capture: Path | None = None
 
+    def check(self) -> None:
+        """Every output can be written: found before the run, not after it."""
+        for option, path in (
+            ("--report", self.report),
+            ("--junit", self.junit),
+            ("--timeline", self.timeline),
+            ("--capture", self.capture),
+        ):
+            if path is None:
+                continue
+            folder = path.parent
+            if path.is_dir():
+                raise ConfigError(f"{option} {path} is a directory; name a file in it")
+            if not folder.is_dir():
+                raise ConfigError(f"{option} {path}: the folder {folder} does not exist")
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"{option} {path}: the folder {folder} is not writable")
+
 
 @dataclass(frozen=True)
 class ExternalBroker:
@@ -75,6 +93,7 @@ def run(
         raise ConfigError("--devices must be at least 1")
     if grace_s is not None and not 0 <= grace_s <= 60:
         raise ConfigError(f"--grace must be 0 to 60 seconds, not {grace_s:g}")
+    outputs.check()
     # Per-device connection chatter would drown the progress lines; the report has
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")

@@ -148,3 +148,14 @@ def test_an_event_a_group_cannot_carry_out_is_a_load_time_error(
     )
     assert main(["--dir", str(tmp_path), "run", "--devices", "5", "--scenario", str(bad)]) == 1
     assert "action 'suspend' cannot come from the local" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--dir", str(tmp_path), "run", "--devices", "5", "--scenario", str(SMOKE)]
+    assert main([*base, "--timeline", str(tmp_path / "no" / "t.json")]) == 1
+    assert "the folder" in capsys.readouterr().err
+    assert main([*base, "--capture", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert not (tmp_path / "pki").exists()  # refused before the PKI or a broker
