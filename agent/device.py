@@ -38,7 +38,7 @@ from agent.core.items import (
 )
 from agent.core.lifecycle import Event, State
 from agent.core.location import CoarseLocation, Precision
-from agent.core.ordering import Clock, rebased
+from agent.core.ordering import Clock
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
 from agent.core.rules import Plan
 from agent.core.settings import Control, CoreConfig, CrashReport, Settings
@@ -181,12 +181,11 @@ class Device:
             settings = dataclasses.replace(settings, firmware_version=self.config.firmware_version)
         drops = self._write(plan, settings)
         self.settings = settings
-        if plan.capture is not None:
+        if plan.capture is not None:  # counted before the drops its cap may have caused
             self._queued += 1
         for reason, msg_ids in drops.items():
             self._drop(msg_ids, reason)
-        if plan.capture is not None:
-            c = plan.capture
+        if (c := plan.capture) is not None:
             for o in self._observers:
                 o.queued(c.msg_id, c.purpose, c.captured_at)
         if plan.capture is not None or (plan.save and not plan.stop) or plan.recoarsen:
@@ -357,14 +356,7 @@ class Device:
 
     def clock_compared(self, clock: Clock, *, now: float) -> None:
         """The command sync measured the device clock against the cloud's (SPEC §3)."""
-        control = dataclasses.replace(self.settings.control, clock=clock)
-        settings = self.settings.with_control(control)
-        if any(st.error is None for st in settings.stamps.values()):
-            stamps = {k: rebased(st, clock) for k, st in settings.stamps.items()}
-            settings = dataclasses.replace(settings, stamps=stamps)
-            self._carry_out(Plan(settings, save=self.lifecycle is not State.FACTORY_NEW), now)
-            return
-        self._carry_out(Plan(settings, save=False), now)
+        self._carry_out(rules.clock_compared(self.settings, clock), now)
 
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:

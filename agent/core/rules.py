@@ -26,7 +26,7 @@ from agent.core.identity import safe_binding_id, validate_binding_id
 from agent.core.items import DropReason, expired
 from agent.core.lifecycle import Event, State
 from agent.core.location import DECIMALS, CoarseLocation, Precision, coarsen, recoarsen
-from agent.core.ordering import Stamp
+from agent.core.ordering import Clock, Stamp, rebased
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
 from agent.core.scrub import scrub
 from agent.core.settings import CoreConfig, CrashReport, Settings
@@ -152,6 +152,18 @@ def superseded(s: Settings) -> tuple[Purge, ...]:
 def purge_superseded(s: Settings) -> Plan:
     """Drop what no grant in force covers any more (on opening the store)."""
     return Plan(s, save=False, purge=superseded(s))
+
+
+def clock_compared(s: Settings, clock: Clock) -> Plan:
+    """The command sync measured the device clock against the cloud's (SPEC §3); local
+    stamps taken before any comparison are put on the cloud's clock with it."""
+    after = s.with_control(dataclasses.replace(s.control, clock=clock))
+    if not any(st.error is None for st in after.stamps.values()):
+        return Plan(after, save=False)
+    stamps = {k: rebased(st, clock) for k, st in after.stamps.items()}
+    return Plan(
+        dataclasses.replace(after, stamps=stamps), save=s.lifecycle is not State.FACTORY_NEW
+    )
 
 
 # -- lifecycle ------------------------------------------------------------------
