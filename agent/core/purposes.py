@@ -81,14 +81,26 @@ class Route(_Strict):
     interface: str = Field(max_length=32)
 
 
+_NAME: Final = r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,15}$"
+
+
+class Frame(_Strict):
+    """One stack frame: names and a line number, never a path or a value (P12)."""
+
+    module: str = Field(pattern=rf"{_NAME}|^<external>$|^<redacted>$", max_length=1100)
+    function: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$|^<[a-z]{1,12}>$")
+    line: int = Field(ge=0, le=999_999_999)
+
+
 class CrashData(_Strict):
-    """Crash diagnostics payload (SPEC §1); ``stack`` is scrubbed before it gets here."""
+    """Crash diagnostics payload (SPEC §1, P12): minimal by structure, no crash text."""
 
     ip_addresses: list[str] = Field(max_length=32)
     default_gateway: str | None = Field(max_length=64)
     routes: list[Route] = Field(max_length=64)
-    signature: str = Field(min_length=1, max_length=256)
-    stack: str = Field(max_length=16_384)
+    exception: str = Field(pattern=rf"{_NAME}|^unknown$|^<redacted>$", max_length=1100)
+    frames: list[Frame] = Field(max_length=64)
+    signature: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.<> ]+$")
     firmware_version: str = Field(min_length=1, max_length=64)
     uptime_s: float = Field(ge=0)
 

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agent.core import consent, ledger, lifecycle
+from agent.core import consent, crashes, ledger, lifecycle
 from agent.core.commands import FUTURE_SKEW_S
 from agent.core.consent import Decision, Grant, Source
 from agent.core.identity import safe_binding_id, validate_binding_id
@@ -28,7 +28,6 @@ from agent.core.lifecycle import Event, State
 from agent.core.location import DECIMALS, CoarseLocation, Precision, coarsen, recoarsen
 from agent.core.ordering import Clock, Stamp, rebased
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
-from agent.core.scrub import scrub
 from agent.core.settings import CoreConfig, CrashReport, Settings
 from agent.errors import ConsentNotInForce, SchemaError
 
@@ -428,12 +427,13 @@ def crash(s: Settings, cfg: CoreConfig, report: CrashReport, *, now: float, msg_
     decision = decide(s, Purpose.DIAGNOSTICS)
     if not decision.allowed or decision.grant is None:
         raise ConsentNotInForce(Purpose.DIAGNOSTICS.value, decision.reason.value)
+    # Minimal by structure: exception type and frames; the crash text is dropped.
+    structure = crashes.minimal(report.signature, report.stack, secrets=(cfg.serial, cfg.device_id))
     data = {
         "ip_addresses": list(report.ip_addresses),
         "default_gateway": report.default_gateway,
         "routes": list(report.routes),
-        "signature": scrub(report.signature)[:256] or "unknown",
-        "stack": scrub(report.stack),
+        **structure,
         "firmware_version": cfg.firmware_version,
         "uptime_s": float(report.uptime_s),
     }

@@ -21,7 +21,7 @@ from tests.core.helpers import Recorder, Rig
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
 CRASH = CrashReport(
     signature="SIGSEGV in fan_ctl",
-    stack='File "/home/alice/x.py" contact alice@example.com token=abc123',
+    stack='File "/home/alice/x.py", line 0 contact alice@example.com token=abc123',
     ip_addresses=("192.0.2.7",),
     default_gateway="192.0.2.1",
     routes=({"destination": "0.0.0.0/0", "gateway": "192.0.2.1", "interface": "wlan0"},),
@@ -98,15 +98,18 @@ def test_crash_is_scrubbed_and_gated(rig: Rig) -> None:
     rig.core.capture_crash(CRASH, now=rig.tick())
     (item,) = rig.deliver_all()
     data = json.loads(item.payload)["data"]
-    assert "alice" not in data["stack"]
-    assert "abc123" not in data["stack"]
+    assert "alice" not in item.payload.decode()
+    assert "abc123" not in item.payload.decode()
     assert data["ip_addresses"] == ["192.0.2.7"]
+    assert data["exception"] == "SIGSEGV"
+    assert data["frames"] == [{"module": "<external>", "function": "<unknown>", "line": 0}]
     assert set(data) == {
         "ip_addresses",
         "default_gateway",
         "routes",
+        "exception",
+        "frames",
         "signature",
-        "stack",
         "firmware_version",
         "uptime_s",
     }
@@ -273,7 +276,7 @@ def test_export_ledger(rig: Rig) -> None:
     assert kinds == [("consent", "grant"), ("sent", None), ("consent", "withdraw")]
     entry = doc["entries"][1]
     assert entry["msg_id"] == sent.msg_id
-    assert "stack" in entry["fields"]
+    assert "frames" in entry["fields"]
     assert len(entry["sha256"]) == 64
     assert "alice" not in json.dumps(doc)
 

@@ -104,7 +104,7 @@ async def test_every_kind_of_violation_is_caught(
         # 4. Rogue messages with real device certificates.
         crash: dict[str, object] = {
             "ip_addresses": [], "default_gateway": None, "routes": [], "signature": "s",
-            "stack": "", "firmware_version": "1.0.0", "uptime_s": 1.0,
+            "exception": "KeyError", "frames": [], "firmware_version": "1.0.0", "uptime_s": 1.0,
         }  # fmt: skip
         receipt = {"purpose": "diagnostics", "policy_version": "1", "granted_at": rfc3339(now - 5)}
         activation = {

@@ -17,6 +17,7 @@ from agent.cli import main as cli
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
+from tests import hostile_crashes
 from tests.e2e.fleet import until
 
 pytestmark = pytest.mark.asyncio
@@ -120,11 +121,18 @@ async def test_daemon_serves_the_cli_sends_and_stops_cleanly(
         json.dumps({"signature": "SIGABRT in fan_ctl", "stack": "at /home/bob/fan.c:12"})
     )
     (crash_dir / ".fan.json.tmp").rename(crash_dir / "fan.json")
-    await until(cloud, lambda: len(cloud.of(DEVICE, "crash")) >= 1)
-    crash = cloud.of(DEVICE, "crash")[0].envelope()["data"]
-    assert crash["signature"] == "SIGABRT in fan_ctl"
-    assert "bob" not in crash["stack"]
-    assert crash["ip_addresses"]  # read from the OS
+    # And the hostile corpus: none of its secrets leaves (P12).
+    for n, text in enumerate(hostile_crashes.TEXTS.values()):
+        (crash_dir / f".h{n}.tmp").write_text(text)
+        (crash_dir / f".h{n}.tmp").rename(crash_dir / f"hostile-{n}.txt")
+    expected = 1 + len(hostile_crashes.TEXTS)
+    await until(cloud, lambda: len(cloud.of(DEVICE, "crash")) >= expected)
+    crashes = [m.envelope()["data"] for m in cloud.of(DEVICE, "crash")]
+    fan = next(c for c in crashes if c["exception"] == "SIGABRT")
+    assert fan["frames"] == [{"module": "<external>", "function": "<unknown>", "line": 12}]
+    assert fan["ip_addresses"]  # read from the OS
+    for message in cloud.of(DEVICE, "crash"):
+        assert hostile_crashes.leaked(message.payload) == []
     assert not (crash_dir / "fan.json").exists()
     # systemd's stop: a clean exit, the socket gone, the state intact.
     proc.send_signal(signal.SIGTERM)
@@ -138,7 +146,7 @@ async def test_daemon_serves_the_cli_sends_and_stops_cleanly(
     assert isinstance(sent, list)
     assert {e["msg_id"] for e in sent if e["type"] == "sent"} == {
         activation["msg_id"],
-        cloud.of(DEVICE, "crash")[0].envelope()["msg_id"],
+        *(m.envelope()["msg_id"] for m in cloud.of(DEVICE, "crash")),
     }
 
 
