@@ -19,8 +19,9 @@ from agent.config import AgentConfig, load_config
 from agent.core.location import parse_precision
 from agent.core.purposes import parse_purpose
 from agent.device import open_device
-from agent.errors import AgentError, DaemonUnreachable
+from agent.errors import AgentError, ConfigError, DaemonUnreachable
 from agent.runtime import control
+from agent.store.fsutil import write_private
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 T = TypeVar("T")
@@ -115,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_export(path: Path, doc: dict[str, Any]) -> None:
+    """Write the export 0600 (it names what was sent); a clear error for a bad path."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name", where="--output")
+    if not path.parent.is_dir():
+        raise ConfigError(f"the folder {path.parent} does not exist", where="--output")
+    try:
+        write_private(path, (json.dumps(doc, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", where="--output") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of smartmi-agent."""
     args = build_parser().parse_args(argv)
@@ -126,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return daemon.main(config)
         result = _perform(config, _request(args))
         if args.verb == "export" and args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            _write_export(Path(args.output), result)
             result = {"exported": args.output, "entries": len(result.get("entries", []))}
         _print(result)
     except AgentError as exc:

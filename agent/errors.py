@@ -13,6 +13,7 @@ Exceptions carry data (reason code, purpose, item id) as attributes, not only te
     ├── ConsentError
     │   └── ConsentNotInForce  capture/send refused: purpose and reason (P1, P2, P5, P6, P13)
     ├── CommandRejected        a cloud command was refused: command_id and reason
+    ├── UnsafePermissions      a key or the state directory is open to others (path, fix)
     ├── StorageError           the local store cannot be used
     │   ├── StoreLocked        another process holds the state directory
     │   └── TamperedRecord     a record failed authentication: table, row id
@@ -90,6 +91,16 @@ class CommandRejected(AgentError):
         if detail:
             text += f": {detail}"
         super().__init__(text)
+
+
+class UnsafePermissions(AgentError):
+    """A private key, data key or the state directory is open to other users."""
+
+    def __init__(self, path: object, problem: str, fix: str) -> None:
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{path} {problem}; refusing to use it. Fix: {fix}")
 
 
 class StorageError(AgentError):

@@ -11,6 +11,7 @@ import ssl
 from pathlib import Path
 
 from agent.errors import CertificateProblem, ConfigError
+from agent.store.fsutil import require_private_file
 
 
 def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -20,6 +21,7 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     for label, path in (("CA", ca), ("certificate", cert), ("key", key)):
         if not path.is_file():
             raise ConfigError(f"{label} file not found: {path}", where="tls")
+    require_private_file(key, "the device's TLS private key")
     try:
         ctx.load_verify_locations(cafile=str(ca))
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from agent.errors import StorageError
+from agent.store.fsutil import create_private_file
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -66,6 +67,9 @@ class Database:
     def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+            if name == path.name or path.with_name(name).exists():
+                create_private_file(path.with_name(name))  # 0600 whatever the umask
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA busy_timeout = 5000")

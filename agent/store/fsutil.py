@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
+
+from agent.errors import UnsafePermissions
 
 
 def write_private(path: Path, data: bytes, *, mode: int = 0o600, durable: bool = True) -> None:
@@ -53,3 +56,48 @@ def shred_file(path: Path) -> None:
             os.close(fd)
         path.unlink()
         fsync_dir(path.parent)
+
+
+def require_private_file(path: Path, what: str) -> None:
+    """Refuse a secret file that its owner does not alone control (as AWS IoT Device
+    Client does): any group or other permission bit, or another (non-root) owner."""
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise UnsafePermissions(
+            path, f"({what}) has mode {mode:04o}, open to other users", f"chmod 600 {path}"
+        )
+    _require_owner(path, st, what)
+
+
+def require_private_dir(path: Path, what: str) -> None:
+    """Refuse a directory that others can write to (they could swap its files), or that
+    another (non-root) user owns."""
+    st = path.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise UnsafePermissions(
+            path, f"({what}) has mode {mode:04o}, writable by other users", f"chmod 700 {path}"
+        )
+    _require_owner(path, st, what)
+
+
+def _require_owner(path: Path, st: os.stat_result, what: str) -> None:
+    me = os.geteuid()
+    if me != 0 and st.st_uid not in (me, 0):  # root may act on the service user's files
+        raise UnsafePermissions(
+            path,
+            f"({what}) belongs to uid {st.st_uid}, not to this user (uid {me})",
+            f"chown {me} {path}, or run as its owner",
+        )
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` 0600 if it does not exist, and narrow it to 0600 if it does
+    (SQLite gives its -wal and -shm files the main file's mode)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

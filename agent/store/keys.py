@@ -12,7 +12,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.errors import StorageError
-from agent.store.fsutil import shred_file, write_private
+from agent.store.fsutil import require_private_file, shred_file, write_private
 
 KEY_BYTES = 32
 
@@ -40,9 +40,12 @@ class FileKeyStore:
         return self.directory / f"{name}.key"
 
     def load(self, name: str) -> bytes | None:
-        """The key, or None; a key file of the wrong size is an error, not a new key."""
+        """The key, or None; a key file of the wrong size, or one that others may read,
+        is an error, not a new key."""
+        path = self._path(name)
         try:
-            key = self._path(name).read_bytes()
+            require_private_file(path, "a data key")
+            key = path.read_bytes()
         except FileNotFoundError:
             return None
         if len(key) != KEY_BYTES:

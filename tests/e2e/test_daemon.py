@@ -165,3 +165,27 @@ async def test_daemon_refuses_a_second_instance_and_bad_config(
     _, err = await third.communicate()
     assert third.returncode == 1
     assert b"broker.url: must be an mqtts:// URL" in err
+
+
+@pytest.mark.parametrize("target", ["tls-key", "state-dir"])
+async def test_the_daemon_refuses_secrets_open_to_others(
+    tmp_path: Path, broker: MosquittoBroker, pki: DevPki, target: str
+) -> None:
+    conf = write_config(tmp_path, broker, pki)
+    ident = pki.ensure_devices([DEVICE])[DEVICE]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = ident.key if target == "tls-key" else state
+    before = stat.S_IMODE(path.stat().st_mode)
+    path.chmod(0o644 if target == "tls-key" else 0o777)
+    try:
+        proc = await spawn(conf)
+        assert proc.stderr is not None
+        async with asyncio.timeout(20):
+            err = (await proc.stderr.read()).decode()
+            assert await proc.wait() == 1
+    finally:
+        path.chmod(before)
+    assert f"{path} (" in err
+    assert "chmod" in err
+    assert "Traceback" not in err

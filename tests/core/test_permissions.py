@@ -1,0 +1,125 @@
+"""Permissions as AWS IoT Device Client enforces them: secrets and the state directory
+belong to their owner alone; what the agent creates is 0600/0700 whatever the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.errors import UnsafePermissions
+from agent.runtime.tls import client_context
+from agent.store import fsutil
+from simulator.pki import DevPki
+from tests.core.test_cli import GOOD
+
+
+@pytest.fixture
+def conf(tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD)
+    return path
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    rc = main(["--config", str(conf), *argv])
+    out, err = capsys.readouterr()
+    return rc, out if rc == 0 else err
+
+
+def test_state_files_are_created_private_whatever_the_umask(
+    conf: Path, capsys: pytest.CaptureFixture[str], open_umask: None
+) -> None:
+    assert agent(conf, capsys, "bind", "--binding-id", "owner-1")[0] == 0
+    assert agent(conf, capsys, "consent", "grant", "activation")[0] == 0
+    state = conf.parent / "state"
+    assert mode(state) == 0o700
+    assert mode(state / "keys") == 0o700
+    for path in [state / "state.db", *state.glob("state.db-*"), *(state / "keys").iterdir()]:
+        assert mode(path) == 0o600, path
+    out = conf.parent / "ledger.json"
+    rc, text = agent(conf, capsys, "export", "-o", str(out))
+    assert rc == 0, text
+    assert mode(out) == 0o600
+    assert json.loads(out.read_text())["entries"]
+
+
+def test_a_state_database_left_open_to_others_is_narrowed(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent(conf, capsys, "bind", "--binding-id", "owner-1")[0] == 0
+    db = conf.parent / "state" / "state.db"
+    db.chmod(0o644)
+    assert agent(conf, capsys, "status")[0] == 0
+    assert mode(db) == 0o600
+
+
+def test_a_state_directory_others_can_write_is_refused(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent(conf, capsys, "bind", "--binding-id", "owner-1")[0] == 0
+    state = conf.parent / "state"
+    state.chmod(0o777)
+    rc, err = agent(conf, capsys, "status")
+    assert rc == 1
+    assert f"{state} (the state directory) has mode 0777" in err
+    assert f"Fix: chmod 700 {state}" in err
+    assert "Traceback" not in err
+
+
+def test_a_data_key_others_can_read_is_refused(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert agent(conf, capsys, "bind", "--binding-id", "owner-1")[0] == 0
+    (key,) = (conf.parent / "state" / "keys").glob("*.data.key")
+    key.chmod(0o644)
+    rc, err = agent(conf, capsys, "status")
+    assert rc == 1
+    assert f"{key} (a data key) has mode 0644" in err
+    assert f"chmod 600 {key}" in err
+    # Nothing was lost: with the mode fixed, the device is as it was.
+    key.chmod(0o600)
+    rc, out = agent(conf, capsys, "status")
+    assert rc == 0
+    assert json.loads(out)["lifecycle"] == "activation-due"
+
+
+def test_a_tls_private_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    pki = DevPki(tmp_path / "pki")
+    ident = pki.ensure_devices(["perm-1"])["perm-1"]
+    client_context(pki.ca_cert, ident.cert, ident.key)  # 0600 as made: accepted
+    ident.key.chmod(0o640)
+    with pytest.raises(UnsafePermissions, match=r"private key\) has mode 0640") as err:
+        client_context(pki.ca_cert, ident.cert, ident.key)
+    assert err.value.fix == f"chmod 600 {ident.key}"
+
+
+def test_another_users_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(theirs, 4242, 4242)
+    owner = theirs.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    with pytest.raises(UnsafePermissions, match=f"belongs to uid {owner}, not to this user"):
+        fsutil.require_private_dir(theirs, "the state directory")
