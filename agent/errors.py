@@ -14,7 +14,8 @@ Exceptions carry data (reason code, purpose, item id) as attributes, not only te
     │   └── ConsentNotInForce  capture/send refused: purpose and reason (P1, P2, P5, P6, P13)
     ├── CommandRejected        a cloud command was refused: command_id and reason
     ├── UnsafePermissions      a key or the state directory is open to others (path, fix)
-    ├── StorageError           the local store cannot be used
+    ├── StorageError           the local store cannot be used: kind full, read-only,
+    │   │                      corrupt, io or other
     │   ├── StoreLocked        another process holds the state directory
     │   └── TamperedRecord     a record failed authentication: table, row id
     ├── LifecycleError
@@ -104,7 +105,16 @@ class UnsafePermissions(AgentError):
 
 
 class StorageError(AgentError):
-    """The local encrypted store cannot be used."""
+    """The local encrypted store cannot be used; ``kind`` says how (``StorageKind``).
+
+    ``full``: no space left; ``read-only``: the file system or the files refuse writes;
+    ``corrupt``: the database file is damaged; ``io``: the device failed a read or
+    write; ``other``: anything else (locked, misconfigured).
+    """
+
+    def __init__(self, message: str, *, kind: str = "other") -> None:
+        self.kind = kind
+        super().__init__(message)
 
 
 class StoreLocked(StorageError):

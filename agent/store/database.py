@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from agent.errors import StorageError
+from agent.store import faults
 from agent.store.fsutil import create_private_file
 
 _SCHEMA: Final = """
@@ -66,11 +67,11 @@ class Database:
 
     def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
-            if name == path.name or path.with_name(name).exists():
-                create_private_file(path.with_name(name))  # 0600 whatever the umask
         try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
+                if name == path.name or path.with_name(name).exists():
+                    create_private_file(path.with_name(name))  # 0600 whatever the umask
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.conn.execute("PRAGMA busy_timeout = 5000")
             mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -83,13 +84,14 @@ class Database:
             self.conn.execute("PRAGMA secure_delete = ON")
             self.conn.executescript(_SCHEMA)
             check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise StorageError(
-                f"the state database {path} cannot be opened: {exc}. It was left untouched; "
-                "move it aside to start with an empty store"
-            ) from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise faults.mapped(exc, f"the state database {path} cannot be opened") from exc
         if check != "ok":
-            raise StorageError(f"the state database {path} failed its integrity check: {check}")
+            raise StorageError(
+                f"the state database {path} failed its integrity check ({check[:200]}); "
+                f"{faults.HINTS[faults.CORRUPT]}",
+                kind=faults.CORRUPT,
+            )
         self._depth = 0
 
     @contextlib.contextmanager
@@ -102,21 +104,31 @@ class Database:
             finally:
                 self._depth -= 1
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise faults.mapped(exc, self.path) from exc
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
-            self._depth = 0
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            if self.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise faults.mapped(exc, self.path) from exc
             raise
-        self._depth = 0
-        self.conn.execute("COMMIT")
+        finally:
+            self._depth = 0
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file and truncate it."""
         if not self._depth:
-            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise faults.mapped(exc, self.path) from exc
 
     def close(self) -> None:
         """Close the connection."""

@@ -12,6 +12,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.errors import StorageError
+from agent.store.faults import guard_public_methods
 from agent.store.fsutil import require_private_file, shred_file, write_private
 
 KEY_BYTES = 32
@@ -30,8 +31,9 @@ class KeyStore(Protocol):
         """Destroy the key called ``name`` beyond recovery (no error if absent)."""
 
 
+@guard_public_methods(lambda keys: keys.directory)
 class FileKeyStore:
-    """Keys as 0600 files in one directory."""
+    """Keys as 0600 files in one directory; OS errors leave as StorageError."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory

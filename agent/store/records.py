@@ -32,6 +32,7 @@ from typing import Any, Literal
 from agent.core.purposes import Purpose
 from agent.errors import TamperedRecord
 from agent.store.database import Database
+from agent.store.faults import guard_public_methods
 from agent.store.keys import KeyStore
 from agent.store.vault import Vault
 
@@ -51,8 +52,9 @@ class StoredItem:
     payload: bytes
 
 
+@guard_public_methods(lambda store: store.db.path)
 class DeviceStore:
-    """One device's records in a Database."""
+    """One device's records in a Database; library errors leave as StorageError."""
 
     def __init__(self, db: Database, device_id: str, keys: KeyStore) -> None:
         self.db = db

@@ -108,8 +108,10 @@ def test_corrupt_key_file_is_a_clear_error(rig: Rig) -> None:
 def test_not_a_database_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StorageError, match=r"cannot be opened.*left untouched"):
+    with pytest.raises(StorageError, match=r"cannot be opened.*keep the file") as err:
         Database(path)
+    assert err.value.kind == "corrupt"
+    assert "move it aside" not in str(err.value)  # never advise discarding the store
     assert path.read_bytes() == b"this is not sqlite" * 100
 
 
