@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.config import AgentConfig
 from agent.core import cloud, ledger, rules
 from agent.core.commands import Command
-from agent.core.consent import ConsentState, Decision, Source
+from agent.core.consent import ConsentState, Decision, Reason, Source
 from agent.core.items import (
     DropReason,
     ItemEvent,
@@ -42,13 +43,18 @@ from agent.core.ordering import Clock
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
 from agent.core.rules import Plan
 from agent.core.settings import Control, CoreConfig, CrashReport, Settings
-from agent.errors import TamperedRecord
+from agent.errors import StorageError, TamperedRecord
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore, StoredItem
 from agent.store.statedir import locked
 
 RETENTION_SWEEP_S = 60.0  # how often the outbox is swept for expired items (P7)
+PERSONAL = frozenset(Purpose)
+
+log = logging.getLogger("smartmi.device")
+
+_T = TypeVar("_T")
 
 __all__ = ["CoreConfig", "CrashReport", "Device", "DeviceObserver", "open_device"]
 
@@ -99,6 +105,22 @@ class Device:
         # first look, set again by a wipe), and when retention was last swept.
         self._deletions_maybe = True
         self._last_sweep = float("-inf")
+        # Fail closed (see ``settle``): narrowing plans in force in memory whose write
+        # failed; a wipe not yet finished on disk; acknowledgements not yet recorded;
+        # and the storage problem in force, if any.
+        self._unsettled: list[Plan] = []
+        self._wipe_pending: Plan | None = None
+        self._wipe_journaled = False
+        self._unrecorded: dict[str, tuple[Outgoing, float]] = {}
+        self.storage_problem: StorageError | None = None
+        self.safe_mode = False
+        try:
+            self._open(now)
+        except StorageError as exc:
+            self._enter_safe_mode(exc)
+
+    def _open(self, now: float) -> None:
+        store, config = self.store, self.config
         if store.pending_wipe() is not None:
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
         control = self._load_control()
@@ -122,6 +144,19 @@ class Device:
             )
         elif self.settings.lifecycle is not State.FACTORY_NEW:
             self._carry_out(Plan(self.settings), now)
+
+    def _enter_safe_mode(self, exc: StorageError) -> None:
+        """Started on a full, read-only or damaged store: nothing personal is captured
+        or sent, pending deletion requests still go (P10), and ``settle`` opens the
+        store again once it can."""
+        self.safe_mode = True
+        self.storage_problem = exc
+        self.settings = Settings.fresh(self.config.policy_version, Control.unreadable())
+        self._queued = 0
+        log.error(
+            "safe mode: the store cannot be used; nothing personal is captured or sent",
+            extra={"device": self.device_id, "kind": exc.kind, "error": str(exc)},
+        )
 
     def _load_control(self) -> Control:
         try:
@@ -152,8 +187,18 @@ class Device:
         return self.settings.consent
 
     def decide(self, purpose: Purpose) -> Decision:
-        """The single gate: may an item of ``purpose`` be captured or sent now?"""
+        """The single gate: may an item of ``purpose`` be captured or sent now?
+
+        Nothing personal while a narrowing or a wipe is not yet durable, or in safe mode.
+        """
+        if self.unsettled:
+            return Decision(allowed=False, reason=Reason.NOT_DURABLE)
         return rules.decide(self.settings, purpose)
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether a narrowing, a wipe or the store itself is not yet settled on disk."""
+        return bool(self._unsettled) or self._wipe_pending is not None or self.safe_mode
 
     def queued_count(self) -> int:
         """How many items wait in the outbox (not counting deletion requests)."""
@@ -167,19 +212,31 @@ class Device:
     def _carry_out(self, plan: Plan, now: float) -> dict[DropReason, list[str]]:
         """Write ``plan`` in one transaction, then stop what may not leave and tell observers.
 
-        Returns the msg_ids the plan dropped, by reason.
+        Returns the msg_ids the plan dropped, by reason. When the write fails a narrowing
+        plan still takes effect in memory, everything personal stays stopped until it is
+        durable (``settle``), and the StorageError is raised for the caller to report; any
+        other plan changes nothing, and a capture is dropped and counted.
         """
         if plan.stop:
             # Before anything is written: the transport stops these purposes first, so a
             # failed write leaves them stopped rather than leaving (fail closed).
             for o in self._observers:
                 o.stopped(plan.stop)
-        if plan.wipe is not None:
-            return {DropReason.WIPED: self._wipe(plan, now)}
-        settings = plan.settings
-        if plan.save:  # the record names the firmware that wrote it
-            settings = dataclasses.replace(settings, firmware_version=self.config.firmware_version)
-        drops = self._write(plan, settings)
+        try:
+            if self.unsettled and not self.settle(now=now):
+                assert self.storage_problem is not None  # noqa: S101  # settle sets it
+                raise self.storage_problem
+            if plan.wipe is not None:
+                return {DropReason.WIPED: self._wipe(plan)}
+            settings = plan.settings
+            if plan.save:  # the record names the firmware that wrote it
+                settings = dataclasses.replace(
+                    settings, firmware_version=self.config.firmware_version
+                )
+            drops = self._durably(lambda: self._write(plan, settings), narrowing=plan.narrows)
+        except StorageError as exc:
+            self._failed(plan, exc)
+            raise
         self.settings = settings
         if plan.capture is not None:  # counted before the drops its cap may have caused
             self._queued += 1
@@ -192,7 +249,83 @@ class Device:
             self._tell_sendable()
         return drops
 
-    def _write(self, plan: Plan, settings: Settings) -> dict[DropReason, list[str]]:
+    def _durably(self, write: Callable[[], _T], *, narrowing: bool) -> _T:
+        """Run a write; on a full disk, a narrowing write may spend the store's reserve."""
+        try:
+            result = write()
+        except StorageError as exc:
+            if not (narrowing and exc.kind == "full" and self.store.db.release_reserve()):
+                raise
+            log.warning(
+                "disk full: the reserve was released for a privacy-reducing write",
+                extra={"device": self.device_id},
+            )
+            result = write()
+        self.storage_problem = None
+        return result
+
+    def _failed(self, plan: Plan, exc: StorageError) -> None:
+        """A plan's write failed: fail closed, and say so."""
+        if plan.capture is not None:
+            self.dropped[DropReason.STORAGE] += 1
+        if plan.narrows and plan.wipe is None and plan not in self._unsettled:
+            # In force in memory from now on; written by ``settle``.
+            self._unsettled.append(plan)
+            self.settings = plan.settings
+        if self.unsettled:
+            for o in self._observers:
+                o.stopped(PERSONAL)
+        self._storage_failed(
+            "storage write failed",
+            exc,
+            narrowing=plan.narrows,
+            capture_dropped=plan.capture is not None,
+            personal_stopped=self.unsettled,
+        )
+
+    def _storage_failed(self, message: str, exc: StorageError, **fields: object) -> None:
+        """Note a storage failure and log it: kind and message, never values."""
+        self.storage_problem = exc
+        extra = {"device": self.device_id, "kind": exc.kind, "error": str(exc), **fields}
+        log.error(message, extra=extra)  # the kind says it; no traceback
+
+    def settle(self, *, now: float) -> bool:
+        """Make durable what is in force only in memory: a safe-mode store, a wipe,
+        narrowing plans, acknowledgements. True when nothing is left unsettled."""
+        try:
+            if self.safe_mode:
+                self.safe_mode = False
+                try:
+                    self._open(now)
+                except StorageError:
+                    self.safe_mode = True
+                    raise
+                log.info("store usable again: safe mode ends", extra={"device": self.device_id})
+            if self._wipe_pending is not None:
+                self._finish_wipe(self._wipe_pending)
+            while self._unsettled:
+                plan = self._unsettled[0]
+                drops = self._durably(
+                    lambda plan=plan: self._write(plan, plan.settings, control=True),  # type: ignore[misc]
+                    narrowing=True,
+                )
+                self._unsettled.pop(0)
+                for reason, msg_ids in drops.items():
+                    self._drop(msg_ids, reason)
+            for msg_id, (out, at) in list(self._unrecorded.items()):
+                self._record_ack(msg_id, out, at)
+                del self._unrecorded[msg_id]
+        except StorageError as exc:
+            self.storage_problem = exc
+            return False
+        self.storage_problem = None
+        self.store.db.ensure_reserve()
+        self._tell_sendable()
+        return True
+
+    def _write(
+        self, plan: Plan, settings: Settings, *, control: bool = False
+    ) -> dict[DropReason, list[str]]:
         """The store's part of a plan, in one transaction: purge, re-coarsen, capture,
         ledger, save."""
         drops: dict[DropReason, list[str]] = {}
@@ -216,7 +349,7 @@ class Device:
                 self.store.append_ledger(entry)
             if plan.save:
                 self.store.save_state(settings.to_json())
-            if settings.control != self.settings.control:
+            if control or settings.control != self.settings.control:
                 self.store.save_control(settings.control.to_json())
         return drops
 
@@ -238,34 +371,60 @@ class Device:
         for o in self._observers:
             o.dropped(msg_ids, reason)
 
-    def _wipe(self, plan: Plan, now: float) -> list[str]:
-        """P9: journal the wipe and its deletion request, then destroy key, rows and files."""
+    def _wipe(self, plan: Plan) -> list[str]:
+        """P9: the wipe takes effect in memory first (nothing personal leaves from here
+        on, whatever the disk does), then the journal with its deletion request, then
+        key, rows and crash files. A step that fails is finished by ``settle``, and
+        after a crash by the next open (the journal)."""
         assert plan.wipe is not None  # noqa: S101  # the caller checked
-        wipe = plan.wipe
         # Everything personal that the transport still holds must go too. An item in
         # flight keeps its outbox row until acknowledged, so the rows name them all.
-        doomed = self.store.msg_ids()
-        with self.store.db.transaction():
-            if wipe.journal:
-                self.store.begin_wipe(wipe.reason, wipe.deletion_request)
-            if plan.settings.control != self.settings.control:
-                self.store.save_control(plan.settings.control.to_json())
-        self.store.finish_wipe()
+        try:
+            doomed = self.store.msg_ids()
+        except StorageError:
+            doomed = [m for m, o in self._in_flight.items() if o.purpose is not None]
         self._in_flight = {k: v for k, v in self._in_flight.items() if v.purpose is None}
+        self._unrecorded = {k: v for k, v in self._unrecorded.items() if v[0].purpose is None}
         self._recalled.clear()
+        self._unsettled.clear()  # the wipe supersedes them
         self.dropped[DropReason.WIPED] += len(doomed)
         self._queued = 0
+        self.settings = plan.settings
+        self._wipe_pending, self._wipe_journaled = plan, False
         for o in self._observers:
             o.dropped(doomed, DropReason.WIPED)
+        self._finish_wipe(plan)
+        return doomed
+
+    def _finish_wipe(self, plan: Plan) -> None:
+        """The wipe's durable steps; each one may be repeated."""
+        wipe = plan.wipe
+        assert wipe is not None  # noqa: S101  # only wipe plans are pending
+        if not self._wipe_journaled:
+
+            def journal() -> None:
+                with self.store.db.transaction():
+                    if wipe.journal:
+                        self.store.begin_wipe(wipe.reason, wipe.deletion_request)
+                    self.store.save_control(plan.settings.control.to_json())
+
+            self._durably(journal, narrowing=True)
+            self._wipe_journaled = True
+        self._durably(self.store.finish_wipe, narrowing=True)
         if self.crash_dir is not None and self.crash_dir.is_dir():
-            for crash_file in self.crash_dir.iterdir():
-                if crash_file.is_file():
-                    crash_file.unlink()
-        self.settings = plan.settings
+            try:
+                for crash_file in self.crash_dir.iterdir():
+                    if crash_file.is_file():
+                        crash_file.unlink()
+            except OSError as exc:
+                raise StorageError(
+                    f"{self.crash_dir}: crash files could not be deleted: {exc.strerror}",
+                    kind="read-only" if exc.errno in (13, 1, 30) else "io",
+                ) from exc
+        self._wipe_pending = None
         if wipe.deletion_request is not None:
             self._deletions_maybe = True
             self._tell_sendable()
-        return doomed
 
     # -- lifecycle ---------------------------------------------------------
     def bind(self, binding_id: str, *, now: float, minor: bool = False) -> None:
@@ -385,6 +544,20 @@ class Device:
         ``personal`` false only deletion requests are returned (commands first).
         """
         out: list[Outgoing] = []
+        if (self._unrecorded or self.storage_problem) and not self.settle(now=now):
+            # An acknowledgement could not be recorded: the drain pauses (no re-send
+            # loop) until the store takes writes again.
+            return out
+        try:
+            return self._next_batch(out, now=now, limit=limit, personal=personal)
+        except StorageError as exc:
+            self._storage_failed("storage read failed; sending paused", exc)
+            self.give_back([o.msg_id for o in out])
+            return []
+
+    def _next_batch(
+        self, out: list[Outgoing], *, now: float, limit: int, personal: bool
+    ) -> list[Outgoing]:
         if self._deletions_maybe:
             requests = self.store.deletion_requests()
             self._deletions_maybe = bool(requests)
@@ -393,7 +566,8 @@ class Device:
         if not self._last_sweep <= now < self._last_sweep + RETENTION_SWEEP_S:
             # The full sweep runs at most once a minute (or when the clock went back);
             # between sweeps an expired item is still caught below, before it is sent.
-            self.sweep_retention(now=now)
+            with self._noted():
+                self.sweep_retention(now=now)
         allowed = {p for p in Purpose if personal and self.decide(p).allowed}
         if len(out) >= limit or not allowed:
             return out
@@ -405,8 +579,17 @@ class Device:
             elif verdict == "send":
                 out.append(self._hand_off(item, item.purpose))
         if expired:
-            self._drop(self.store.delete_items(expired), DropReason.EXPIRED)
+            with self._noted():  # not sent either way; deleted by a later sweep
+                self._drop(self.store.delete_items(expired), DropReason.EXPIRED)
         return out
+
+    @contextlib.contextmanager
+    def _noted(self) -> Iterator[None]:
+        """A write that may fail without harm (nothing leaves because of it): note it."""
+        try:
+            yield
+        except StorageError as exc:
+            self.storage_problem = exc
 
     def sweep_retention(self, *, now: float) -> int:
         """Delete every queued item past its purpose's retention (P7); how many."""
@@ -443,14 +626,26 @@ class Device:
         item_step(ItemState.IN_FLIGHT, ItemEvent.ACK)
         for o in self._observers:
             o.acknowledged(msg_id, now)
+        try:
+            with self.store.db.transaction():  # undone alone inside a caller's transaction
+                self._record_ack(msg_id, out, now)
+        except StorageError as exc:
+            # It reached the broker; it is not handed off again while this is pending,
+            # and the drain pauses until it is recorded (``next_batch``, ``settle``).
+            self._unrecorded[msg_id] = (out, now)
+            self._storage_failed(
+                "acknowledgement not recorded; sending paused until the store takes writes", exc
+            )
+        return True
+
+    def _record_ack(self, msg_id: str, out: Outgoing, at: float) -> None:
         if out.purpose is None:
             self.store.remove_deletion_request(msg_id)
-            return True
+            return
         if self.store.acknowledge(
-            msg_id, ledger.sent_entry(msg_id, out.purpose.value, out.payload, now=now)
+            msg_id, ledger.sent_entry(msg_id, out.purpose.value, out.payload, now=at)
         ):
             self._queued -= 1
-        return True
 
     def give_back(self, msg_ids: list[str]) -> None:
         """Items from ``next_batch`` that were never handed over wait again, quietly."""
@@ -476,10 +671,14 @@ class Device:
             for m, o in recalled.items()
             if o.purpose is not None
         ]
-        if entries and self.store.has_data_key():
-            with self.store.db.transaction():
-                for entry in entries:
-                    self.store.append_ledger(entry)
+        try:
+            if entries and self.store.has_data_key():
+                with self.store.db.transaction():
+                    for entry in entries:
+                        self.store.append_ledger(entry)
+        except StorageError as exc:
+            self._recalled.update(recalled)  # ledgered at the next loss instead
+            self.storage_problem = exc
         for msg_id in list(self._in_flight):
             self.retry(msg_id)
 
@@ -504,10 +703,34 @@ class Device:
             "location_set": s.location is not None,
             "queued": self._queued,
             "in_flight": len(self._in_flight),
-            "deletion_requests_pending": len(self.store.deletion_requests()),
-            "quarantined": self.store.quarantined(),
+            "deletion_requests_pending": self._read_or_none(
+                lambda: len(self.store.deletion_requests())
+            ),
+            "quarantined": self._read_or_none(self.store.quarantined),
             "dropped": {r.value: n for r, n in self.dropped.items() if n},
+            "storage": self.storage_status(),
         }
+
+    def storage_status(self) -> dict[str, Any]:
+        """The store's health as ``status`` shows it; ``ok`` false while anything is
+        not durable or the last write failed."""
+        problem = self.storage_problem
+        return {
+            "ok": problem is None and not self.unsettled and not self._unrecorded,
+            "kind": None if problem is None else problem.kind,
+            "error": None if problem is None else str(problem),
+            "safe_mode": self.safe_mode,
+            "wipe_pending": self._wipe_pending is not None,
+            "narrowing_not_durable": len(self._unsettled),
+            "acknowledgements_not_recorded": len(self._unrecorded),
+        }
+
+    def _read_or_none(self, read: Callable[[], int]) -> int | None:
+        try:
+            return read()
+        except StorageError as exc:
+            self.storage_problem = exc
+            return None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ class Reason(enum.StrEnum):
     SUSPENDED = "suspended"  # P13
     NOT_GRANTED = "not-granted"  # P1 opt-in, P2 withdrawal
     STALE_POLICY = "stale-policy"  # P6
+    NOT_DURABLE = "not-durable"  # a narrowing or wipe is not yet on disk: fail closed
 
 
 @dataclass(frozen=True, slots=True)

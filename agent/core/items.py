@@ -67,6 +67,7 @@ class DropReason(enum.StrEnum):
     SUPERSEDED = "superseded"  # its grant no longer exists (policy change, re-grant)
     WIPED = "wiped"  # P9
     SUSPENDED = "suspended"  # captured after the service stopped, unknown to the device (P13)
+    STORAGE = "storage"  # could not be stored (disk full, read-only, failing): never half-written
 
 
 def retention_cutoff(purpose: Purpose, now: float) -> float:

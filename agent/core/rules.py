@@ -98,6 +98,18 @@ class Plan:
             or self.drop_captured_since is not None
         )
 
+    @property
+    def narrows(self) -> bool:
+        """Whether the plan reduces what is collected or kept: it must take effect in
+        memory even when its write fails, and its write is retried (fail closed)."""
+        return bool(
+            self.stop
+            or self.purge
+            or self.wipe is not None
+            or self.recoarsen is not None
+            or self.drop_captured_since is not None
+        )
+
     def then(self, nxt: Plan) -> Plan:
         """This plan followed by ``nxt``, which was decided on this plan's settings."""
         if self.capture is not None and nxt.capture is not None:

@@ -8,6 +8,7 @@ Transactions nest, so callers can batch many writes into one commit.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,13 +61,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
 """
 
 Synchronous = Literal["FULL", "NORMAL", "OFF"]
+RESERVE_BYTES: Final = 1 << 20
 
 
 class Database:
     """One SQLite file in WAL mode; transactions nest, so callers can batch commits."""
 
-    def __init__(self, path: Path, *, synchronous: Synchronous = "FULL") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: Synchronous = "FULL", reserve: int = RESERVE_BYTES
+    ) -> None:
         self.path = path
+        self.reserve_path = path.with_name(f"{path.name}.reserve")
+        self._reserve_bytes = reserve
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
@@ -93,14 +99,52 @@ class Database:
                 kind=faults.CORRUPT,
             )
         self._depth = 0
+        self.ensure_reserve()
+
+    # -- the reserve: space kept back so that a privacy-reducing write succeeds on a
+    # full disk (a withdrawal, a wipe, a suspension must not fail for lack of space).
+    def ensure_reserve(self) -> bool:
+        """Allocate the reserve file if it is missing; False if there is no room."""
+        if not self._reserve_bytes or self.reserve_path.exists():
+            return True
+        fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self._reserve_bytes)
+        except OSError:
+            os.close(fd)
+            self.reserve_path.unlink(missing_ok=True)
+            return False
+        os.close(fd)
+        return True
+
+    def release_reserve(self) -> bool:
+        """Give the reserve's space back to the file system; False if there was none."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
+        return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction; nested calls join the outermost one."""
+        """A write transaction; a nested call is a savepoint inside the outermost one, so
+        it is undone alone when it fails and the outer transaction goes on."""
         if self._depth:
+            savepoint = f"sp{self._depth}"
             self._depth += 1
             try:
+                self.conn.execute(f"SAVEPOINT {savepoint}")
                 yield self.conn
+                self.conn.execute(f"RELEASE {savepoint}")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute(f"ROLLBACK TO {savepoint}")
+                    self.conn.execute(f"RELEASE {savepoint}")
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise faults.mapped(exc, self.path) from exc
+                raise
             finally:
                 self._depth -= 1
             return

@@ -51,7 +51,9 @@ class FileKeyStore:
         except FileNotFoundError:
             return None
         if len(key) != KEY_BYTES:
-            raise StorageError(f"key file {self._path(name)} is corrupt ({len(key)} bytes)")
+            raise StorageError(
+                f"key file {self._path(name)} is corrupt ({len(key)} bytes)", kind="corrupt"
+            )
         return key
 
     def create(self, name: str) -> bytes:

@@ -99,10 +99,16 @@ def test_missing_key(rig: Rig) -> None:
     assert all(p.reason == "data key missing" for p in core.store.problems)
 
 
-def test_corrupt_key_file_is_a_clear_error(rig: Rig) -> None:
+def test_a_corrupt_key_file_means_safe_mode_with_a_clear_error(rig: Rig) -> None:
     (rig.root / "keys" / "dev-1.data.key").write_bytes(b"short")
+    core = rig.open()  # safe mode: it runs, says why, and nothing personal leaves
+    status = core.status()["storage"]
+    assert status["safe_mode"] is True
+    assert status["kind"] == "corrupt"
+    assert "dev-1.data.key is corrupt" in status["error"]
+    assert not any(core.decide(p).allowed for p in Purpose)
     with pytest.raises(StorageError, match=r"dev-1\.data\.key is corrupt"):
-        rig.open()
+        core.bind("owner-2", now=rig.tick())
 
 
 def test_not_a_database_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:

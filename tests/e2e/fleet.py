@@ -155,7 +155,7 @@ def crash(n: int = 0) -> CrashReport:
     """A crash report as a collector would make it."""
     return CrashReport(
         signature=f"SIGSEGV in fan_ctl #{n}",
-        stack='Traceback (most recent call last):\n  File "/home/alice/fan.py", line 3',
+        stack=f'Traceback (most recent call last):\n  File "/home/alice/fan.py", line {n}, in spin',
         ip_addresses=("192.168.1.20",),
         default_gateway="192.168.1.1",
         uptime_s=12.0,

@@ -171,7 +171,8 @@ async def test_a_withdrawal_under_backpressure_stops_what_has_not_left(
     now = time.time() - 60
     device.bind("b-1", now=now)
     device.grant(Purpose.DIAGNOSTICS, now=now)
-    stack = "".join(f"  frame {n} in module{n % 7}.handler\n" for n in range(600))  # ~16 KiB
+    deep = "/".join("part_" + "x" * k + "_" + "y" * 40 for k in range(1, 13))  # long names
+    stack = "".join(f'  File "{deep}/m{n}.py", line {n}, in handler\n' for n in range(64))
     with device.store.db.transaction():
         ids = {
             device.capture_crash(CrashReport(f"sig {n}", stack), now=time.time())
