@@ -196,6 +196,11 @@ class Device:
         return rules.decide(self.settings, purpose)
 
     @property
+    def needs_settling(self) -> bool:
+        """Whether ``settle`` has work: a storage problem, or anything not yet durable."""
+        return self.storage_problem is not None or self.unsettled or bool(self._unrecorded)
+
+    @property
     def unsettled(self) -> bool:
         """Whether a narrowing, a wipe or the store itself is not yet settled on disk."""
         return bool(self._unsettled) or self._wipe_pending is not None or self.safe_mode
@@ -514,8 +519,16 @@ class Device:
         return taken
 
     def clock_compared(self, clock: Clock, *, now: float) -> None:
-        """The command sync measured the device clock against the cloud's (SPEC §3)."""
-        self._carry_out(rules.clock_compared(self.settings, clock), now)
+        """The command sync measured the device clock against the cloud's (SPEC §3).
+
+        Kept in memory when the store refuses it: it only orders later choices, and a
+        restart forgets it (the order is then unknown, and narrowing wins).
+        """
+        plan = rules.clock_compared(self.settings, clock)
+        try:
+            self._carry_out(plan, now)
+        except StorageError:
+            self.settings = plan.settings
 
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:
@@ -627,8 +640,7 @@ class Device:
         for o in self._observers:
             o.acknowledged(msg_id, now)
         try:
-            with self.store.db.transaction():  # undone alone inside a caller's transaction
-                self._record_ack(msg_id, out, now)
+            self._record_ack(msg_id, out, now)
         except StorageError as exc:
             # It reached the broker; it is not handed off again while this is pending,
             # and the drain pauses until it is recorded (``next_batch``, ``settle``).
@@ -639,12 +651,15 @@ class Device:
         return True
 
     def _record_ack(self, msg_id: str, out: Outgoing, at: float) -> None:
-        if out.purpose is None:
-            self.store.remove_deletion_request(msg_id)
-            return
-        if self.store.acknowledge(
-            msg_id, ledger.sent_entry(msg_id, out.purpose.value, out.payload, now=at)
-        ):
+        """Record an acknowledgement in one transaction (undone alone inside a caller's);
+        the count changes only once it is committed."""
+        with self.store.db.transaction():
+            if out.purpose is None:
+                self.store.remove_deletion_request(msg_id)
+                return
+            entry = ledger.sent_entry(msg_id, out.purpose.value, out.payload, now=at)
+            removed = self.store.acknowledge(msg_id, entry)
+        if removed:
             self._queued -= 1
 
     def give_back(self, msg_ids: list[str]) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Final, TextIO
 
 from agent.core.purposes import Purpose
 from agent.device import CrashReport, Device
-from agent.errors import AgentError, SchemaError
+from agent.errors import AgentError, SchemaError, StorageError
 
 log = logging.getLogger("smartmi.collectors")
 
@@ -198,20 +198,39 @@ class CrashDirCollector:
                     )
                     path.rename(path.with_name(path.name + ".invalid"))
                     continue
+                except StorageError as exc:
+                    # Dropped and counted by the device (never half-written); the file
+                    # goes, so a full disk does not fill with a backlog of crashes.
+                    log.warning(
+                        "crash dropped: the store refused it",
+                        extra={"file": path.name, "kind": exc.kind},
+                    )
                 except AgentError as exc:
                     log.warning("crash not captured", extra={"error": str(exc)})
                     continue  # left in place, tried again on the next scan
-                self.captured += 1
-                done += 1
-            else:
-                self.discarded += 1  # P1: not collected without diagnostics consent
+                else:
+                    self.captured += 1
+                    done += 1
+                path.unlink(missing_ok=True)
+                continue
+            self.discarded += 1  # P1: not collected without diagnostics consent
             path.unlink(missing_ok=True)
         return done
 
     async def run(self, interval: float = 5.0) -> None:
-        """Scan every ``interval`` seconds (a stat of one directory: no busy polling)."""
+        """Scan every ``interval`` seconds (a stat of one directory: no busy polling).
+
+        A directory that cannot be read or written is logged and tried again; it never
+        ends the daemon.
+        """
         while True:
-            self.scan(time.time())
+            try:
+                self.scan(time.time())
+            except OSError as exc:
+                log.error(  # noqa: TRY400  # the errno says it
+                    "crash directory unusable",
+                    extra={"dir": str(self.crash_dir), "error": exc.strerror or str(exc)},
+                )
             await asyncio.sleep(interval)
 
 

@@ -17,11 +17,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from agent.config import AgentConfig
 from agent.device import RETENTION_SWEEP_S, Device, open_device
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, StorageError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
 from agent.runtime.tls import client_context
@@ -42,6 +42,7 @@ def process_started_at() -> float:
 
 
 _IMPORTED_AT: Final = time.time()
+SETTLE_S: Final = 5.0  # how often a store that refused a write is tried again
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -84,7 +85,14 @@ async def run(config: AgentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with open_device(config, now=time.time()) as device:
-        fatal_log = install_crash_hooks(config.crash_dir, loop)
+        try:
+            fatal_log: TextIO | None = install_crash_hooks(config.crash_dir, loop)
+        except OSError as exc:
+            fatal_log = None
+            log.error(  # noqa: TRY400  # the errno says it
+                "crash hooks not installed: the crash directory is unusable",
+                extra={"dir": str(config.crash_dir), "error": exc.strerror or str(exc)},
+            )
         target = BrokerTarget(
             broker.host, broker.port, tls, protocol=broker.protocol, keepalive=broker.keepalive
         )
@@ -114,16 +122,19 @@ async def run(config: AgentConfig) -> None:
                 link = tg.create_task(transport.run(), name="transport")
                 crashes = tg.create_task(collector.run(), name="crash-collector")
                 sweeper = tg.create_task(retention(device), name="retention")
+                settling = tg.create_task(settler(device), name="settle")
                 await stop.wait()
                 log.info("stopping", extra={"device": device.device_id})
                 transport.stop(link)
                 crashes.cancel()
                 sweeper.cancel()
+                settling.cancel()
         finally:
             server.close()
             await server.wait_closed()
             config.socket_path.unlink(missing_ok=True)
-            fatal_log.close()
+            if fatal_log is not None:
+                fatal_log.close()
         log.info(
             "stopped",
             extra={"device": device.device_id, "queued": device.queued_count()},
@@ -131,12 +142,31 @@ async def run(config: AgentConfig) -> None:
 
 
 async def retention(device: Device, interval: float = RETENTION_SWEEP_S) -> None:
-    """Delete what is past its retention every ``interval`` seconds, connected or not (P7)."""
+    """Delete what is past its retention every ``interval`` seconds, connected or not (P7).
+
+    A sweep that the store refuses is logged and tried again; an expired item is never
+    sent either way (``Device.next_batch`` checks each one).
+    """
     while True:
-        swept = device.sweep_retention(now=time.time())
-        if swept:
-            log.info("retention swept", extra={"device": device.device_id, "expired": swept})
+        try:
+            swept = device.sweep_retention(now=time.time())
+        except StorageError as exc:
+            log.error("retention sweep failed", extra={"kind": exc.kind, "error": str(exc)})  # noqa: TRY400
+        else:
+            if swept:
+                log.info("retention swept", extra={"device": device.device_id, "expired": swept})
         await asyncio.sleep(interval)
+
+
+async def settler(device: Device, interval: float = SETTLE_S) -> None:
+    """While the store refuses writes, try every ``interval`` seconds to make durable what
+    is in force only in memory (``Device.settle``); sending resumes when it succeeds."""
+    while True:
+        await asyncio.sleep(interval)
+        if not device.needs_settling:
+            continue
+        if device.settle(now=time.time()):
+            log.info("storage usable again", extra={"device": device.device_id})
 
 
 def main(config: AgentConfig) -> int:

@@ -224,8 +224,14 @@ class Transport:
             except CertificateProblem as exc:
                 schedule = backoff.CERTIFICATE
                 self._failed(exc)
-            except TransportError as exc:
+            except AgentError as exc:  # TransportError, and a store that refused a write
                 self._failed(exc)
+            except BaseExceptionGroup as group:
+                # From the session's task group: ours if every leaf is an AgentError.
+                mine, rest = group.split(AgentError)
+                if rest is not None or mine is None:
+                    raise
+                self._failed(_first_leaf(mine))
             finally:
                 self._lost()
             if self._stopping:
@@ -240,7 +246,7 @@ class Transport:
             log.info("reconnecting", extra={"device": self.device_id, "delay_s": round(delay, 2)})
             await asyncio.sleep(delay)
 
-    def _failed(self, exc: TransportError) -> None:
+    def _failed(self, exc: AgentError) -> None:
         self.stats.last_error = str(exc)
         self.stats.last_error_kind = getattr(exc, "kind", type(exc).__name__)
         self.trouble.set()
@@ -498,3 +504,9 @@ class Transport:
             "commands_rejected": s.commands_rejected,
             "last_error": s.last_error,
         }
+
+
+def _first_leaf(group: BaseExceptionGroup[AgentError]) -> AgentError:
+    """The first exception in a (nested) group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -74,6 +74,26 @@ class Database:
         self.reserve_path = path.with_name(f"{path.name}.reserve")
         self._reserve_bytes = reserve
         try:
+            check = self._open(synchronous)
+        except StorageError as exc:
+            # Started on a full disk: the reserve makes room to open (SQLite needs its
+            # -shm and -wal files); the device then runs with what it has.
+            if exc.kind != faults.FULL or not self.release_reserve():
+                raise
+            check = self._open(synchronous)
+        if check != "ok":
+            raise StorageError(
+                f"the state database {path} failed its integrity check ({check[:200]}); "
+                f"{faults.HINTS[faults.CORRUPT]}",
+                kind=faults.CORRUPT,
+            )
+        self._depth = 0
+        self.ensure_reserve()
+
+    def _open(self, synchronous: Synchronous) -> str:
+        """Connect, set WAL mode, create the schema; the quick check's verdict."""
+        path = self.path
+        try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for name in (path.name, f"{path.name}-wal", f"{path.name}-shm"):
                 if name == path.name or path.with_name(name).exists():
@@ -89,17 +109,14 @@ class Database:
             # Deleted content is overwritten with zeros inside the file (P9, belt and braces).
             self.conn.execute("PRAGMA secure_delete = ON")
             self.conn.executescript(_SCHEMA)
-            check = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+            return str(self.conn.execute("PRAGMA quick_check").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
-            raise faults.mapped(exc, f"the state database {path} cannot be opened") from exc
-        if check != "ok":
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self.conn.close()
+            error = faults.mapped(exc, path)
             raise StorageError(
-                f"the state database {path} failed its integrity check ({check[:200]}); "
-                f"{faults.HINTS[faults.CORRUPT]}",
-                kind=faults.CORRUPT,
-            )
-        self._depth = 0
-        self.ensure_reserve()
+                f"the state database cannot be opened: {error}", kind=error.kind
+            ) from exc
 
     # -- the reserve: space kept back so that a privacy-reducing write succeeds on a
     # full disk (a withdrawal, a wipe, a suspension must not fail for lack of space).

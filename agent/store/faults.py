@@ -11,8 +11,10 @@ from __future__ import annotations
 import errno
 import functools
 import inspect
+import os
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
 from agent.errors import AgentError, StorageError
@@ -22,6 +24,7 @@ READ_ONLY: Final = "read-only"
 CORRUPT: Final = "corrupt"
 IO: Final = "io"
 OTHER: Final = "other"
+LOW_SPACE_BYTES: Final = 64 * 1024  # below this an I/O error counts as a full disk
 
 # SQLite's primary result codes (https://www.sqlite.org/rescode.html).
 _SQLITE_KINDS: Final = {
@@ -74,9 +77,20 @@ def kind_of(exc: BaseException) -> str:
 def mapped(exc: sqlite3.Error | OSError, where: object) -> StorageError:
     """``exc`` as a StorageError naming ``where``, its kind and what to do."""
     kind = kind_of(exc)
+    if kind == IO and isinstance(where, Path) and _out_of_space(where):
+        kind = FULL  # SQLite reports a -shm or -wal it cannot grow as an I/O error
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     hint = HINTS[kind]
     return StorageError(f"{where}: {detail} ({kind}){'; ' + hint if hint else ''}", kind=kind)
+
+
+def _out_of_space(path: Path) -> bool:
+    directory = path if path.is_dir() else path.parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
 
 
 P = ParamSpec("P")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.core.purposes import Purpose
-from agent.errors import TamperedRecord
+from agent.errors import StorageError, TamperedRecord
 from agent.store.database import Database
 from agent.store.faults import guard_public_methods
 from agent.store.keys import KeyStore
@@ -71,6 +71,12 @@ class DeviceStore:
 
     def _data_vault(self) -> Vault:
         if self._data is None:
+            if self.keys.load(self._data_key_name) is None and self.pending_wipe() is not None:
+                # Never a new key while a wipe is unfinished: nothing is sealed, so
+                # nothing captured now can outlive the wipe (P9).
+                raise StorageError(
+                    f"{self.db.path}: a wipe is not finished; nothing is stored until it is"
+                )
             self._data = Vault.open_or_create(self.keys, self._data_key_name)
         return self._data
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import StoreLocked
+from agent.store import faults
 from agent.store.fsutil import require_private_dir
 
 
@@ -19,11 +20,14 @@ def locked(state_dir: Path) -> Iterator[None]:
     A state directory that other users can write to, or that another user owns, is
     refused (UnsafePermissions), as is one of its key directories.
     """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    require_private_dir(state_dir, "the state directory")
-    if (state_dir / "keys").exists():
-        require_private_dir(state_dir / "keys", "the data key directory")
-    fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        require_private_dir(state_dir, "the state directory")
+        if (state_dir / "keys").exists():
+            require_private_dir(state_dir / "keys", "the data key directory")
+        fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise faults.mapped(exc, state_dir) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

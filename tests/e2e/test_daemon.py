@@ -55,15 +55,17 @@ key = "{ident.key}"
 async def log_line(proc: asyncio.subprocess.Process, msg: str) -> dict[str, object]:
     """Read the daemon's JSON log until a line with ``msg``."""
     assert proc.stderr is not None
+    seen = []
     async with asyncio.timeout(20):
         while line := await proc.stderr.readline():
+            seen.append(line.decode(errors="replace"))
             try:
                 doc = json.loads(line)
             except ValueError:
                 continue
             if doc.get("msg") == msg:
                 return dict(doc)
-    raise AssertionError(f"the daemon ended before logging {msg!r}")
+    raise AssertionError(f"the daemon ended before logging {msg!r}: {''.join(seen)[-2000:]}")
 
 
 async def spawn(conf: Path) -> asyncio.subprocess.Process:
