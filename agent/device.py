@@ -114,6 +114,7 @@ class Device:
         self._unrecorded: dict[str, tuple[Outgoing, float]] = {}
         self.storage_problem: StorageError | None = None
         self.safe_mode = False
+        self._quarantined_seen = 0
         try:
             self._open(now)
         except StorageError as exc:
@@ -121,7 +122,11 @@ class Device:
 
     def _open(self, now: float) -> None:
         store, config = self.store, self.config
-        if store.pending_wipe() is not None:
+        if (reason := store.pending_wipe()) is not None:
+            log.warning(
+                "an unfinished wipe was found in the journal; finishing it",
+                extra={"device": self.device_id, "reason": reason},
+            )
             store.finish_wipe()  # a wipe cut short by a crash is finished first (P9)
         control = self._load_control()
         raw = store.load_state()
@@ -136,6 +141,7 @@ class Device:
             # an owner we no longer know. All of it goes to quarantine, none is sent.
             store.quarantine_all("state record unreadable")
         self._queued = store.count()
+        self._quarantined_seen = store.quarantined_outbox
         stored_firmware = self.settings.firmware_version
         self._carry_out(rules.purge_superseded(self.settings), now)
         if stored_firmware is not None and stored_firmware != config.firmware_version:
@@ -207,7 +213,15 @@ class Device:
 
     def queued_count(self) -> int:
         """How many items wait in the outbox (not counting deletion requests)."""
+        self._count_quarantined()
         return self._queued
+
+    def _count_quarantined(self) -> None:
+        """Outbox rows the store moved to quarantine are no longer queued."""
+        moved = self.store.quarantined_outbox - self._quarantined_seen
+        if moved:
+            self._quarantined_seen += moved
+            self._queued -= moved
 
     def in_flight(self) -> list[str]:
         """msg_ids handed to the transport and not yet acknowledged."""
@@ -585,7 +599,9 @@ class Device:
         if len(out) >= limit or not allowed:
             return out
         expired: list[str] = []
-        for item in self.store.queued(limit - len(out), frozenset(self._in_flight)):
+        items = self.store.queued(limit - len(out), frozenset(self._in_flight))
+        self._count_quarantined()
+        for item in items:
             verdict = rules.may_send(self.settings, item.purpose, item.captured_at, now)
             if verdict == "expired":
                 expired.append(item.msg_id)  # P7: never sent
@@ -716,11 +732,13 @@ class Device:
             "consent": {p.value: self.decide(p).reason.value for p in Purpose},
             "precision": s.precision.value,
             "location_set": s.location is not None,
-            "queued": self._queued,
+            "queued": self.queued_count(),
             "in_flight": len(self._in_flight),
             "deletion_requests_pending": self._read_or_none(
                 lambda: len(self.store.deletion_requests())
             ),
+            "deletion_requests_recreated": self.store.deletions_recreated,
+            "deletion_requests_lost": self.store.deletions_lost,
             "quarantined": self._read_or_none(self.store.quarantined),
             "dropped": {r.value: n for r, n in self.dropped.items() if n},
             "storage": self.storage_status(),

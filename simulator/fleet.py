@@ -175,7 +175,8 @@ class Fleet:
         idents = self.pki.ensure_devices([d for _, d in ids])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.workdir / "fleet.db", synchronous="NORMAL")
-        keys = self._keys = FileKeyStore(self.workdir / "keys")
+        # Like the database's synchronous=NORMAL: survives a process crash, not power loss.
+        keys = self._keys = FileKeyStore(self.workdir / "keys", durable=False)
         self._acks = AckBatch(self.db)
         for g in self.scenario.groups:
             if any(e.action in FAULTS for e in g.events):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final, Literal
 
@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_by_device ON ledger (device_id, seq);
 CREATE TABLE IF NOT EXISTS state (device_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS deletion_requests (
+    device_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (device_id, msg_id)
+);
+CREATE TABLE IF NOT EXISTS deletion_journal (
     device_id TEXT NOT NULL,
     msg_id TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
@@ -88,6 +95,7 @@ class Database:
                 kind=faults.CORRUPT,
             )
         self._depth = 0
+        self._after_commit: list[Callable[[], None]] = []
         self.ensure_reserve()
 
     def _open(self, synchronous: Synchronous) -> str:
@@ -150,12 +158,14 @@ class Database:
         it is undone alone when it fails and the outer transaction goes on."""
         if self._depth:
             savepoint = f"sp{self._depth}"
+            pending = len(self._after_commit)
             self._depth += 1
             try:
                 self.conn.execute(f"SAVEPOINT {savepoint}")
                 yield self.conn
                 self.conn.execute(f"RELEASE {savepoint}")
             except BaseException as exc:
+                del self._after_commit[pending:]
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute(f"ROLLBACK TO {savepoint}")
                     self.conn.execute(f"RELEASE {savepoint}")
@@ -170,6 +180,7 @@ class Database:
         except sqlite3.Error as exc:
             raise faults.mapped(exc, self.path) from exc
         self._depth = 1
+        self._after_commit = []
         try:
             yield self.conn
             self.conn.execute("COMMIT")
@@ -182,6 +193,17 @@ class Database:
             raise
         finally:
             self._depth = 0
+        done, self._after_commit = self._after_commit, []
+        for action in done:
+            action()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the current transaction has committed (at once outside
+        one); it is forgotten if the transaction or its savepoint rolls back."""
+        if self._depth:
+            self._after_commit.append(action)
+        else:
+            action()
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file and truncate it."""

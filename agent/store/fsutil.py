@@ -100,10 +100,16 @@ def _require_owner(path: Path, st: os.stat_result, what: str) -> None:
 
 def create_private_file(path: Path) -> None:
     """Create ``path`` 0600 if it does not exist, and narrow it to 0600 if it does
-    (SQLite gives its -wal and -shm files the main file's mode)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    (SQLite gives its -wal and -shm files the main file's mode).
+
+    An existing file is changed by path, never opened: closing a descriptor drops
+    every POSIX lock this process holds on the file, including SQLite's own locks of
+    another connection, which would let a second process reset a live -shm file.
+    """
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        if stat.S_IMODE(os.lstat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)
+        return
+    os.close(fd)

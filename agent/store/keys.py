@@ -1,7 +1,12 @@
 """Where device keys live: the ``KeyStore`` seam and its file implementation.
 
 ``FileKeyStore`` keeps each key in a 0600 file. A TPM or secure element plugs in
-behind the same three methods on real hardware.
+behind the same methods on real hardware: keys become sealed objects or slots
+(``load``/``create``/``destroy``), and the monotonic counters that detect a rolled-back
+store (``counter``/``advance``) become NV counters (TPM2_NV_Increment), which no
+copy of the SD card can roll back. In files, both live apart from the database but on
+the same card: a rollback of the whole card, keys and counters included, is not
+detectable there.
 """
 
 from __future__ import annotations
@@ -30,13 +35,20 @@ class KeyStore(Protocol):
     def destroy(self, name: str) -> None:
         """Destroy the key called ``name`` beyond recovery (no error if absent)."""
 
+    def counter(self, name: str) -> int:
+        """The monotonic counter called ``name`` (0 if it was never advanced)."""
+
+    def advance(self, name: str, value: int) -> None:
+        """Raise the counter ``name`` to ``value``; it never goes down."""
+
 
 @guard_public_methods(lambda keys: keys.directory)
 class FileKeyStore:
     """Keys as 0600 files in one directory; OS errors leave as StorageError."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, durable: bool = True) -> None:
         self.directory = directory
+        self.durable = durable
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.key"
@@ -66,3 +78,24 @@ class FileKeyStore:
     def destroy(self, name: str) -> None:
         """Overwrite and unlink the key file."""
         shred_file(self._path(name))
+
+    def _counter_path(self, name: str) -> Path:
+        return self.directory / f"{name}.counter"
+
+    def counter(self, name: str) -> int:
+        """The counter's value; a damaged counter file reads as corrupt, never as 0."""
+        try:
+            text = self._counter_path(name).read_text()
+        except FileNotFoundError:
+            return 0
+        if not text.strip().isdigit():
+            raise StorageError(
+                f"counter file {self._counter_path(name)} is corrupt", kind="corrupt"
+            )
+        return int(text)
+
+    def advance(self, name: str, value: int) -> None:
+        """Write the new value (durably unless the store was made for a simulated fleet)."""
+        if value > self.counter(name):
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_private(self._counter_path(name), str(value).encode(), durable=self.durable)

@@ -11,6 +11,9 @@ Tables::
     state              the device's settings and consent, data key
     deletion_requests  pending deletion requests (P10), sealed with the system key,
                        which survives wipes
+    deletion_journal   a second sealed copy of each, to re-create a lost request;
+                       counters kept apart from the database (``KeyStore``) say how
+                       many were made and acknowledged, so a loss of both is loud
     wipes              a wipe in progress, finished on the next open after a crash
     control            not personal: suspension, commands taken, clock offset; system
                        key, survives wipes
@@ -24,6 +27,7 @@ associated-data scheme that binds a record to its row is visible in one place.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ from agent.store.database import Database
 from agent.store.faults import guard_public_methods
 from agent.store.keys import KeyStore
 from agent.store.vault import Vault
+
+log = logging.getLogger("smartmi.store")
 
 
 def _ms(ts: float) -> int:
@@ -63,6 +69,10 @@ class DeviceStore:
         self._data: Vault | None = None
         self._system: Vault | None = None
         self.problems: list[TamperedRecord] = []
+        self.quarantined_outbox = 0  # outbox rows moved to quarantine since opening
+        self._generations: dict[str, int] = {}
+        self.deletions_recreated = 0
+        self.deletions_lost = 0
 
     # -- keys --------------------------------------------------------------
     @property
@@ -110,6 +120,12 @@ class DeviceStore:
             )
             c.execute(delete_sql, delete_args)
         self.problems.append(exc)
+        if source == "outbox":
+            self.quarantined_outbox += 1
+        log.error(
+            "record failed its integrity check; moved to quarantine",
+            extra={"device": self.device_id, "table": source, "reason": exc.reason},
+        )
 
     def unreadable_without_key(self) -> int:
         """Move this device's data-key records to quarantine if the key is gone."""
@@ -135,7 +151,14 @@ class DeviceStore:
                     )
                     self.problems.append(TamperedRecord(table, row_ref, reason))
                 moved += len(rows)
+                if table == "outbox":
+                    self.quarantined_outbox += len(rows)
                 c.execute(f"DELETE FROM {table} WHERE device_id = ?", (self.device_id,))  # noqa: S608
+        if moved:
+            log.error(
+                "records moved to quarantine",
+                extra={"device": self.device_id, "reason": reason, "count": moved},
+            )
         return moved
 
     # -- one-row records: state (data key) and control (system key) -------
@@ -160,18 +183,51 @@ class DeviceStore:
             )
             raise
         value: dict[str, Any] = json.loads(plain)
+        generation = int(value.pop("_generation", 0))
+        counter = self.keys.counter(f"{self.device_id}.{table}")
+        if generation < counter:
+            # An older copy of the record: the store (or this row) was rolled back.
+            rolled = TamperedRecord(
+                table, self.device_id, f"rolled back ({generation} < {counter})"
+            )
+            self._quarantine(
+                table,
+                self.device_id,
+                row[0],
+                rolled,
+                delete_sql=f"DELETE FROM {table} WHERE device_id = ?",  # noqa: S608
+                delete_args=(self.device_id,),
+            )
+            raise rolled
+        self._generations[table] = generation
         return value
+
+    def _advance(self, name: str, value: int) -> None:
+        try:
+            self.keys.advance(name, value)
+        except StorageError as exc:  # the counter lags: a rollback to now goes unseen
+            log.warning(
+                "rollback counter not advanced",
+                extra={"device": self.device_id, "counter": name, "kind": exc.kind},
+            )
 
     def _save_one(
         self, table: Literal["state", "control"], vault: Vault, value: dict[str, Any]
     ) -> None:
-        blob = vault.seal(json.dumps(value, sort_keys=True).encode(), self._aad(table))
+        # Each save carries the next generation; the counter kept apart from the
+        # database follows once it is committed, so an older copy is found out on load.
+        name = f"{self.device_id}.{table}"
+        generation = max(self._generations.get(table, 0), self.keys.counter(name)) + 1
+        sealed = {**value, "_generation": generation}
+        blob = vault.seal(json.dumps(sealed, sort_keys=True).encode(), self._aad(table))
         with self.db.transaction() as c:
             c.execute(
                 f"INSERT INTO {table} (device_id, blob) VALUES (?, ?) "  # noqa: S608  # fixed names
                 "ON CONFLICT (device_id) DO UPDATE SET blob = excluded.blob",
                 (self.device_id, blob),
             )
+        self._generations[table] = generation
+        self.db.after_commit(lambda: self._advance(name, generation))
 
     def load_state(self) -> dict[str, Any] | None:
         """The device's sealed state record, or None if there is none (or it was rejected)."""
@@ -380,21 +436,79 @@ class DeviceStore:
     def _dr_aad(self, msg_id: str, created_ms: int) -> bytes:
         return self._aad("deletion_requests", msg_id, created_ms)
 
+    def _journal_aad(self, msg_id: str, created_ms: int) -> bytes:
+        return self._aad("deletion_journal", msg_id, created_ms)
+
     def add_deletion_request(self, msg_id: str, created_at: float, payload: bytes) -> None:
-        """Persist a pending deletion request."""
+        """Persist a pending deletion request, with its journal copy."""
         cms = _ms(created_at)
-        blob = self._system_vault().seal(payload, self._dr_aad(msg_id, cms))
+        vault = self._system_vault()
+        made = self._deletion_counter("made") + 1
         with self.db.transaction() as c:
             c.execute(
                 "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
                 "VALUES (?, ?, ?, ?)",
-                (self.device_id, msg_id, cms, blob),
+                (self.device_id, msg_id, cms, vault.seal(payload, self._dr_aad(msg_id, cms))),
             )
+            c.execute(
+                "INSERT OR REPLACE INTO deletion_journal (device_id, msg_id, created_ms, blob) "
+                "VALUES (?, ?, ?, ?)",
+                (self.device_id, msg_id, cms, vault.seal(payload, self._journal_aad(msg_id, cms))),
+            )
+        self.db.after_commit(lambda: self._advance(f"{self.device_id}.deletions-made", made))
+
+    def _deletion_counter(self, which: str) -> int:
+        return self.keys.counter(f"{self.device_id}.deletions-{which}")
 
     def deletion_requests(self) -> list[StoredItem]:
-        """Pending deletion requests, oldest first (purpose field unused: activation)."""
+        """Pending deletion requests, oldest first (purpose field unused: activation).
+
+        A request whose row is gone or fails to open is re-created from its journal
+        copy, loudly; one that is gone from both is counted in ``deletions_lost``.
+        """
+        requests = self._open_deletions("deletion_requests", self._dr_aad)
+        journal = self._open_deletions("deletion_journal", self._journal_aad)
+        present = {r.msg_id for r in requests}
+        for copy in journal:
+            if copy.msg_id in present:
+                continue
+            log.error(
+                "deletion request lost; re-created from its journal copy",
+                extra={"device": self.device_id, "msg_id": copy.msg_id},
+            )
+            with self.db.transaction() as c:
+                c.execute(
+                    "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        self.device_id,
+                        copy.msg_id,
+                        _ms(copy.captured_at),
+                        self._system_vault().seal(
+                            copy.payload, self._dr_aad(copy.msg_id, _ms(copy.captured_at))
+                        ),
+                    ),
+                )
+            self.deletions_recreated += 1
+            requests.append(copy)
+        requests.sort(key=lambda r: (r.captured_at, r.seq))
+        outstanding = self._deletion_counter("made") - self._deletion_counter("done")
+        lost = max(0, outstanding - len(requests))
+        if lost and lost != self.deletions_lost:
+            log.error(
+                "deletion requests lost with their journal copies; they cannot be re-created",
+                extra={"device": self.device_id, "count": lost},
+            )
+        self.deletions_lost = lost
+        return requests
+
+    def _open_deletions(
+        self,
+        table: Literal["deletion_requests", "deletion_journal"],
+        aad: Callable[[str, int], bytes],
+    ) -> list[StoredItem]:
         rows = self.db.conn.execute(
-            "SELECT rowid, msg_id, created_ms, blob FROM deletion_requests WHERE device_id = ? "
+            f"SELECT rowid, msg_id, created_ms, blob FROM {table} WHERE device_id = ? "  # noqa: S608
             "ORDER BY created_ms, rowid",
             (self.device_id,),
         ).fetchall()
@@ -402,15 +516,15 @@ class DeviceStore:
         for rowid, msg_id, cms, blob in rows:
             try:
                 payload = self._system_vault().open(
-                    blob, self._dr_aad(msg_id, cms), table="deletion_requests", row_id=msg_id
+                    blob, aad(msg_id, cms), table=table, row_id=msg_id
                 )
             except TamperedRecord as exc:
                 self._quarantine(
-                    "deletion_requests",
+                    table,
                     msg_id,
                     blob,
                     exc,
-                    delete_sql="DELETE FROM deletion_requests WHERE rowid = ?",
+                    delete_sql=f"DELETE FROM {table} WHERE rowid = ?",  # noqa: S608
                     delete_args=(rowid,),
                 )
                 continue
@@ -418,12 +532,19 @@ class DeviceStore:
         return out
 
     def remove_deletion_request(self, msg_id: str) -> bool:
-        """Forget an acknowledged deletion request."""
+        """Forget an acknowledged deletion request, and its journal copy."""
+        done = self._deletion_counter("done") + 1
         with self.db.transaction() as c:
             cur = c.execute(
                 "DELETE FROM deletion_requests WHERE device_id = ? AND msg_id = ?",
                 (self.device_id, msg_id),
             )
+            copy = c.execute(
+                "DELETE FROM deletion_journal WHERE device_id = ? AND msg_id = ?",
+                (self.device_id, msg_id),
+            )
+        if cur.rowcount or copy.rowcount:
+            self.db.after_commit(lambda: self._advance(f"{self.device_id}.deletions-done", done))
         return cur.rowcount > 0
 
     # -- wipe (P9) ---------------------------------------------------------

@@ -130,5 +130,66 @@ def test_tampered_deletion_request_is_quarantined(rig: Rig) -> None:
     rowid, blob = _first_blob(rig, "deletion_requests")
     _edit(rig, "UPDATE deletion_requests SET blob = ? WHERE rowid = ?", blob[:-2] + b"xx", rowid)
     core = rig.open()
-    assert rig.deliver_all() == []
+    # Quarantined, and re-created from its journal copy (same msg_id): still sent once.
+    assert [o.kind for o in rig.deliver_all()] == ["deletion-request"]
     assert core.store.problems[0].table == "deletion_requests"
+    assert core.status()["deletion_requests_recreated"] == 1
+    assert core.status()["deletion_requests_lost"] == 0
+
+
+def _unbound_offline(rig: Rig) -> None:
+    core = rig.open()
+    core.unbind(now=rig.tick())
+    assert rig.db is not None
+    rig.db.close()
+    rig.db = None
+
+
+def test_a_deleted_deletion_request_is_recreated_loudly(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    _unbound_offline(rig)
+    _edit(rig, "DELETE FROM deletion_requests")
+    core = rig.open()
+    assert [o.kind for o in rig.deliver_all()] == ["deletion-request"]
+    assert core.status()["deletion_requests_recreated"] == 1
+    assert "deletion request lost; re-created from its journal copy" in caplog.text
+
+
+def test_a_deletion_request_lost_with_its_copy_is_loud(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    _unbound_offline(rig)
+    _edit(rig, "DELETE FROM deletion_requests")
+    _edit(rig, "DELETE FROM deletion_journal")
+    core = rig.open()
+    assert rig.deliver_all() == []
+    assert core.status()["deletion_requests_lost"] == 1
+    assert "cannot be re-created" in caplog.text
+
+
+def test_an_inserted_wipe_journal_is_logged(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    _edit(rig, "INSERT INTO wipes (device_id, reason) VALUES ('dev-1', 'unbind')")
+    rig.open()
+    assert "an unfinished wipe was found in the journal" in caplog.text
+
+
+def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = rig.open()
+    assert rig.db is not None
+    assert core.decide(Purpose.DIAGNOSTICS).allowed
+    rig.db.checkpoint()
+    old = (rig.root / "state.db").read_bytes()  # a copy while consent was in force
+    core.withdraw(Purpose.DIAGNOSTICS, now=rig.tick())
+    rig.db.close()
+    rig.db = None
+    for leftover in rig.root.glob("state.db-*"):
+        leftover.unlink()
+    (rig.root / "state.db").write_bytes(old)  # restored: items and grant are back
+    core = rig.open()
+    assert not core.decide(Purpose.DIAGNOSTICS).allowed
+    assert rig.deliver_all() == []
+    assert any("rolled back" in p.reason for p in core.store.problems)
+    assert "record failed its integrity check" in caplog.text

@@ -191,3 +191,36 @@ async def test_the_daemon_refuses_secrets_open_to_others(
     assert f"{path} (" in err
     assert "chmod" in err
     assert "Traceback" not in err
+
+
+async def test_a_rolled_back_store_is_found_out_by_the_daemon(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    pki: DevPki,
+    cloud: Cloud,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    conf = write_config(tmp_path, broker, pki)
+    state = tmp_path / "state"
+    agent(conf, capsys, "bind", "--binding-id", "owner-rb")
+    agent(conf, capsys, "consent", "grant", "diagnostics")
+    for _ in range(3):
+        agent(conf, capsys, "crash", "--simulate")
+    old = (state / "state.db").read_bytes()  # closed cleanly: one file holds it all
+    agent(conf, capsys, "consent", "withdraw", "diagnostics")
+    (state / "state.db").write_bytes(old)  # the attacker restores the older store
+    proc = await spawn(conf)
+    try:
+        await log_line(proc, "record failed its integrity check; moved to quarantine")
+        await log_line(proc, "connected")
+        await asyncio.sleep(2)
+        status = agent(conf, capsys, "status")
+        assert status["consent"] == {"activation": "not-bound", "diagnostics": "not-bound"}
+        quarantined = status["quarantined"]
+        assert isinstance(quarantined, int)
+        assert quarantined >= 4  # the state row and its 3 items, with the ledger
+        assert cloud.of(DEVICE, "crash") == []  # nothing from the restored outbox
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await proc.wait()

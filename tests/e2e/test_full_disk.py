@@ -180,10 +180,11 @@ async def test_a_read_only_state_directory_is_a_clear_error(
 ) -> None:
     conf = write_config(tmp_path, broker, pki)
     agent(conf, capsys, "bind", "--binding-id", "owner-ro")
-    done = subprocess.run(
-        ["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, check=False
+    remount = await asyncio.create_subprocess_exec(
+        "mount", "-o", "remount,ro", str(small_disk), stderr=asyncio.subprocess.PIPE
     )
-    assert done.returncode == 0, done.stderr
+    _, remount_err = await remount.communicate()
+    assert remount.returncode == 0, remount_err
     proc = await spawn(conf)
     assert proc.stderr is not None
     async with asyncio.timeout(20):
