@@ -67,23 +67,21 @@ def shred_file(path: Path) -> None:
 def require_private_file(path: Path, what: str) -> None:
     """Refuse a secret file that its owner does not alone control (as AWS IoT Device
     Client does): any group or other permission bit, or another (non-root) owner."""
-    st = path.stat()
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise UnsafePermissions(
-            path, f"({what}) has mode {mode:04o}, open to other users", f"chmod 600 {path}"
-        )
-    _require_owner(path, st, what)
+    _require(path, what, 0o077, "open to", 0o600)
 
 
 def require_private_dir(path: Path, what: str) -> None:
     """Refuse a directory that others can write to (they could swap its files), or that
     another (non-root) user owns."""
+    _require(path, what, 0o022, "writable by", 0o700)
+
+
+def _require(path: Path, what: str, forbidden: int, verb: str, fix: int) -> None:
     st = path.stat()
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022:
+    if mode & forbidden:
         raise UnsafePermissions(
-            path, f"({what}) has mode {mode:04o}, writable by other users", f"chmod 700 {path}"
+            path, f"({what}) has mode {mode:04o}, {verb} other users", f"chmod {fix:o} {path}"
         )
     _require_owner(path, st, what)
 

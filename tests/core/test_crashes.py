@@ -64,16 +64,16 @@ def test_a_python_traceback_keeps_types_and_frames_of_the_software(rig: Rig) -> 
         {"module": "miio.fan", "function": "spin", "line": 44},
     ]
     assert data["signature"] == "ValueError in miio.fan.spin"
-    assert set(data) == {
-        "ip_addresses",
+    assert sorted(data) == [
         "default_gateway",
-        "routes",
         "exception",
-        "frames",
-        "signature",
         "firmware_version",
+        "frames",
+        "ip_addresses",
+        "routes",
+        "signature",
         "uptime_s",
-    }
+    ]
 
 
 def test_a_gdb_backtrace_keeps_the_signal_and_functions() -> None:
