@@ -84,6 +84,9 @@ Action = Literal[
     "replay",
 ]
 
+# Versions and names: visible ASCII only (no spaces, control or non-ASCII characters).
+VISIBLE = r"^[\x21-\x7e]+$"
+
 _NEEDS: dict[str, tuple[str, ...]] = {
     "grant": ("purpose",),
     "withdraw": ("purpose",),
@@ -124,7 +127,7 @@ class Event(_Model):
     via: Literal["local", "cloud"] | None = None  # default: see _SOURCES
     purpose: Literal["activation", "diagnostics"] | None = None
     minor: bool = False
-    version: str | None = Field(default=None, min_length=1, max_length=64)
+    version: str | None = Field(default=None, min_length=1, max_length=64, pattern=VISIBLE)
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     level: Literal["off", "country", "region", "city"] | None = None
@@ -164,14 +167,14 @@ class Group(_Model):
 
     name: str = Field(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")
     share: float = Field(gt=0, le=1)
-    policy_version: str = Field(default="1", min_length=1, max_length=64)
+    policy_version: str = Field(default="1", min_length=1, max_length=64, pattern=VISIBLE)
     events: list[Event] = Field(default_factory=list)
 
 
 class Scenario(_Model):
     """A whole scenario file."""
 
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     seed: int = 1
     duration_s: float = Field(gt=0, le=3600)
     settle_s: float = Field(default=60, gt=0, le=3600)

@@ -35,6 +35,12 @@ def test_the_shipped_scenarios_load() -> None:
         (('name = "a"', 'name = "a"\ncolour = "red"'), "groups.0.colour: Extra inputs"),
         (("duration_s = 5", "duration_s = "), "not valid TOML"),
         (('action = "bind"', 'action = "bind", via = "cloud"'), "cannot come from the cloud"),
+        (('name = "t"', 'name = "t\\u0000x"'), "name: String should match pattern"),
+        (("share = 1.0", 'share = 1.0\npolicy_version = "v 1"'), "groups.0.policy_version"),
+        (
+            ('action = "bind"', 'action = "firmware-update", version = "2.0\\u202e"'),
+            "groups.0.events.0.version",
+        ),
     ],
 )
 def test_bad_scenarios_name_the_problem(
@@ -45,6 +51,14 @@ def test_bad_scenarios_name_the_problem(
     with pytest.raises(ConfigError) as err:
         load_scenario(path)
     assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_a_scenario_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_bytes(GOOD.replace('name = "a"', 'name = "a\xff"').encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot read: 'utf-8' codec") as err:
+        load_scenario(path)
     assert str(path) in str(err.value)
 
 
