@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent import installed_version
 from agent.config import AgentConfig, load_config
 from agent.core.location import parse_precision
 from agent.core.purposes import parse_purpose
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consent-gated data-collection agent of a Smartmi device. Activation data "
         "and crash diagnostics leave the device only while their consent is in force.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help="agent.toml (default: %(default)s)"
     )

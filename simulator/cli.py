@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from agent import installed_version
 from agent.core.identity import validate_device_id
 from agent.errors import AgentError
 
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Development tools for the Smartmi agent: a dev PKI, a local "
         "mutual-TLS Mosquitto, and a simulated fleet with a cloud-side privacy checker.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     parser.add_argument(
         "--dir",
         default=str(DEFAULT_DEV_DIR),

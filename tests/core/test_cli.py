@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import socket
 from pathlib import Path
@@ -12,6 +13,7 @@ from agent.cli import main
 from agent.config import load_config
 from agent.errors import ConfigError, StoreLocked
 from agent.store.statedir import locked
+from simulator.cli import main as sim_main
 
 GOOD = """
 [device]
@@ -147,3 +149,13 @@ def test_a_socket_left_by_a_dead_daemon_falls_back_to_the_state_dir(
     assert rc == 0
     assert isinstance(out, dict)
     assert out["lifecycle"] == "factory-new"
+
+
+@pytest.mark.parametrize("tool", ["smartmi-agent", "smartmi-sim"])
+def test_both_tools_say_their_version(tool: str, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = main if tool == "smartmi-agent" else sim_main
+    with pytest.raises(SystemExit) as done:
+        entry(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"{tool} {importlib.metadata.version('smartmi-agent')}"
