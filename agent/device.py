@@ -44,6 +44,7 @@ from agent.core.purposes import DELETION_KIND, POLICIES, Purpose
 from agent.core.rules import Plan
 from agent.core.settings import Control, CoreConfig, CrashReport, Settings
 from agent.errors import StorageError, TamperedRecord
+from agent.store import faults
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore, StoredItem
@@ -273,7 +274,7 @@ class Device:
         try:
             result = write()
         except StorageError as exc:
-            if not (narrowing and exc.kind == "full" and self.store.db.release_reserve()):
+            if not (narrowing and exc.kind == faults.FULL and self.store.db.release_reserve()):
                 raise
             log.warning(
                 "disk full: the reserve was released for a privacy-reducing write",
@@ -436,10 +437,7 @@ class Device:
                     if crash_file.is_file():
                         crash_file.unlink()
             except OSError as exc:
-                raise StorageError(
-                    f"{self.crash_dir}: crash files could not be deleted: {exc.strerror}",
-                    kind="read-only" if exc.errno in (13, 1, 30) else "io",
-                ) from exc
+                raise faults.mapped(exc, self.crash_dir) from exc
         self._wipe_pending = None
         if wipe.deletion_request is not None:
             self._deletions_maybe = True
@@ -571,9 +569,12 @@ class Device:
         ``personal`` false only deletion requests are returned (commands first).
         """
         out: list[Outgoing] = []
-        if (self._unrecorded or self.storage_problem) and not self.settle(now=now):
+        if self.needs_settling:
+            self.settle(now=now)
+        if self._unrecorded:
             # An acknowledgement could not be recorded: the drain pauses (no re-send
-            # loop) until the store takes writes again.
+            # loop) until the store takes writes again. A store problem alone does not
+            # hold back deletion requests (safe mode sends them).
             return out
         try:
             return self._next_batch(out, now=now, limit=limit, personal=personal)
@@ -749,7 +750,7 @@ class Device:
         not durable or the last write failed."""
         problem = self.storage_problem
         return {
-            "ok": problem is None and not self.unsettled and not self._unrecorded,
+            "ok": not self.needs_settling,
             "kind": None if problem is None else problem.kind,
             "error": None if problem is None else str(problem),
             "safe_mode": self.safe_mode,
@@ -759,11 +760,9 @@ class Device:
         }
 
     def _read_or_none(self, read: Callable[[], int]) -> int | None:
-        try:
+        with self._noted():
             return read()
-        except StorageError as exc:
-            self.storage_problem = exc
-            return None
+        return None
 
 
 @contextlib.contextmanager

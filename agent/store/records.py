@@ -81,13 +81,16 @@ class DeviceStore:
 
     def _data_vault(self) -> Vault:
         if self._data is None:
-            if self.keys.load(self._data_key_name) is None and self.pending_wipe() is not None:
-                # Never a new key while a wipe is unfinished: nothing is sealed, so
-                # nothing captured now can outlive the wipe (P9).
-                raise StorageError(
-                    f"{self.db.path}: a wipe is not finished; nothing is stored until it is"
-                )
-            self._data = Vault.open_or_create(self.keys, self._data_key_name)
+            key = self.keys.load(self._data_key_name)
+            if key is None:
+                if self.pending_wipe() is not None:
+                    # Never a new key while a wipe is unfinished: nothing is sealed, so
+                    # nothing captured now can outlive the wipe (P9).
+                    raise StorageError(
+                        f"{self.db.path}: a wipe is not finished; nothing is stored until it is"
+                    )
+                key = self.keys.create(self._data_key_name)
+            self._data = Vault(key)
         return self._data
 
     def _system_vault(self) -> Vault:
@@ -171,7 +174,7 @@ class DeviceStore:
         if row is None:
             return None
         try:
-            plain = vault.open(row[0], self._aad(table), table=table, row_id=self.device_id)
+            value, generation = self._open_one(table, vault, row[0])
         except TamperedRecord as exc:
             self._quarantine(
                 table,
@@ -182,25 +185,21 @@ class DeviceStore:
                 delete_args=(self.device_id,),
             )
             raise
+        self._generations[table] = generation
+        return value
+
+    def _open_one(
+        self, table: Literal["state", "control"], vault: Vault, blob: bytes
+    ) -> tuple[dict[str, Any], int]:
+        """A one-row record and its generation; TamperedRecord if it fails to open or is
+        older than the counter kept apart from the database (a rollback)."""
+        plain = vault.open(blob, self._aad(table), table=table, row_id=self.device_id)
         value: dict[str, Any] = json.loads(plain)
         generation = int(value.pop("_generation", 0))
         counter = self.keys.counter(f"{self.device_id}.{table}")
         if generation < counter:
-            # An older copy of the record: the store (or this row) was rolled back.
-            rolled = TamperedRecord(
-                table, self.device_id, f"rolled back ({generation} < {counter})"
-            )
-            self._quarantine(
-                table,
-                self.device_id,
-                row[0],
-                rolled,
-                delete_sql=f"DELETE FROM {table} WHERE device_id = ?",  # noqa: S608
-                delete_args=(self.device_id,),
-            )
-            raise rolled
-        self._generations[table] = generation
-        return value
+            raise TamperedRecord(table, self.device_id, f"rolled back ({generation} < {counter})")
+        return value, generation
 
     def _advance(self, name: str, value: int) -> None:
         try:
@@ -445,17 +444,22 @@ class DeviceStore:
         vault = self._system_vault()
         made = self._deletion_counter("made") + 1
         with self.db.transaction() as c:
-            c.execute(
-                "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
-                "VALUES (?, ?, ?, ?)",
-                (self.device_id, msg_id, cms, vault.seal(payload, self._dr_aad(msg_id, cms))),
-            )
+            self._insert_request(msg_id, cms, payload)
             c.execute(
                 "INSERT OR REPLACE INTO deletion_journal (device_id, msg_id, created_ms, blob) "
                 "VALUES (?, ?, ?, ?)",
                 (self.device_id, msg_id, cms, vault.seal(payload, self._journal_aad(msg_id, cms))),
             )
         self.db.after_commit(lambda: self._advance(f"{self.device_id}.deletions-made", made))
+
+    def _insert_request(self, msg_id: str, created_ms: int, payload: bytes) -> None:
+        blob = self._system_vault().seal(payload, self._dr_aad(msg_id, created_ms))
+        with self.db.transaction() as c:
+            c.execute(
+                "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
+                "VALUES (?, ?, ?, ?)",
+                (self.device_id, msg_id, created_ms, blob),
+            )
 
     def _deletion_counter(self, which: str) -> int:
         return self.keys.counter(f"{self.device_id}.deletions-{which}")
@@ -476,19 +480,7 @@ class DeviceStore:
                 "deletion request lost; re-created from its journal copy",
                 extra={"device": self.device_id, "msg_id": copy.msg_id},
             )
-            with self.db.transaction() as c:
-                c.execute(
-                    "INSERT INTO deletion_requests (device_id, msg_id, created_ms, blob) "
-                    "VALUES (?, ?, ?, ?)",
-                    (
-                        self.device_id,
-                        copy.msg_id,
-                        _ms(copy.captured_at),
-                        self._system_vault().seal(
-                            copy.payload, self._dr_aad(copy.msg_id, _ms(copy.captured_at))
-                        ),
-                    ),
-                )
+            self._insert_request(copy.msg_id, _ms(copy.captured_at), copy.payload)
             self.deletions_recreated += 1
             requests.append(copy)
         requests.sort(key=lambda r: (r.captured_at, r.seq))

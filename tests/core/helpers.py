@@ -93,3 +93,12 @@ class Rig:
                 self.core.acknowledged(item.msg_id, now=self.now)
             sent += batch
         return sent
+
+
+def granted_rig(root: Path, purpose: Purpose) -> Rig:
+    """A rig whose device is bound to ``owner-1`` with ``purpose`` granted."""
+    rig = Rig(root)
+    core = rig.open()
+    core.bind("owner-1", now=rig.tick())
+    core.grant(purpose, now=rig.tick())
+    return rig

@@ -15,7 +15,7 @@ from agent.core.crashes import EXTERNAL, Frame, frames_of, module_of
 from agent.core.purposes import Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.runtime.collectors import parse_crash_file
-from tests.core.helpers import Rig
+from tests.core.helpers import Rig, granted_rig
 from tests.hostile_crashes import SECRETS, TEXTS, leaked
 
 D = Purpose.DIAGNOSTICS
@@ -23,11 +23,7 @@ D = Purpose.DIAGNOSTICS
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
-    r = Rig(tmp_path)
-    core = r.open()
-    core.bind("owner-1", now=r.tick())
-    core.grant(D, now=r.tick())
-    return r
+    return granted_rig(tmp_path, D)
 
 
 def _sent(rig: Rig, report: CrashReport) -> bytes:

@@ -13,7 +13,7 @@ from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
 from agent.store.records import DeviceStore
-from tests.core.helpers import Recorder, Rig
+from tests.core.helpers import Recorder, Rig, granted_rig
 
 D = Purpose.DIAGNOSTICS
 
@@ -30,12 +30,10 @@ def refuse(monkeypatch: pytest.MonkeyPatch, *methods: str) -> None:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
-    r = Rig(tmp_path)
-    core = r.open()
-    core.bind("owner-1", now=r.tick())
-    core.grant(D, now=r.tick())
+    r = granted_rig(tmp_path, D)
+    assert r.core is not None
     for _ in range(3):
-        core.capture_crash(CrashReport("s", "x"), now=r.tick())
+        r.core.capture_crash(CrashReport("s", "x"), now=r.tick())
     return r
 
 

@@ -193,3 +193,14 @@ def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
     assert rig.deliver_all() == []
     assert any("rolled back" in p.reason for p in core.store.problems)
     assert "record failed its integrity check" in caplog.text
+
+
+def test_safe_mode_still_sends_a_pending_deletion_request(rig: Rig) -> None:
+    _unbound_offline(rig)
+    damaged = rig.root / "keys" / "dev-1.data.key"
+    damaged.write_bytes(b"short")  # a damaged store
+    damaged.chmod(0o600)
+    core = rig.open()
+    assert core.status()["storage"]["safe_mode"] is True
+    assert [o.kind for o in rig.deliver_all()] == ["deletion-request"]
+    assert core.status()["deletion_requests_pending"] == 0

@@ -91,8 +91,11 @@ async def daemon(
 
 
 def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
-    assert cli(["--config", str(conf), *argv]) == 0, capsys.readouterr().err
-    return dict(json.loads(capsys.readouterr().out))
+    """A CLI verb that must succeed; its JSON output."""
+    rc = cli(["--config", str(conf), *argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return dict(json.loads(out))
 
 
 async def test_daemon_serves_the_cli_sends_and_stops_cleanly(

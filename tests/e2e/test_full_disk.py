@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import random
 import signal
@@ -26,7 +25,7 @@ from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
 from simulator.pki import DevPki
 from tests.e2e.fleet import until
-from tests.e2e.test_daemon import DEVICE, log_line, spawn, write_config
+from tests.e2e.test_daemon import DEVICE, agent, log_line, spawn, write_config
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,13 +63,6 @@ def fill(directory: Path) -> Path:
         (directory / "probe").write_bytes(b"x" * 4096)
     assert err.value.errno == errno.ENOSPC
     return filler
-
-
-def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
-    rc = cli(["--config", str(conf), *argv])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    return dict(json.loads(out))
 
 
 def crash_dir_outside(conf: Path) -> Path:
