@@ -443,11 +443,21 @@ class Device:
             self._deletions_maybe = True
             self._tell_sendable()
 
+    def _decided_on(self, now: float) -> Settings:
+        """The settings a user's or the cloud's action is decided on. In safe mode they
+        are a placeholder, not the device's: the action fails with the store's error
+        (reported to the user; a cloud command is not acknowledged and comes again)
+        rather than being decided on, and lost with, the placeholder."""
+        if self.safe_mode and not self.settle(now=now):
+            assert self.storage_problem is not None  # noqa: S101  # settle sets it
+            raise self.storage_problem
+        return self.settings
+
     # -- lifecycle ---------------------------------------------------------
     def bind(self, binding_id: str, *, now: float, minor: bool = False) -> None:
         """Bind to an owner; an activation becomes due (first, or restore after a wipe)."""
         plan = rules.bind(
-            self.settings,
+            self._decided_on(now),
             self.config,
             binding_id,
             minor=minor,
@@ -460,13 +470,17 @@ class Device:
     def firmware_updated(self, version: str, *, now: float) -> None:
         """A new firmware runs: a fresh activation is due if the device is bound."""
         self.config = dataclasses.replace(self.config, firmware_version=version)
-        plan = rules.firmware_updated(self.settings, self.config, now=now, msg_id=self._new_id())
+        plan = rules.firmware_updated(
+            self._decided_on(now), self.config, now=now, msg_id=self._new_id()
+        )
         self._carry_out(plan, now)
 
     def set_policy_version(self, version: str, *, now: float) -> None:
         """The configured privacy policy changed: earlier grants stop counting (P6)."""
         self.config = dataclasses.replace(self.config, policy_version=version)
-        plan = rules.policy_changed(self.settings, self.config, now=now, msg_id=self._new_id())
+        plan = rules.policy_changed(
+            self._decided_on(now), self.config, now=now, msg_id=self._new_id()
+        )
         self._carry_out(plan, now)
 
     def unbind(self, *, now: float) -> str | None:
@@ -482,7 +496,7 @@ class Device:
         return self._wipe_for(Event.ACCOUNT_CANCELLED, now)
 
     def _wipe_for(self, event: Event, now: float) -> str | None:
-        plan = rules.wipe(self.settings, self.config, event, now=now, msg_id=self._new_id())
+        plan = rules.wipe(self._decided_on(now), self.config, event, now=now, msg_id=self._new_id())
         self._carry_out(plan, now)
         request = plan.wipe.deletion_request if plan.wipe else None
         return request[0] if request else None
@@ -491,7 +505,12 @@ class Device:
     def grant(self, purpose: Purpose, *, now: float, source: Source = "local") -> bool:
         """Grant consent for a purpose; returns False if it was already in force."""
         plan = rules.grant(
-            self.settings, self.config, purpose, now=now, source=source, msg_id=self._new_id()
+            self._decided_on(now),
+            self.config,
+            purpose,
+            now=now,
+            source=source,
+            msg_id=self._new_id(),
         )
         self._carry_out(plan, now)
         return not plan.noop
@@ -499,7 +518,7 @@ class Device:
     def withdraw(self, purpose: Purpose, *, now: float, source: Source = "local") -> list[str]:
         """Withdraw consent (P2): before this returns, nothing of ``purpose`` is pending
         anywhere; returns the msg_ids removed."""
-        plan = rules.withdraw(self.settings, self.config, purpose, now=now, source=source)
+        plan = rules.withdraw(self._decided_on(now), self.config, purpose, now=now, source=source)
         return self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
 
     def set_suspended(self, value: bool, *, now: float, source: Source = "local") -> None:
@@ -508,9 +527,10 @@ class Device:
         The cloud's ``suspend-collection`` goes through ``take``, which orders it by its
         issue time and deletes what was captured after it.
         """
-        stamp = rules.local_stamp(self.settings, now)
+        settings = self._decided_on(now)
+        stamp = rules.local_stamp(settings, now)
         plan = rules.suspension(
-            self.settings,
+            settings,
             self.config,
             value,
             now=now,
@@ -526,7 +546,9 @@ class Device:
 
         Raises CommandRejected when the command may not be taken at all.
         """
-        taken = cloud.take(self.settings, self.config, command, now=now, msg_id=self._new_id())
+        taken = cloud.take(
+            self._decided_on(now), self.config, command, now=now, msg_id=self._new_id()
+        )
         self._carry_out(taken.plan, now)
         return taken
 
@@ -545,17 +567,19 @@ class Device:
     # -- location ----------------------------------------------------------
     def set_precision(self, precision: Precision, *, now: float) -> None:
         """Change the location precision; a stored location can only get coarser (P3)."""
-        self._carry_out(rules.set_precision(self.settings, precision, now=now), now)
+        self._carry_out(rules.set_precision(self._decided_on(now), precision, now=now), now)
 
     def set_location(self, lat: float, lon: float, *, now: float) -> CoarseLocation | None:
         """Take a position; it is coarsened on entry, the exact value is never kept (P3)."""
-        self._carry_out(rules.set_location(self.settings, lat, lon), now)
+        self._carry_out(rules.set_location(self._decided_on(now), lat, lon), now)
         return self.settings.location
 
     # -- capture -----------------------------------------------------------
     def capture_crash(self, report: CrashReport, *, now: float) -> str:
         """Queue crash diagnostics if diagnostics consent is in force; return the msg_id."""
-        plan = rules.crash(self.settings, self.config, report, now=now, msg_id=self._new_id())
+        plan = rules.crash(
+            self._decided_on(now), self.config, report, now=now, msg_id=self._new_id()
+        )
         self._carry_out(plan, now)
         assert plan.capture is not None  # noqa: S101  # rules.crash raises otherwise
         return plan.capture.msg_id

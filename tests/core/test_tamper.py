@@ -204,3 +204,20 @@ def test_safe_mode_still_sends_a_pending_deletion_request(rig: Rig) -> None:
     assert core.status()["storage"]["safe_mode"] is True
     assert [o.kind for o in rig.deliver_all()] == ["deletion-request"]
     assert core.status()["deletion_requests_pending"] == 0
+
+
+def test_in_safe_mode_an_action_fails_with_the_stores_error_not_a_placeholder_verdict(
+    rig: Rig,
+) -> None:
+    damaged = rig.root / "keys" / "dev-1.data.key"
+    damaged.write_bytes(b"short")
+    damaged.chmod(0o600)
+    core = rig.open()
+    # The device is bound with diagnostics granted; the placeholder is not: a withdrawal
+    # decided on it would say "not bound" and be lost once the store opens again.
+    for action in (
+        lambda: core.withdraw(Purpose.DIAGNOSTICS, now=rig.tick()),
+        lambda: core.grant(Purpose.ACTIVATION, now=rig.tick()),
+    ):
+        with pytest.raises(StorageError, match=r"dev-1\.data\.key is corrupt"):
+            action()
