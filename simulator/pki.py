@@ -67,6 +67,12 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def subject_of(common_name: str) -> str:
+    """The subject of a dev PKI certificate for ``common_name``, as RFC 4514 text
+    (what NATS's ``verify_and_map`` matches a user against)."""
+    return _name(common_name).rfc4514_string()
+
+
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
     """A CA signs certificates and CRLs; a leaf (ECDSA) only signs handshakes."""
     return x509.KeyUsage(

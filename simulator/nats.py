@@ -1,0 +1,453 @@
+"""Start, kill and restart a local NATS cluster with MQTT enabled (SPEC §5).
+
+``smartmi-sim broker up --cluster N``, the fleet (``smartmi-sim run --cluster N``),
+the cluster tests and the kill -9 benchmark use it. Each node is Debian's
+``nats-server`` rendered from ``broker-config/nats-server.conf`` into a runtime
+directory of its own, with:
+
+- MQTT 3.1.1 over mutual TLS; the user is the client certificate's subject
+  (``verify_and_map``), so there are no passwords;
+- JetStream for sessions and QoS 1 messages, replicated on ``min(N, 3)`` nodes;
+- ``users.conf``: broker-config's ACL written out user by user, because NATS 2.9 has
+  no per-user pattern like Mosquitto's ``%u``. A device may publish only under its
+  own ``up/`` and subscribe only to its own ``down/``; the backend subscribes to
+  every ``up/`` and publishes to every ``down/``; the observer only subscribes.
+
+NATS subjects use ``.`` as their separator, and NATS 2.9 refuses MQTT topics that
+contain one, so a device ID with a ``.`` cannot be served: it is refused here with
+an error that names it (see broker-config/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Self
+
+from agent.core.identity import BACKEND_ID, OBSERVER_ID, validate_device_id
+from agent.errors import BrokerError, TransportError
+from agent.runtime import mqtt
+from agent.runtime.tls import client_context
+from simulator.broker import free_port, repo_broker_config
+from simulator.pki import DevPki, subject_of
+
+_SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
+_START_TIMEOUT: Final = 30.0
+CLUSTER_NAME: Final = "smartmi"
+# The MQTT topic filters in broker-config/acl, as NATS subjects. A filter ending in
+# '#' also matches its parent level, which NATS subscribes to as a second subject.
+_UP_ALL: Final = ("smartmi.v1.*.up.>", "smartmi.v1.*.up")
+_DOWN_ALL: Final = ("smartmi.v1.*.down.>", "smartmi.v1.*.down")
+# Where JetStream hands a QoS 1 subscription its messages; MQTT clients cannot
+# subscribe to it themselves (the server ignores MQTT filters under $MQTT.sub).
+_QOS1_DELIVERY: Final = "$MQTT.sub.>"
+
+
+def listen_port(bind: str) -> int:
+    """A free TCP port on ``bind`` outside the kernel's ephemeral range.
+
+    Nodes connect to each other as they start; a port merely free at the time it was
+    chosen (``free_port``) can be taken by such an outgoing connection before the node
+    that was to listen on it binds it, which has been seen to fail a start.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))  # noqa: S311  # not a secret
+        with socket.socket(family, socket.SOCK_STREAM) as s, contextlib.suppress(OSError):
+            s.bind((bind, port))
+            return port
+    return free_port(bind)
+
+
+def _run_apart(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to the end on an event loop of its own, in a thread of its own, so
+    that a caller already inside an event loop can use the synchronous starter."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(work)
+        except BaseException as exc:  # noqa: BLE001  # handed to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="nats-probe")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def find_nats_server() -> str:
+    """The path of the nats-server binary, or a BrokerError naming the package to install."""
+    found = shutil.which("nats-server") or shutil.which(
+        "nats-server", path=os.pathsep.join(_SEARCH_PATH)
+    )
+    if not found:
+        raise BrokerError(
+            "the 'nats-server' binary was not found; install it with "
+            "'sudo apt-get install nats-server' (Debian / Raspberry Pi OS)"
+        )
+    return found
+
+
+def nats_device_id(device_id: str) -> str:
+    """``device_id`` if NATS can carry it in a subject; else a BrokerError naming it."""
+    validate_device_id(device_id)
+    if "." in device_id:
+        raise BrokerError(
+            f"device ID {device_id!r} contains '.', which NATS uses to separate subject "
+            "levels and refuses in MQTT topics; serve it from Mosquitto, or issue IDs "
+            "with '-', '_' or ':' instead"
+        )
+    return device_id
+
+
+def _user(subject: str, *, publish: Iterable[str], subscribe: Iterable[str]) -> str:
+    perms = {"publish": {"allow": list(publish) or ["_NOTHING_"]},
+             "subscribe": {"allow": [*subscribe, _QOS1_DELIVERY]}}  # fmt: skip
+    return json.dumps({"user": subject, "permissions": perms, "allowed_connection_types": ["MQTT"]})
+
+
+def users_conf(device_ids: Iterable[str]) -> str:
+    """broker-config's ACL as a NATS ``authorization`` block, one user per identity."""
+    entries = [
+        _user(subject_of(BACKEND_ID), publish=_DOWN_ALL, subscribe=_UP_ALL),
+        _user(subject_of(OBSERVER_ID), publish=(), subscribe=_UP_ALL),
+    ]
+    for device_id in sorted(set(device_ids)):
+        own = f"smartmi.v1.{nats_device_id(device_id)}"
+        entries.append(
+            _user(
+                subject_of(device_id),
+                publish=(f"{own}.up.>",),
+                subscribe=(f"{own}.down.>", f"{own}.down"),
+            )
+        )
+    body = ",\n    ".join(entries)
+    return f"authorization {{\n  users = [\n    {body}\n  ]\n}}\n"
+
+
+@dataclass
+class _Node:
+    index: int
+    name: str
+    port: int  # MQTT over TLS
+    client_port: int
+    http_port: int
+    route_port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class NatsCluster:
+    """N local nats-server processes on loopback, clustered, serving MQTT over mutual TLS."""
+
+    protocol: Final = "v311"  # NATS speaks MQTT 3.1.1 only
+    # The backend keeps its session across reconnects: JetStream holds what arrives
+    # for it meanwhile (Mosquitto's backend runs clean, see simulator/cloud.py).
+    backend_persistent: Final = True
+
+    def __init__(
+        self,
+        pki: DevPki,
+        *,
+        nodes: int = 3,
+        bind: str = "127.0.0.1",
+        devices: Iterable[str] = (),
+        config_dir: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        if nodes < 1 or nodes == 2:  # two nodes cannot lose one
+            raise BrokerError(
+                f"--cluster {nodes}: use 1, or 3 or more nodes (JetStream needs a majority "
+                "of its nodes; two cannot lose one)"
+            )
+        self.pki = pki.ensure()
+        self.bind = bind
+        self.binary = find_nats_server()
+        self.config_dir = config_dir or repo_broker_config()
+        self.template = self.config_dir / "nats-server.conf"
+        if not self.template.is_file():
+            raise BrokerError(f"NATS configuration not found at {self.template}")
+        self.devices: set[str] = set()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="smartmi-nats-"))
+        self.nodes = [
+            _Node(
+                index=i,
+                name=f"smartmi-{i + 1}",
+                port=port if (port and i == 0) else listen_port(bind),
+                client_port=listen_port(bind),
+                http_port=listen_port(bind),
+                route_port=listen_port(bind),
+                directory=self.runtime_dir / f"node{i + 1}",
+            )
+            for i in range(nodes)
+        ]
+        self.replicas = min(nodes, 3)
+        self.authorize(devices, reload=False)
+        self._render()
+
+    # -- addresses ---------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        """The address clients connect to."""
+        return self.bind
+
+    @property
+    def port(self) -> int:
+        """The first node's MQTT port."""
+        return self.nodes[0].port
+
+    @property
+    def ports(self) -> list[int]:
+        """Every node's MQTT port, in node order."""
+        return [n.port for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """An ``mqtts://`` URL of the first node."""
+        return f"mqtts://{self.bind}:{self.port}"
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's ``mqtts://`` URL."""
+        return [f"mqtts://{self.bind}:{n.port}" for n in self.nodes]
+
+    @property
+    def log_path(self) -> Path:
+        """The first node's log."""
+        return self.nodes[0].directory / "nats-server.log"
+
+    @property
+    def running(self) -> bool:
+        """Whether every node is alive."""
+        return all(n.running for n in self.nodes)
+
+    # -- configuration -----------------------------------------------------------------
+    def authorize(self, device_ids: Iterable[str], *, reload: bool = True) -> None:
+        """Let ``device_ids`` connect (their ACL entries); running nodes reload."""
+        new = set(device_ids) - self.devices
+        if not new and (self.runtime_dir / "users.conf").exists():
+            return
+        for device_id in new:
+            nats_device_id(device_id)
+        self.devices |= new
+        text = users_conf(self.devices)
+        tmp = self.runtime_dir / "users.conf.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.runtime_dir / "users.conf")
+        for node in self.nodes:
+            if node.directory.exists():
+                shutil.copyfile(self.runtime_dir / "users.conf", node.directory / "users.conf")
+            if reload and node.running:
+                assert node.proc is not None  # noqa: S101  # running
+                node.proc.send_signal(signal.SIGHUP)
+
+    def _render(self) -> None:
+        template = string.Template(self.template.read_text())
+        for node in self.nodes:
+            d = node.directory
+            (d / "js").mkdir(parents=True)
+            shutil.copyfile(self.pki.ca_cert, d / "ca.pem")
+            shutil.copyfile(self.pki.broker.cert, d / "broker.pem")
+            shutil.copyfile(self.pki.broker.key, d / "broker.key")
+            os.chmod(d / "broker.key", 0o600)
+            shutil.copyfile(self.runtime_dir / "users.conf", d / "users.conf")
+            try:
+                text = template.substitute(
+                    name=node.name,
+                    bind=self.bind,
+                    port=node.port,
+                    client_port=node.client_port,
+                    http_port=node.http_port,
+                    store_dir=d / "js",
+                    cluster=self._cluster_block(node),
+                    cafile=d / "ca.pem",
+                    certfile=d / "broker.pem",
+                    keyfile=d / "broker.key",
+                    replicas=self.replicas,
+                )
+            except (KeyError, ValueError) as exc:
+                raise BrokerError(f"bad field in {self.template}: {exc}") from exc
+            (d / "nats-server.conf").write_text(text)
+
+    def _cluster_block(self, node: _Node) -> str:
+        if len(self.nodes) == 1:
+            return "# a single node: no cluster"
+        routes = ", ".join(
+            f'"nats-route://{self.bind}:{n.route_port}"' for n in self.nodes if n is not node
+        )
+        return (
+            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: {self.bind}:{node.route_port}\n"
+            f"  routes: [{routes}]\n}}"
+        )
+
+    # -- processes ---------------------------------------------------------------------
+    def start(self) -> Self:
+        """Start every node that is not running and wait until each serves MQTT."""
+        for node in self.nodes:
+            self._spawn(node)
+        self._wait_healthy(self.nodes)
+        return self
+
+    def start_node(self, index: int) -> None:
+        """Start one node again (after :meth:`kill_node`) and wait until it is healthy."""
+        node = self.nodes[index]
+        self._spawn(node)
+        self._wait_healthy([node])
+
+    def _spawn(self, node: _Node) -> None:
+        if node.running:
+            return
+        node.log = os.open(
+            node.directory / "nats-server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+        )
+        node.proc = subprocess.Popen(
+            [self.binary, "-c", str(node.directory / "nats-server.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=node.log,
+            stderr=node.log,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, not the nodes
+        )
+
+    def _wait_healthy(self, nodes: list[_Node]) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        waiting = list(nodes)
+        while waiting and time.monotonic() < deadline:
+            for node in list(waiting):
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise BrokerError(
+                        f"nats-server {node.name} exited with code {node.proc.returncode} "
+                        f"at start; its log:\n{self.log_tail(node.index)}"
+                    )
+                if self._healthy(node):
+                    waiting.remove(node)
+            time.sleep(0.05)  # no readiness event to await: poll /healthz
+        for node in nodes:
+            if node not in waiting and not self._serves_mqtt(node, deadline):
+                waiting.append(node)
+        if waiting:
+            names = ", ".join(n.name for n in waiting)
+            self.stop()
+            raise BrokerError(
+                f"NATS node(s) {names} not healthy within {_START_TIMEOUT:.0f} s; "
+                f"log of {waiting[0].name}:\n{self.log_tail(waiting[0].index)}"
+            )
+
+    def _healthy(self, node: _Node) -> bool:
+        """``/healthz`` answers OK and, in a cluster, the node knows JetStream's leader
+        (before that, the first MQTT connection fails to create its streams)."""
+        base = f"http://{self.bind}:{node.http_port}"
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as resp:  # noqa: S310  # loopback
+                if resp.status != 200:
+                    return False
+            if len(self.nodes) == 1:
+                return True
+            with urllib.request.urlopen(f"{base}/jsz", timeout=1) as resp:  # noqa: S310  # loopback
+                info = json.load(resp)
+        except (OSError, ValueError):
+            return False
+        return bool((info.get("meta_cluster") or {}).get("leader"))
+
+    def _serves_mqtt(self, node: _Node, deadline: float) -> bool:
+        """An MQTT connection succeeds (the first one on a cluster creates the MQTT
+        streams, which can take seconds); tried until ``deadline``."""
+        options = mqtt.Options(
+            host=self.bind,
+            port=node.port,
+            tls=client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key),
+            client_id=f"{BACKEND_ID}-probe-{node.index + 1}",
+            protocol=self.protocol,
+            persistent=False,
+            connect_timeout=max(1.0, deadline - time.monotonic()),
+        )
+
+        async def probe() -> None:
+            async with mqtt.connect(options):
+                pass
+
+        while time.monotonic() < deadline:
+            try:
+                _run_apart(probe())
+            except TransportError:
+                time.sleep(0.2)
+                continue
+            return True
+        return False
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL one node (its JetStream files stay for the restart)."""
+        self._stop_node(self.nodes[index], kill=True)
+
+    def _stop_node(self, node: _Node, *, kill: bool) -> None:
+        proc, node.proc = node.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if node.log is not None:
+            os.close(node.log)
+            node.log = None
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop every node: SIGTERM (a clean shutdown) or SIGKILL."""
+        for node in self.nodes:
+            self._stop_node(node, kill=kill)
+
+    def restart(self, *, kill: bool = False) -> Self:
+        """Restart the cluster one node at a time, so it keeps serving throughout
+        (a single node is simply down while it restarts)."""
+        for node in self.nodes:
+            self._stop_node(node, kill=kill)
+            self._spawn(node)
+            self._wait_healthy([node])
+        return self
+
+    def cleanup(self) -> None:
+        """Stop every node and remove the runtime directory."""
+        self.stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def log_tail(self, index: int = 0, lines: int = 20) -> str:
+        """The last lines of one node's log."""
+        path = self.nodes[index].directory / "nats-server.log"
+        with contextlib.suppress(OSError):
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
