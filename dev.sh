@@ -15,6 +15,7 @@ setup() {
     local missing=()
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)  # captures (--capture)
+    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)  # --cluster
     command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing ${missing[*]} (apt-get)" >&2

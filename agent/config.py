@@ -75,6 +75,8 @@ class BrokerSection(_Section):
     """How to reach the broker: mutual TLS only, so CA, certificate and key are required."""
 
     url: str
+    # Other nodes of a clustered broker, tried in turn when a connection fails.
+    fallback_urls: list[str] = Field(default_factory=list, max_length=16)
     ca: Path
     cert: Path
     key: Path
@@ -84,28 +86,49 @@ class BrokerSection(_Section):
     @field_validator("url")
     @classmethod
     def _mqtts(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme != "mqtts":
-            raise ValueError("must be an mqtts:// URL: the agent never speaks plaintext MQTT (P8)")
-        if not parts.hostname:
-            raise ValueError("has no host")
-        try:
-            _ = parts.port
-        except ValueError as exc:
-            raise ValueError(f"has a bad port: {exc}") from None
-        return value
+        return _mqtts_url(value)
+
+    @field_validator("fallback_urls")
+    @classmethod
+    def _fallbacks(cls, value: list[str]) -> list[str]:
+        return [_mqtts_url(v) for v in value]
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Host and port of ``url``, then of each fallback."""
+        return tuple(_host_port(u) for u in (self.url, *self.fallback_urls))
 
     @property
     def host(self) -> str:
         """The broker's host name or address."""
-        host = urlsplit(self.url).hostname
-        assert host is not None  # checked by the validator  # noqa: S101
-        return host
+        return _host_port(self.url)[0]
 
     @property
     def port(self) -> int:
         """The broker's port (8883 by default)."""
-        return urlsplit(self.url).port or 8883
+        return _host_port(self.url)[1]
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None  # checked by the validator  # noqa: S101
+    return parts.hostname, parts.port or 8883
+
+
+def _mqtts_url(value: str) -> str:
+    """``value`` if it is an ``mqtts://`` URL with a host and a valid port."""
+    parts = urlsplit(value)
+    if parts.scheme != "mqtts":
+        raise ValueError(
+            f"{value!r} must be an mqtts:// URL: the agent never speaks plaintext MQTT (P8)"
+        )
+    if not parts.hostname:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} has a bad port: {exc}") from None
+    return value
 
 
 class AgentConfig(_Section):

@@ -16,8 +16,9 @@ import string
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Self
+from typing import Final, Literal, Protocol, Self
 
 from agent.errors import BrokerError
 from simulator.pki import DevPki
@@ -70,8 +71,39 @@ def _mosquitto_user() -> pwd.struct_passwd | None:
         return None
 
 
+class LocalBroker(Protocol):
+    """What the simulator needs of a broker it started: Mosquitto or a NATS cluster."""
+
+    protocol: Literal["v5", "v311"]
+    backend_persistent: bool
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def ports(self) -> list[int]: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def log_path(self) -> Path: ...
+    @property
+    def running(self) -> bool: ...
+    def authorize(self, device_ids: Iterable[str]) -> None: ...
+    def start(self) -> Self: ...
+    def restart(self, *, kill: bool = False) -> Self: ...
+    def cleanup(self) -> None: ...
+    def log_tail(self, lines: int = 20) -> str: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class MosquittoBroker:
     """One local Mosquitto process on loopback with the fleet's TLS configuration."""
+
+    protocol: Literal["v5", "v311"] = "v5"
+    # The backend starts clean on every connection (see simulator/cloud.py).
+    backend_persistent = False
 
     def __init__(
         self,
@@ -100,6 +132,15 @@ class MosquittoBroker:
     def host(self) -> str:
         """The address clients connect to."""
         return self.bind
+
+    @property
+    def ports(self) -> list[int]:
+        """The one MQTT port."""
+        return [self.port]
+
+    def authorize(self, device_ids: Iterable[str]) -> None:
+        """Nothing to do: the ACL's patterns cover every device by its certificate."""
+        del device_ids
 
     @property
     def url(self) -> str:

@@ -191,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         broker=broker,
         seed=args.seed,
         grace_s=args.grace,
+        cluster=args.cluster,
     )
 
 
@@ -242,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or a message on the wire the broker (a large fleet in one process is slower)",
     )
     p.add_argument("--broker", help="an mqtts:// broker to use instead of a local Mosquitto")
+    p.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run against a local N-node NATS cluster (MQTT 3.1.1) instead of Mosquitto",
+    )
     p.add_argument("--ca", help="with --broker: the CA that signed the broker's certificate")
     p.add_argument("--cert", help="with --broker: the backend's certificate")
     p.add_argument("--key", help="with --broker: the backend's key")

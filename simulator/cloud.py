@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agent.core.identity import BACKEND_ID, UP_FILTER_ALL
 from agent.core.purposes import rfc3339
@@ -58,6 +58,13 @@ class Cloud:
     port: int
     pki: DevPki
     tls: ssl.SSLContext | None = None  # the backend's identity, if not the dev PKI's
+    protocol: Literal["v5", "v311"] = "v5"  # v311 on NATS, which has no MQTT 5
+    # Keep the backend's session across reconnects, so the broker holds what arrives
+    # meanwhile: on NATS (JetStream); not on Mosquitto 2.0.11, see connected().
+    persistent: bool = False
+    # Other nodes of a clustered broker, tried in turn after a failed or lost connection.
+    fallback_ports: tuple[int, ...] = ()
+    _endpoint: int = 0
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
     _changed: asyncio.Condition | None = None
@@ -80,10 +87,11 @@ class Cloud:
     async def connected(self) -> AsyncIterator[Cloud]:
         """Connect, subscribe to every device's up/, and collect until the block ends.
 
-        The backend starts a clean session on every connection and reconnects at once.
-        Mosquitto 2.0.11 restores a resumed subscriber session after a restart but
-        never re-sends the QoS 1 messages that were in flight to it, so the window
-        stays full and nothing more is delivered; a clean session avoids that.
+        The backend reconnects at once. On Mosquitto it starts a clean session on every
+        connection (``persistent`` False): Mosquitto 2.0.11 restores a resumed
+        subscriber session after a restart but never re-sends the QoS 1 messages that
+        were in flight to it, so the window stays full and nothing more is delivered; a
+        clean session avoids that.
         Messages the broker held for the backend at the restart are the broker's.
         """
         ctx = self.tls or client_context(
@@ -103,13 +111,14 @@ class Cloud:
                 await task
 
     def _options(self, ctx: ssl.SSLContext) -> mqtt.Options:
+        ports = (self.port, *self.fallback_ports)
         return mqtt.Options(
             host=self.host,
-            port=self.port,
+            port=ports[self._endpoint % len(ports)],
             tls=ctx,
             client_id=BACKEND_ID,
-            protocol="v5",
-            persistent=False,  # a clean session on every connection, see connected()
+            protocol=self.protocol,
+            persistent=self.persistent,
             # The cloud issues commands to a whole fleet at once: with paho's default of
             # 20 in flight they queued behind each other's PUBACKs for many seconds.
             max_inflight=1000,
@@ -132,6 +141,7 @@ class Cloud:
                     raise asyncio.CancelledError from None
                 self.online.clear()
                 self._conn = None
+                self._endpoint += 1
                 await asyncio.sleep(0.02)
 
     async def _collect(self, conn: mqtt.Connection) -> None:

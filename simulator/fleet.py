@@ -20,10 +20,10 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
@@ -130,14 +130,31 @@ class Fleet:
         seed: int | None = None,
         grace_s: float | None = None,
         inject: Callable[[Fleet], Awaitable[None]] | None = None,
+        protocol: Literal["v5", "v311"] = "v5",
+        ports: Sequence[int] = (),
+        backend_persistent: bool = False,
+        authorize: Callable[[list[str]], object] | None = None,
     ) -> None:
         self.scenario = scenario
         self.n = devices
         self.workdir = workdir
         self.pki = pki
         self.host, self.port = broker_host, broker_port
+        # Devices spread over these ports (a cluster's nodes); else all on ``port``.
+        self.ports = list(ports) or [broker_port]
+        self.protocol = protocol
+        # Lets the fleet's device IDs in, where the broker lists its users (NATS).
+        self.authorize = authorize
         self.restart_broker = restart_broker
-        self.cloud = Cloud(broker_host, broker_port, pki, tls=cloud_tls)
+        self.cloud = Cloud(
+            broker_host,
+            broker_port,
+            pki,
+            tls=cloud_tls,
+            protocol=protocol,
+            persistent=backend_persistent,
+            fallback_ports=tuple(self.ports[1:]),
+        )
         self.progress = progress
         # Runs after the timeline, before the drain: the checker's self-test breaks
         # promises here on purpose.
@@ -173,6 +190,8 @@ class Fleet:
         ]
         self._say(f"issuing {len(ids)} device certificates")
         idents = self.pki.ensure_devices([d for _, d in ids])
+        if self.authorize is not None:
+            self.authorize([d for _, d in ids])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.workdir / "fleet.db", synchronous="NORMAL")
         # Like the database's synchronous=NORMAL: survives a process crash, not power loss.
@@ -183,7 +202,7 @@ class Fleet:
                 proxy = FaultProxy(self.host, self.port, random.Random(self.rng.random()))  # noqa: S311
                 await proxy.start()
                 self.proxies[g.name] = proxy
-        for g, device_id in ids:
+        for k, (g, device_id) in enumerate(ids):
             ident = idents[device_id]
             ctx = client_context(self.pki.ca_cert, ident.cert, ident.key)
             via = self.proxies.get(g.name)
@@ -194,8 +213,15 @@ class Fleet:
             )
             truth = DeviceTruth(device_id, g.name, g.policy_version, grace_s=grace)
             dev = SimDevice(device_id, g, None, None, truth)  # type: ignore[arg-type]
+            # Spread over a cluster's nodes, each device with the others to fall back on.
+            ports = self.ports[k % len(self.ports) :] + self.ports[: k % len(self.ports)]
             dev.target = BrokerTarget(
-                self.host, via.port if via else self.port, ctx, connect_timeout=30.0
+                self.host,
+                via.port if via else ports[0],
+                ctx,
+                protocol=self.protocol,
+                connect_timeout=30.0,
+                fallbacks=() if via else tuple((self.host, p) for p in ports[1:]),
             )
             self._power_on(dev, keys)
             self.devices[device_id] = dev

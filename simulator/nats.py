@@ -37,7 +37,7 @@ import urllib.request
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from agent.core.identity import BACKEND_ID, OBSERVER_ID, validate_device_id
 from agent.errors import BrokerError, TransportError
@@ -48,6 +48,8 @@ from simulator.pki import DevPki, subject_of
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 _START_TIMEOUT: Final = 30.0
+# A node started again catches up on what the others wrote meanwhile.
+_CATCH_UP_TIMEOUT: Final = 120.0
 CLUSTER_NAME: Final = "smartmi"
 # The MQTT topic filters in broker-config/acl, as NATS subjects. A filter ending in
 # '#' also matches its parent level, which NATS subscribes to as a second subject.
@@ -56,6 +58,8 @@ _DOWN_ALL: Final = ("smartmi.v1.*.down.>", "smartmi.v1.*.down")
 # Where JetStream hands a QoS 1 subscription its messages; MQTT clients cannot
 # subscribe to it themselves (the server ignores MQTT filters under $MQTT.sub).
 _QOS1_DELIVERY: Final = "$MQTT.sub.>"
+# NATS's JetStream streams for MQTT sessions and QoS 1 messages.
+_MQTT_STREAMS: Final = ("$MQTT_sess", "$MQTT_msgs")
 
 
 def listen_port(bind: str) -> int:
@@ -165,10 +169,10 @@ class _Node:
 class NatsCluster:
     """N local nats-server processes on loopback, clustered, serving MQTT over mutual TLS."""
 
-    protocol: Final = "v311"  # NATS speaks MQTT 3.1.1 only
+    protocol: Literal["v5", "v311"] = "v311"  # NATS speaks MQTT 3.1.1 only
     # The backend keeps its session across reconnects: JetStream holds what arrives
     # for it meanwhile (Mosquitto's backend runs clean, see simulator/cloud.py).
-    backend_persistent: Final = True
+    backend_persistent = True
 
     def __init__(
         self,
@@ -207,6 +211,7 @@ class NatsCluster:
             for i in range(nodes)
         ]
         self.replicas = min(nodes, 3)
+        self._next_failure = 0
         self.authorize(devices, reload=False)
         self._render()
 
@@ -259,12 +264,23 @@ class NatsCluster:
         tmp = self.runtime_dir / "users.conf.tmp"
         tmp.write_text(text)
         tmp.replace(self.runtime_dir / "users.conf")
+        reloading = []
         for node in self.nodes:
             if node.directory.exists():
                 shutil.copyfile(self.runtime_dir / "users.conf", node.directory / "users.conf")
             if reload and node.running:
                 assert node.proc is not None  # noqa: S101  # running
+                reloading.append((node, self._get(node, "/varz").get("config_load_time")))
                 node.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + _START_TIMEOUT
+        for node, before in reloading:  # new users count only once the node reloaded
+            while self._get(node, "/varz").get("config_load_time") in (before, None):
+                if time.monotonic() > deadline:
+                    raise BrokerError(
+                        f"NATS node {node.name} did not reload its users within "
+                        f"{_START_TIMEOUT:.0f} s; its log:\n{self.log_tail(index=node.index)}"
+                    )
+                time.sleep(0.05)
 
     def _render(self) -> None:
         template = string.Template(self.template.read_text())
@@ -314,10 +330,16 @@ class NatsCluster:
         return self
 
     def start_node(self, index: int) -> None:
-        """Start one node again (after :meth:`kill_node`) and wait until it is healthy."""
+        """Start one node again (after :meth:`kill_node`) and wait until the MQTT
+        streams have caught up on it, so that another node may go.
+
+        Not until it serves MQTT again: NATS 2.9 has been seen to refuse MQTT
+        connections on a restarted node for minutes (its retained-message stream
+        lookup times out). Devices fall back to the other nodes meanwhile.
+        """
         node = self.nodes[index]
         self._spawn(node)
-        self._wait_healthy([node])
+        self._wait_healthy([node], within=_CATCH_UP_TIMEOUT, mqtt_too=False)
 
     def _spawn(self, node: _Node) -> None:
         if node.running:
@@ -333,45 +355,79 @@ class NatsCluster:
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the nodes
         )
 
-    def _wait_healthy(self, nodes: list[_Node]) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT
+    def _wait_healthy(
+        self, nodes: list[_Node], within: float = _START_TIMEOUT, *, mqtt_too: bool = True
+    ) -> None:
+        deadline = time.monotonic() + within
         waiting = list(nodes)
         while waiting and time.monotonic() < deadline:
             for node in list(waiting):
                 if node.proc is not None and node.proc.poll() is not None:
                     raise BrokerError(
                         f"nats-server {node.name} exited with code {node.proc.returncode} "
-                        f"at start; its log:\n{self.log_tail(node.index)}"
+                        f"at start; its log:\n{self.log_tail(index=node.index)}"
                     )
                 if self._healthy(node):
                     waiting.remove(node)
             time.sleep(0.05)  # no readiness event to await: poll /healthz
-        for node in nodes:
+        for node in nodes if mqtt_too else ():
             if node not in waiting and not self._serves_mqtt(node, deadline):
                 waiting.append(node)
         if waiting:
             names = ", ".join(n.name for n in waiting)
-            self.stop()
             raise BrokerError(
-                f"NATS node(s) {names} not healthy within {_START_TIMEOUT:.0f} s; "
-                f"log of {waiting[0].name}:\n{self.log_tail(waiting[0].index)}"
+                f"NATS node(s) {names} not healthy within {within:.0f} s; "
+                f"log of {waiting[0].name}:\n{self.log_tail(index=waiting[0].index)}"
             )
 
     def _healthy(self, node: _Node) -> bool:
-        """``/healthz`` answers OK and, in a cluster, the node knows JetStream's leader
-        (before that, the first MQTT connection fails to create its streams)."""
-        base = f"http://{self.bind}:{node.http_port}"
+        """The node is up with JetStream, knows JetStream's leader (before that, the
+        first MQTT connection fails to create its streams), and every replica of the
+        MQTT streams it serves (sessions and QoS 1 messages) has caught up.
+
+        Not ``/healthz`` alone: it also waits for the retained-message consumers, which
+        this fleet never uses and which NATS 2.9 has been seen to leave behind for
+        minutes after a node was killed.
+        """
+        health = self._get(node, "/healthz?js-enabled-only=true")
+        if health.get("status") != "ok":
+            return False
+        if len(self.nodes) == 1:
+            return True
+        if not (self._get(node, "/jsz").get("meta_cluster") or {}).get("leader"):
+            return False
+        return self._streams_current()
+
+    def _streams_current(self) -> bool:
+        """Every replica of the MQTT session and message streams is current, as their
+        leaders see it (true before the first MQTT connection creates them)."""
+        found = 0
+        for node in self.nodes:
+            if not node.running:
+                continue
+            info = self._get(node, "/jsz?accounts=true&streams=true")
+            for account in info.get("account_details") or []:
+                for stream in account.get("stream_detail") or []:
+                    cluster = stream.get("cluster") or {}
+                    if (
+                        stream.get("name") not in _MQTT_STREAMS
+                        or cluster.get("leader") != node.name
+                    ):
+                        continue
+                    if not all(r.get("current") for r in cluster.get("replicas") or []):
+                        return False
+                    found += 1
+        return found in (0, len(_MQTT_STREAMS))
+
+    def _get(self, node: _Node, path: str) -> dict[str, Any]:
+        """A monitoring endpoint's JSON; {} if the node does not answer."""
+        url = f"http://{self.bind}:{node.http_port}{path}"
         try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1) as resp:  # noqa: S310  # loopback
-                if resp.status != 200:
-                    return False
-            if len(self.nodes) == 1:
-                return True
-            with urllib.request.urlopen(f"{base}/jsz", timeout=1) as resp:  # noqa: S310  # loopback
+            with urllib.request.urlopen(url, timeout=1) as resp:  # loopback http
                 info = json.load(resp)
         except (OSError, ValueError):
-            return False
-        return bool((info.get("meta_cluster") or {}).get("leader"))
+            return {}
+        return info if isinstance(info, dict) else {}
 
     def _serves_mqtt(self, node: _Node, deadline: float) -> bool:
         """An MQTT connection succeeds (the first one on a cluster creates the MQTT
@@ -427,15 +483,23 @@ class NatsCluster:
         for node in self.nodes:
             self._stop_node(node, kill=kill)
             self._spawn(node)
-            self._wait_healthy([node])
+            self._wait_healthy([node], within=_CATCH_UP_TIMEOUT, mqtt_too=False)
         return self
+
+    def fail_one(self) -> None:
+        """A node fails: the next one in turn is killed with -9 and started again (the
+        fleet's ``broker-restart`` event on a cluster). The others keep serving."""
+        index = self._next_failure % len(self.nodes)
+        self._next_failure += 1
+        self.kill_node(index)
+        self.start_node(index)
 
     def cleanup(self) -> None:
         """Stop every node and remove the runtime directory."""
         self.stop()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
-    def log_tail(self, index: int = 0, lines: int = 20) -> str:
+    def log_tail(self, lines: int = 20, *, index: int = 0) -> str:
         """The last lines of one node's log."""
         path = self.nodes[index].directory / "nats-server.log"
         with contextlib.suppress(OSError):

@@ -93,6 +93,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "refused": sum(t.refused for t in transports),
             "aborted": sum(t.aborted for t in transports),
             "broker_custody": verdict.broker_custody,
+            "broker_restarts": len(s.broker_restarts),
             "drained": s.drained,
         },
         "latency_s": judgement["latency_s"],

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from agent.core.identity import up_topic
@@ -24,11 +24,15 @@ from agent.errors import ConfigError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator import report, timeline
-from simulator.broker import MosquittoBroker
+from simulator.broker import LocalBroker, MosquittoBroker
 from simulator.checker import check
 from simulator.fleet import Fleet
+from simulator.nats import NatsCluster
 from simulator.pki import DevPki
 from simulator.scenario import load_scenario
+
+# A device identity whose command syncs show that the observer's capture is live.
+OBSERVER_PROBE: Final = "sim-observer-probe"
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,13 @@ def run(
     broker: ExternalBroker | None = None,
     seed: int | None = None,
     grace_s: float | None = None,
+    cluster: int = 0,
 ) -> int:
-    """Run the fleet; 0 only with zero violations (of the backend's and any capture's)."""
+    """Run the fleet; 0 only with zero violations (of the backend's and any capture's).
+
+    With ``cluster`` N (and no external broker) the fleet runs against an N-node NATS
+    cluster instead of one Mosquitto, its devices spread over the nodes.
+    """
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
     if grace_s is not None and not 0 <= grace_s <= 60:
@@ -98,6 +107,8 @@ def run(
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
+    if broker is not None and cluster:
+        raise ConfigError("--cluster starts a local NATS cluster; it cannot go with --broker")
     if broker is not None and scenario.restarts_broker:
         raise ConfigError(
             "the scenario restarts the broker, which the simulator can do only to a broker "
@@ -110,18 +121,29 @@ def run(
         cloud_tls: ssl.SSLContext | None = None
         restart: Callable[[], object] | None = None
         observer_back: list[float] = []  # when the observer had subscribed again
+        local: LocalBroker | None = None
         if broker is None:
-            local = stack.enter_context(MosquittoBroker(pki))
-            host, port, restart = local.host, local.port, local.restart
-            print(f"started Mosquitto on {local.url} (log {local.log_path})", file=sys.stderr)
+            started: LocalBroker = (
+                NatsCluster(pki, nodes=cluster) if cluster else MosquittoBroker(pki)
+            )
+            stack.callback(started.cleanup)
+            local = started.start()
+            host, port, restart = started.host, started.port, started.restart
+            if isinstance(started, NatsCluster):
+                restart = started.fail_one  # a node fails; the cluster goes on
+            what = f"a {cluster}-node NATS cluster" if cluster else "Mosquitto"
+            print(f"started {what} on {started.url} (log {started.log_path})", file=sys.stderr)
             if outputs.capture is not None:
-                restart = _observed_restart(local, pki, outputs.capture, observer_back)
+                restart = _observed_restart(started, pki, outputs.capture, observer_back)
         else:
             host, port, cloud_tls = broker.address()
+        protocol = local.protocol if local is not None else "v5"
         if outputs.capture is not None:
             # An independent observer at the broker: judged apart from the backend.
-            stack.enter_context(observe(host, port, pki, outputs.capture))
-            asyncio.run(wait_observing(host, port, pki, outputs.capture))
+            stack.enter_context(observe(host, port, pki, outputs.capture, protocol=protocol))
+            if local is not None:
+                local.authorize([OBSERVER_PROBE])
+            asyncio.run(wait_observing(host, port, pki, outputs.capture, protocol=protocol))
         fleet = Fleet(
             scenario,
             devices,
@@ -133,6 +155,10 @@ def run(
             cloud_tls=cloud_tls,
             seed=seed,
             grace_s=grace_s,
+            protocol=protocol,
+            ports=local.ports if local is not None else (),
+            backend_persistent=local.backend_persistent if local is not None else False,
+            authorize=local.authorize if local is not None else None,
         )
         fleet.observer_back = observer_back
         asyncio.run(_with_task_dump(fleet.run()))
@@ -140,7 +166,7 @@ def run(
 
 
 def _observed_restart(
-    broker: MosquittoBroker, pki: DevPki, capture: Path, back: list[float]
+    broker: LocalBroker, pki: DevPki, capture: Path, back: list[float]
 ) -> Callable[[], None]:
     """Restart the broker, then wait until the observer's subscription is live again:
     what the broker acknowledged before then may be lost to the observer too."""
@@ -148,7 +174,9 @@ def _observed_restart(
     def restart() -> None:
         broker.restart()
         try:
-            asyncio.run(wait_observing(broker.host, broker.port, pki, capture))
+            asyncio.run(
+                wait_observing(broker.host, broker.port, pki, capture, protocol=broker.protocol)
+            )
         except ConfigError as exc:  # judged all the same: its window lasts until now
             print(f"smartmi-sim: warning: {exc}", file=sys.stderr)
         back.append(time.time())
@@ -234,10 +262,13 @@ def check_capture(timeline_path: Path, capture_path: Path, report_path: Path | N
 
 
 @contextlib.contextmanager
-def observe(host: str, port: int, pki: DevPki, out: Path) -> Iterator[None]:
+def observe(
+    host: str, port: int, pki: DevPki, out: Path, *, protocol: str = "v5"
+) -> Iterator[None]:
     """``mosquitto_sub`` as the observer identity, writing every uplink to ``out``."""
+    version = "mqttv5" if protocol == "v5" else "mqttv311"
     cmd = [
-        "mosquitto_sub", "-h", host, "-p", str(port), "-V", "mqttv5", "-q", "1",
+        "mosquitto_sub", "-h", host, "-p", str(port), "-V", version, "-q", "1",
         "-i", f"smartmi-observer-{os.getpid()}", "--cafile", str(pki.ca_cert),
         "--cert", str(pki.observer.cert), "--key", str(pki.observer.key),
         "-t", "smartmi/v1/+/up/#", "-F", "%U %t %x",
@@ -261,17 +292,26 @@ def observe(host: str, port: int, pki: DevPki, out: Path) -> Iterator[None]:
         sink.close()
 
 
-async def wait_observing(host: str, port: int, pki: DevPki, out: Path, within: float = 60) -> None:
+async def wait_observing(
+    host: str,
+    port: int,
+    pki: DevPki,
+    out: Path,
+    within: float = 60,
+    *,
+    protocol: Literal["v5", "v311"] = "v5",
+) -> None:
     """Wait until the observer's subscription is live: a probe device's sync request
     (not data; the checker skips it) shows up in the capture. A broker busy with a
     reconnect storm may refuse or time out the probe: it tries again until ``within``."""
-    probe = "sim-observer-probe"
+    probe = OBSERVER_PROBE
     ident = pki.ensure_devices([probe])[probe]
     options = mqtt.Options(
         host=host,
         port=port,
         tls=client_context(pki.ca_cert, ident.cert, ident.key),
         client_id=probe,
+        protocol=protocol,
         persistent=False,
     )
     deadline = time.monotonic() + within

@@ -94,7 +94,12 @@ async def run(config: AgentConfig) -> None:
                 extra={"dir": str(config.crash_dir), "error": exc.strerror or str(exc)},
             )
         target = BrokerTarget(
-            broker.host, broker.port, tls, protocol=broker.protocol, keepalive=broker.keepalive
+            broker.host,
+            broker.port,
+            tls,
+            protocol=broker.protocol,
+            keepalive=broker.keepalive,
+            fallbacks=broker.endpoints[1:],
         )
         transport = Transport(device, target)
         collector = CrashDirCollector(device, config.crash_dir, started=time.time())

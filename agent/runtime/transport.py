@@ -83,6 +83,14 @@ class BrokerTarget:
     protocol: Literal["v5", "v311"] = "v5"
     keepalive: int = 60
     connect_timeout: float = 15.0
+    # Other nodes of a clustered broker (host, port): after a failed or lost
+    # connection the next one is tried, so one node down does not strand the device.
+    fallbacks: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """Every address, the first one first."""
+        return ((self.host, self.port), *self.fallbacks)
 
 
 @dataclass(slots=True)
@@ -142,6 +150,7 @@ class Transport:
     ) -> None:
         self.device = device
         self.target = target
+        self._endpoint = 0  # which of the target's endpoints to connect to next
         self.window = window
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
@@ -241,6 +250,8 @@ class Transport:
                 raise asyncio.CancelledError
             if self.stats.connects > connects:
                 attempt = 0  # it was connected: the schedule starts again
+            # The next node of a cluster (the same address when there is one).
+            self._endpoint = (self._endpoint + 1) % len(self.target.endpoints)
             delay = schedule.delay(attempt, self.rng)
             attempt += 1
             log.info("reconnecting", extra={"device": self.device_id, "delay_s": round(delay, 2)})
@@ -259,9 +270,10 @@ class Transport:
 
     def _options(self) -> mqtt.Options:
         t = self.target
+        host, port = t.endpoints[self._endpoint % len(t.endpoints)]
         return mqtt.Options(
-            host=t.host,
-            port=t.port,
+            host=host,
+            port=port,
             tls=t.tls,
             client_id=self.device_id,
             protocol=t.protocol,

@@ -16,7 +16,7 @@ from agent.runtime.transport import BrokerTarget, Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
-from simulator.broker import MosquittoBroker
+from simulator.broker import LocalBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
 
@@ -29,11 +29,12 @@ class Agent:
 
     root: Path
     device_id: str
-    broker: MosquittoBroker
+    broker: LocalBroker
     pki: DevPki
     policy_version: str = "1"
     firmware: str = "1.0.0"
-    protocol: str = "v5"
+    protocol: str | None = None  # the broker's
+    node: int = 0  # which of a cluster's nodes to connect to
     ca: Path | None = None
     cert_for: str | None = None  # present another device's certificate
     ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -70,11 +71,16 @@ class Agent:
         cn = self.cert_for or self.device_id
         ident = self.pki.ensure_devices([cn])[cn]
         ctx = client_context(self.ca or self.pki.ca_cert, ident.cert, ident.key)
+        protocol = self.protocol or self.broker.protocol
+        self.broker.authorize([cn])
+        ports = self.broker.ports
+        ports = ports[self.node % len(ports) :] + ports[: self.node % len(ports)]
         target = BrokerTarget(
             self.broker.host,
-            self.broker.port,
+            ports[0],
             ctx,
-            protocol="v5" if self.protocol == "v5" else "v311",
+            fallbacks=tuple((self.broker.host, p) for p in ports[1:]),
+            protocol="v5" if protocol == "v5" else "v311",
             connect_timeout=5.0,
         )
         self.transport = Transport(
