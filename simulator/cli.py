@@ -17,6 +17,7 @@ from agent.core.identity import validate_device_id
 from agent.errors import AgentError
 
 if TYPE_CHECKING:
+    from simulator.broker import LocalBroker
     from simulator.pki import DevPki
 
 DEFAULT_DEV_DIR = Path(os.environ.get("SMARTMI_DEV_DIR", ".smartmi-dev"))
@@ -105,10 +106,14 @@ def cmd_agent_config(args: argparse.Namespace) -> int:
 
 
 def cmd_broker_up(args: argparse.Namespace) -> int:
-    """Run a local Mosquitto with the fleet's TLS configuration until Ctrl-C."""
+    """Run a local Mosquitto (or a NATS cluster) with the fleet's TLS setup until Ctrl-C."""
     from simulator.broker import MosquittoBroker, find_mosquitto
+    from simulator.nats import NatsCluster, find_nats_server
 
-    find_mosquitto()  # fail before generating anything if the binary is missing
+    if args.cluster:
+        find_nats_server()  # fail before generating anything if the binary is missing
+    else:
+        find_mosquitto()
     pki = _pki(args).ensure()
     pki.ensure_devices([args.sample_device])
     sample = pki.device(args.sample_device)
@@ -119,45 +124,91 @@ def cmd_broker_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    with MosquittoBroker(pki, port=args.port, bind=args.bind, connection_messages=True) as broker:
+    broker: LocalBroker
+    if args.cluster:
+        broker = NatsCluster(
+            pki, nodes=args.cluster, port=args.port, bind=args.bind, devices=_issued(pki)
+        )
+    else:
+        broker = MosquittoBroker(pki, port=args.port, bind=args.bind, connection_messages=True)
+    with broker:
         host = broker.host
         # A minimal cloud beside the broker: it answers the agents' command syncs, so an
         # agent on this bare broker does not hold its personal data (SPEC §3).
-        responder = threading.Thread(
-            target=_answer_syncs, args=(broker.host, broker.port, pki, stop), daemon=True
-        )
+        responder = threading.Thread(target=_answer_syncs, args=(broker, pki, stop), daemon=True)
         if not args.no_cloud:
             responder.start()
-        print(f"Mosquitto (mutual TLS) listening on {broker.url}")
+        if args.cluster:
+            print(f"NATS cluster of {args.cluster} (MQTT 3.1.1, mutual TLS) listening on:")
+            for url in broker.urls if isinstance(broker, NatsCluster) else ():
+                print(f"  {url}")
+            print('  agents: protocol = "v311", fallback_urls = the other nodes')
+        else:
+            print(f"Mosquitto (mutual TLS) listening on {broker.url}")
         print(f"  CA:             {pki.ca_cert}")
         print(f"  backend:        --cert {pki.backend.cert} --key {pki.backend.key}")
         print(f"  sample device:  --cert {sample.cert} --key {sample.key}")
         print(f"  broker log:     {broker.log_path}")
         print("Watch every device's uplink as an observer (it can read, not write):")
+        version = "mqttv311" if broker.protocol == "v311" else "mqttv5"
         print(
-            f"  mosquitto_sub -h {host} -p {broker.port} -V mqttv5 -i watcher "
+            f"  mosquitto_sub -h {host} -p {broker.port} -V {version} -i watcher "
             f"--cafile {pki.ca_cert} --cert {pki.observer.cert} --key {pki.observer.key} "
             "-t 'smartmi/v1/+/up/#' -v"
         )
         if not args.no_cloud:
             print("A dev cloud answers the agents' command syncs (--no-cloud: none does).")
         print("Press Ctrl-C to stop.", flush=True)
+        ticks = 0
         while not stop.wait(0.5):
             if not broker.running:
-                print(f"mosquitto stopped unexpectedly; log:\n{broker.log_tail()}", file=sys.stderr)
+                print(
+                    f"the broker stopped unexpectedly; log:\n{broker.log_tail()}", file=sys.stderr
+                )
                 return 1
+            ticks += 1
+            if args.cluster and ticks % 4 == 0:
+                # Devices issued since (smartmi-sim pki device) get their ACL entries.
+                broker.authorize(_issued(pki))
     print("broker stopped")
     return 0
 
 
-def _answer_syncs(host: str, port: int, pki: DevPki, stop: threading.Event) -> None:
+def _issued(pki: DevPki) -> list[str]:
+    """The device IDs the dev PKI has issued that a NATS cluster can serve; the others
+    are named on stderr once (NATS subjects cannot carry a '.')."""
+    from simulator.nats import nats_device_id
+
+    ids = []
+    for cert in sorted((pki.root / "devices").glob("*.pem")):
+        try:
+            ids.append(nats_device_id(cert.stem))
+        except AgentError as exc:
+            if cert.stem not in _SKIPPED:
+                _SKIPPED.add(cert.stem)
+                print(f"smartmi-sim: warning: not served: {exc}", file=sys.stderr)
+    return ids
+
+
+_SKIPPED: set[str] = set()
+
+
+def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> None:
     """The dev cloud: the backend identity, answering every command sync until ``stop``."""
     import asyncio
 
     from simulator.cloud import Cloud
 
     async def serve() -> None:
-        async with Cloud(host, port, pki).connected():
+        cloud = Cloud(
+            broker.host,
+            broker.port,
+            pki,
+            protocol=broker.protocol,
+            persistent=broker.backend_persistent,
+            fallback_ports=tuple(broker.ports[1:]),
+        )
+        async with cloud.connected():
             while not stop.is_set():  # noqa: ASYNC110  # a thread's Event, set by a signal
                 await asyncio.sleep(0.5)
 
@@ -280,10 +331,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rewrite an existing file")
     p.set_defaults(func=cmd_agent_config)
 
+    _add_broker_parser(sub)
+    return parser
+
+
+def _add_broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``smartmi-sim broker up``."""
     broker = sub.add_parser("broker", help="a local Mosquitto with the fleet configuration")
     b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
     p = b_sub.add_parser("up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C")
-    p.add_argument("--port", type=int, default=8883, help="TCP port (default %(default)s; 0 = any)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=8883,
+        help="TCP port (default %(default)s; 0 = any); with --cluster, the first node's",
+    )
+    p.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="an N-node NATS cluster (MQTT 3.1.1, JetStream) instead of Mosquitto",
+    )
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--sample-device", default="dev-0001", help="device identity to print")
     p.add_argument(
@@ -292,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="no dev cloud: nothing answers command syncs, so agents hold personal data",
     )
     p.set_defaults(func=cmd_broker_up)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
