@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.runtime.tls import client_context
-from simulator.broker import MosquittoBroker
+from simulator.broker import LocalBroker
 from simulator.pki import Identity
 
 TIMEOUT = 10.0
@@ -70,10 +70,11 @@ def ctx_for(ca: Path, ident: Identity) -> ssl.SSLContext:
 class PahoClient:
     """A paho MQTT v5 client on its own network thread, with awaitable-by-event results."""
 
-    broker: MosquittoBroker
+    broker: LocalBroker
     ca: Path
     ident: Identity
     client_id: str
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
     messages: queue.Queue[mqtt.MQTTMessage] = field(default_factory=queue.Queue)
     _acks: dict[int, threading.Event] = field(default_factory=dict)
     _codes: dict[int, list[ReasonCode]] = field(default_factory=dict)
@@ -82,7 +83,9 @@ class PahoClient:
     connect_rc: ReasonCode | None = None
 
     def __post_init__(self) -> None:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol
+        )
         c.tls_set_context(ctx_for(self.ca, self.ident))
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
