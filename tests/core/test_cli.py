@@ -55,12 +55,32 @@ def test_relative_paths_follow_the_config_file(conf: Path) -> None:
     assert config.broker is not None
     assert config.broker.ca == conf.parent / "pki" / "ca.pem"
     assert (config.broker.host, config.broker.port) == ("127.0.0.1", 8883)
+    assert config.broker.endpoints == (("127.0.0.1", 8883),)
+
+
+def test_fallback_urls_follow_the_url(conf: Path) -> None:
+    conf.write_text(
+        GOOD.replace(
+            'url = "mqtts://127.0.0.1:8883"',
+            'url = "mqtts://n1:8883"\nfallback_urls = ["mqtts://n2:18883", "mqtts://n3"]',
+        )
+    )
+    broker = load_config(conf).broker
+    assert broker is not None
+    assert broker.endpoints == (("n1", 8883), ("n2", 18883), ("n3", 8883))
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("mqtts://", "mqtt://"), "broker.url: must be an mqtts:// URL"),
+        (("mqtts://", "mqtt://"), "broker.url: 'mqtt://127.0.0.1:8883' must be an mqtts:// URL"),
+        (
+            (
+                'url = "mqtts://127.0.0.1:8883"',
+                'url = "mqtts://a:1"\nfallback_urls = ["mqtt://b:2"]',
+            ),
+            "broker.fallback_urls: 'mqtt://b:2' must be an mqtts:// URL",
+        ),
         (('id = "cli-1"', 'id = "a/b"'), "device.id: it contains '/'"),
         (
             ('policy_version = "7"', 'policy_version = "7"\nextra = 1'),
