@@ -8,7 +8,9 @@
 - a 3-node NATS cluster, killing one node at a time (a random one) and starting it again.
 
 For each it prints the items captured, acknowledged by the broker, received by the
-backend, lost, and the latency from capture to the backend.
+backend, lost (not received 60 s after the agents had sent everything), how many of
+them had not arrived yet when the agents were done, and the latency from capture to
+the backend.
 
 The agent counts an item as delivered only on a PUBACK without a failure reason; a
 v5 PUBACK 0x10 (no matching subscribers, as while the backend reconnects after a
@@ -47,7 +49,8 @@ async def loop(broker: LocalBroker, root: Path, kills: int, pki: DevPki) -> dict
         Agent(root=root / f"a{n}", device_id=f"kill9-{n}", broker=broker, pki=pki, node=n)
         for n in range(AGENTS)
     ]
-    captured = 0
+    captured = late = 0
+    acknowledged: set[str] = set()
     cloud = Cloud(
         broker.host,
         broker.port,
@@ -80,14 +83,14 @@ async def loop(broker: LocalBroker, root: Path, kills: int, pki: DevPki) -> dict
             async with asyncio.timeout(180):
                 while any(core.queued_count() for core in cores):  # noqa: ASYNC110  # a poll
                     await asyncio.sleep(0.2)
-            acknowledged: set[str] = set()
             for core in cores:
                 acknowledged |= {
                     e["msg_id"]
                     for e in core.export(now=time.time())["entries"]
                     if e["type"] == "sent" and e["confirmed"]
                 }
-            # What JetStream holds for the backend may come after its redelivery wait.
+            # What a broker holds for the backend may come after its redelivery wait.
+            late = len(acknowledged - {m.msg_id for m in cloud.received})
             async with asyncio.timeout(60):
                 await cloud.wait_for(lambda got: acknowledged <= {m.msg_id for m in got})
         except TimeoutError:
@@ -106,6 +109,7 @@ async def loop(broker: LocalBroker, root: Path, kills: int, pki: DevPki) -> dict
         "acknowledged": len(acknowledged),
         "received": len(received & acknowledged),
         "lost": len(acknowledged - received),
+        "late": late,
         "p50": statistics.median(latencies) if latencies else 0.0,
         "p99": latencies[int(len(latencies) * 0.99)] if latencies else 0.0,
     }
@@ -164,6 +168,7 @@ def main() -> int:
                 f"acknowledged {counts['acknowledged']:>5.0f}  "
                 f"received {counts['received']:>5.0f}  "
                 f"lost {counts['lost']:>4.0f} ({share:.1%})  "
+                f"not yet arrived when the agents were done {counts['late']:>4.0f}  "
                 f"latency p50 {counts['p50']:.3f} s p99 {counts['p99']:.3f} s",
                 flush=True,
             )
