@@ -331,13 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rewrite an existing file")
     p.set_defaults(func=cmd_agent_config)
 
-    _add_broker_parser(sub)
+    _add_broker_parser(sub.add_parser("broker", help="a local Mosquitto or NATS cluster"))
     return parser
 
 
-def _add_broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_broker_parser(broker: argparse.ArgumentParser) -> None:
     """``smartmi-sim broker up``."""
-    broker = sub.add_parser("broker", help="a local Mosquitto with the fleet configuration")
     b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
     p = b_sub.add_parser("up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C")
     p.add_argument(
