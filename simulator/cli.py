@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from agent import installed_version
 from agent.core.identity import validate_device_id
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 if TYPE_CHECKING:
     from simulator.broker import LocalBroker
@@ -220,7 +220,7 @@ def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> No
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a simulated fleet and check it."""
-    from simulator.run import ExternalBroker, Outputs, run
+    from simulator.run import ExternalBroker, Outputs, parse_shard, run
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
@@ -230,10 +230,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         junit=path(args.junit),
         timeline=path(args.timeline),
         capture=path(args.capture),
+        received=path(args.received),
     )
     broker = None
     if args.broker:
-        broker = ExternalBroker(args.broker, path(args.ca), path(args.cert), path(args.key))
+        broker = ExternalBroker(
+            args.broker,
+            path(args.ca),
+            path(args.cert),
+            path(args.key),
+            protocol=args.protocol,
+            fallbacks=tuple(args.fallback or ()),
+        )
+    elif args.fallback:
+        raise ConfigError("--fallback goes with --broker")
+    if args.shard and args.workers:
+        raise ConfigError("--shard plays one shard; --workers runs them all: give one of them")
     return run(
         devices=args.devices,
         scenario_path=Path(args.scenario),
@@ -243,6 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         grace_s=args.grace,
         cluster=args.cluster,
+        shard=parse_shard(args.shard) if args.shard else (1, 1),
+        workers=args.workers or 1,
     )
 
 
@@ -251,7 +265,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from simulator.run import check_capture
 
     report = Path(args.report) if args.report else None
-    return check_capture(Path(args.timeline), Path(args.capture), report)
+    return check_capture([Path(t) for t in args.timeline], [Path(c) for c in args.capture], report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also capture every uplink as an observer (mosquitto_sub) into this file, "
         "and judge it apart from the backend",
     )
+    _add_scale_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -317,9 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="judge a capture (mosquitto_sub -F '%%U %%t %%x') against a timeline file",
     )
     p.add_argument(
-        "--timeline", required=True, help="the ground truth (smartmi-sim run --timeline)"
+        "--timeline",
+        required=True,
+        action="append",
+        help="the ground truth (smartmi-sim run --timeline); repeat it for each shard",
     )
-    p.add_argument("--capture", required=True, help="what an observer at the broker received")
+    p.add_argument(
+        "--capture",
+        required=True,
+        action="append",
+        help="what an observer at the broker (or a shard's backend, --received) received; "
+        "repeat it for each",
+    )
     p.add_argument("--report", help="also write the verdict as JSON here")
     p.set_defaults(func=cmd_check)
 
@@ -333,6 +357,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_broker_parser(sub.add_parser("broker", help="a local Mosquitto or NATS cluster"))
     return parser
+
+
+def _add_scale_options(p: argparse.ArgumentParser) -> None:
+    """``run``'s options for fleets on every core and on many hosts."""
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run the fleet as N processes (shards) against one local broker, judged together",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="play only shard K of N (every Nth device), as backend consumer K; with "
+        "--timeline and --received, for smartmi-sim check to judge all shards together",
+    )
+    p.add_argument("--received", help="write what this run's backend received (a capture)")
+    p.add_argument(
+        "--protocol",
+        choices=("v5", "v311"),
+        default="v5",
+        help="with --broker: the MQTT version (v311 for a NATS cluster)",
+    )
+    p.add_argument(
+        "--fallback",
+        action="append",
+        metavar="URL",
+        help="with --broker: another node of a cluster on the same host (repeatable)",
+    )
 
 
 def _add_broker_parser(broker: argparse.ArgumentParser) -> None:

@@ -65,6 +65,10 @@ class Cloud:
     # Other nodes of a clustered broker, tried in turn after a failed or lost connection.
     fallback_ports: tuple[int, ...] = ()
     _endpoint: int = 0
+    # One of several backend consumers (a fleet shard): its own identity and client
+    # ID, and only these devices' messages are its business (None: every device's).
+    client_id: str = BACKEND_ID
+    devices: frozenset[str] | None = None
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
     _changed: asyncio.Condition | None = None
@@ -116,7 +120,7 @@ class Cloud:
             host=self.host,
             port=ports[self._endpoint % len(ports)],
             tls=ctx,
-            client_id=BACKEND_ID,
+            client_id=self.client_id,
             protocol=self.protocol,
             persistent=self.persistent,
             # The cloud issues commands to a whole fleet at once: with paho's default of
@@ -148,6 +152,8 @@ class Cloud:
         assert self._changed is not None  # noqa: S101  # set by connected()
         async for message in conn.incoming():
             parts = message.topic.split("/")
+            if self.devices is not None and (len(parts) < 3 or parts[2] not in self.devices):
+                continue  # another shard's device: its own backend consumer records it
             payload = message.payload or b""
             if len(parts) == 5 and parts[4] == "sync":  # the command sync, not data
                 self.syncs_seen += 1

@@ -23,8 +23,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from agent.core.identity import backend_id
 from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
@@ -41,6 +42,8 @@ from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
 from simulator.pki import DevPki
 from simulator.scenario import FAULTS, Event, Group, Scenario
+
+_T = TypeVar("_T")
 
 
 def rss_kib() -> int:
@@ -69,6 +72,21 @@ def _crash_report(text: str | None, k: int) -> CrashReport:
 
 
 STOP_WAIT_S = 10.0  # how long a stopped transport gets to finish
+
+
+def scenario_devices(scenario: Scenario, n: int) -> list[tuple[Group, str]]:
+    """Every device of a run of ``scenario`` with ``n`` devices: its group and ID."""
+    return [
+        (g, f"sim-{g.name}-{i:05d}")
+        for g, size in zip(scenario.groups, scenario.sizes(n), strict=True)
+        for i in range(size)
+    ]
+
+
+def shard_of(devices: list[_T], shard: tuple[int, int]) -> list[_T]:
+    """Shard K of N (K = 1..N): every Nth of ``devices``, starting at the Kth."""
+    k, n = shard
+    return devices[k - 1 :: n]
 
 
 @dataclass
@@ -134,6 +152,8 @@ class Fleet:
         ports: Sequence[int] = (),
         backend_persistent: bool = False,
         authorize: Callable[[list[str]], object] | None = None,
+        shard: tuple[int, int] = (1, 1),
+        broker_keeps_acknowledged: bool = False,
     ) -> None:
         self.scenario = scenario
         self.n = devices
@@ -146,11 +166,21 @@ class Fleet:
         # Lets the fleet's device IDs in, where the broker lists its users (NATS).
         self.authorize = authorize
         self.restart_broker = restart_broker
+        # Shard K of N plays every Nth device of the scenario (K = 1..N), with backend
+        # consumer K as its cloud when N > 1.
+        self.shard = shard
+        self.broker_keeps_acknowledged = broker_keeps_acknowledged
+        k, n_shards = shard
+        backend = 0 if n_shards == 1 else k
+        if cloud_tls is None and backend:
+            ident = pki.backend_consumer(backend)
+            cloud_tls = client_context(pki.ca_cert, ident.cert, ident.key)
         self.cloud = Cloud(
             broker_host,
             broker_port,
             pki,
             tls=cloud_tls,
+            client_id=backend_id(backend),
             protocol=protocol,
             persistent=backend_persistent,
             fallback_ports=tuple(self.ports[1:]),
@@ -182,12 +212,8 @@ class Fleet:
 
     async def build(self) -> None:
         """Issue certificates, open the store and make every device (not yet connected)."""
-        sizes = self.scenario.sizes(self.n)
-        ids = [
-            (g, f"sim-{g.name}-{i:05d}")
-            for g, size in zip(self.scenario.groups, sizes, strict=True)
-            for i in range(size)
-        ]
+        ids = shard_of(scenario_devices(self.scenario, self.n), self.shard)
+        self.cloud.devices = frozenset(d for _, d in ids) if self.shard[1] > 1 else None
         self._say(f"issuing {len(ids)} device certificates")
         idents = self.pki.ensure_devices([d for _, d in ids])
         if self.authorize is not None:
@@ -544,7 +570,10 @@ class Fleet:
                 d.transport.idle.is_set() and d.transport.connected.is_set() and not d.issued
                 for d in self.devices.values()
             )
-            windows = self.outages()
+            # A broker that stores before it acknowledges (a JetStream cluster) owes every
+            # acknowledged item, however late; of Mosquitto's, those of a restart's
+            # window may be lost with it.
+            windows = [] if self.broker_keeps_acknowledged else self.outages()
             if idle and all(
                 m in arrived or any(t < end for _start, end in windows)
                 for d in self.devices.values()

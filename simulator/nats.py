@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
-from agent.core.identity import BACKEND_ID, OBSERVER_ID, validate_device_id
+from agent.core.identity import (
+    BACKEND_ID,
+    MAX_BACKENDS,
+    OBSERVER_ID,
+    backend_id,
+    validate_device_id,
+)
 from agent.errors import BrokerError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
@@ -133,7 +139,10 @@ def _user(subject: str, *, publish: Iterable[str], subscribe: Iterable[str]) -> 
 def users_conf(device_ids: Iterable[str]) -> str:
     """broker-config's ACL as a NATS ``authorization`` block, one user per identity."""
     entries = [
-        _user(subject_of(BACKEND_ID), publish=_DOWN_ALL, subscribe=_UP_ALL),
+        *(
+            _user(subject_of(backend_id(n)), publish=_DOWN_ALL, subscribe=_UP_ALL)
+            for n in range(MAX_BACKENDS + 1)
+        ),
         _user(subject_of(OBSERVER_ID), publish=(), subscribe=_UP_ALL),
     ]
     for device_id in sorted(set(device_ids)):

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.core.identity import BACKEND_ID, OBSERVER_ID, validate_device_id
+from agent.core.identity import BACKEND_ID, OBSERVER_ID, backend_id, validate_device_id
 from agent.errors import PkiError
 from agent.store.fsutil import write_private
 
@@ -110,6 +110,15 @@ class DevPki:
     def backend(self) -> Identity:
         """The cloud backend's client identity."""
         return Identity(self.root / "backend.pem", self.root / "backend.key")
+
+    def backend_consumer(self, n: int) -> Identity:
+        """Backend consumer ``n`` (0: the backend itself), issued on first use."""
+        if n == 0:
+            return self.backend
+        ident = Identity(self.root / f"backend-{n}.pem", self.root / f"backend-{n}.key")
+        if not (ident.cert.exists() and ident.key.exists()):
+            self._issue_client(ident, backend_id(n))
+        return ident
 
     @property
     def observer(self) -> Identity:

@@ -105,12 +105,76 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     }
 
 
+def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
+    """One report from the reports of a fleet's shards and the checker's verdict over
+    all of them (their timelines and what their backend consumers received)."""
+    n = sum(d["devices"] for d in shards)
+    connect_s = max((d["connect"]["seconds"] or 0.0) for d in shards)
+    base = sum(d["memory"]["rss_baseline_kib"] for d in shards)
+    fleet = sum(d["memory"]["rss_fleet_kib"] for d in shards)
+    grace: dict[str, float] = {}
+    for d in shards:
+        grace.update(d["grace_s"])
+    judgement = judged(verdict, grace)
+
+    def total(section: str, key: str) -> int:
+        return sum(int(d[section][key]) for d in shards)
+
+    command_delivery: dict[str, float] = {}
+    for d in shards:  # the worst shard's figure at each point: an upper bound
+        for key, value in d["command_delivery_s"].items():
+            command_delivery[key] = max(command_delivery.get(key, 0.0), value)
+    return {
+        "scenario": shards[0]["scenario"],
+        "seed": shards[0]["seed"],
+        "shards": len(shards),
+        "devices": n,
+        "groups": dict(sum((Counter(d["groups"]) for d in shards), Counter())),
+        "machine": shards[0]["machine"],
+        "elapsed_s": max(d["elapsed_s"] for d in shards),
+        "connect": {
+            "connected": total("connect", "connected"),
+            "seconds": round(connect_s, 2),
+            "devices_per_s": round(n / connect_s, 1) if connect_s else None,
+            "reconnects": total("connect", "reconnects"),
+            "stuck_stops": total("connect", "stuck_stops"),
+        },
+        "memory": {
+            "rss_baseline_kib": base,
+            "rss_fleet_kib": fleet,
+            "per_device_kib": round((fleet - base) / n, 1) if n else 0.0,
+        },
+        "events": {
+            "applied": total("events", "applied"),
+            "refused": dict(sum((Counter(d["events"]["refused"]) for d in shards), Counter())),
+        },
+        "delivery": {
+            "received": verdict.received,
+            "unique": verdict.unique,
+            "duplicates": verdict.duplicates,
+            "by_kind": dict(verdict.by_kind),
+            **{k: total("delivery", k) for k in ("published", "acknowledged", "refused")},
+            "aborted": total("delivery", "aborted"),
+            "broker_custody": verdict.broker_custody,
+            "broker_restarts": 0,
+            "drained": all(d["delivery"]["drained"] for d in shards),
+        },
+        "latency_s": judgement["latency_s"],
+        "command_delivery_s": command_delivery,
+        "grace_s": grace,
+        "violation_counts": judgement["violation_counts"],
+        "violations": judgement["violations"],
+        "verdict": judgement["verdict"],
+    }
+
+
 def summary(doc: dict[str, Any]) -> str:
     """A readable summary of the report."""
     c, m, d = doc["connect"], doc["memory"], doc["delivery"]
     lat = doc["latency_s"]
+    shards = f" in {doc['shards']} shards" if doc.get("shards", 1) > 1 else ""
     lines = [
-        f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices, "
+        f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices{shards}, "
         f"{doc['elapsed_s']} s",
         f"  connected   {c['connected']} in {c['seconds']} s ({c['devices_per_s']} devices/s), "
         f"{c['reconnects']} reconnects",

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from agent.core.identity import up_topic
+from agent.core.identity import MAX_BACKENDS, up_topic
 from agent.errors import ConfigError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
-from simulator.checker import check
-from simulator.fleet import Fleet
+from simulator.checker import DeviceTruth, check
+from simulator.cloud import Received
+from simulator.fleet import Fleet, scenario_devices
 from simulator.nats import NatsCluster
 from simulator.pki import DevPki
 from simulator.scenario import load_scenario
@@ -43,6 +44,7 @@ class Outputs:
     junit: Path | None = None
     timeline: Path | None = None
     capture: Path | None = None
+    received: Path | None = None  # what the backend consumer received, as a capture
 
     def check(self) -> None:
         """Every output can be written: found before the run, not after it."""
@@ -51,6 +53,7 @@ class Outputs:
             ("--junit", self.junit),
             ("--timeline", self.timeline),
             ("--capture", self.capture),
+            ("--received", self.received),
         ):
             if path is None:
                 continue
@@ -71,15 +74,49 @@ class ExternalBroker:
     ca: Path | None
     cert: Path | None
     key: Path | None
+    protocol: Literal["v5", "v311"] = "v5"
+    # Other nodes of a clustered broker on the same host (--fallback).
+    fallbacks: tuple[str, ...] = ()
 
     def address(self) -> tuple[str, int, ssl.SSLContext]:
         """Host, port and the backend's TLS context; ConfigError on a bad URL or identity."""
         if not (self.ca and self.cert and self.key):
             raise ConfigError("--broker needs --ca, --cert and --key (the backend's identity)")
-        parts = urlsplit(self.url)
-        if parts.scheme != "mqtts" or not parts.hostname:
-            raise ConfigError(f"--broker must be an mqtts:// URL, not {self.url!r}")
-        return parts.hostname, parts.port or 8883, client_context(self.ca, self.cert, self.key)
+        host, port = _host_port("--broker", self.url)
+        return host, port, client_context(self.ca, self.cert, self.key)
+
+    def ports(self) -> list[int]:
+        """The broker's port, then each fallback's (all on the broker's host)."""
+        host, port = _host_port("--broker", self.url)
+        ports = [port]
+        for url in self.fallbacks:
+            other, p = _host_port("--fallback", url)
+            if other != host:
+                raise ConfigError(f"--fallback {url}: must be on the broker's host {host}")
+            ports.append(p)
+        return ports
+
+
+def _host_port(option: str, url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "mqtts" or not parts.hostname:
+        raise ConfigError(f"{option} must be an mqtts:// URL, not {url!r}")
+    try:
+        return parts.hostname, parts.port or 8883
+    except ValueError as exc:
+        raise ConfigError(f"{option} {url!r}: {exc}") from None
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``K/N`` (1 <= K <= N <= 16) as a pair; ConfigError otherwise."""
+    k, _, n = text.partition("/")
+    try:
+        shard = int(k), int(n)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: give K/N, as 1/2 or 2/2") from None
+    if not 1 <= shard[0] <= shard[1] <= MAX_BACKENDS:
+        raise ConfigError(f"--shard {text}: K must be 1 to N, and N at most {MAX_BACKENDS}")
+    return shard
 
 
 def run(
@@ -92,11 +129,15 @@ def run(
     seed: int | None = None,
     grace_s: float | None = None,
     cluster: int = 0,
+    shard: tuple[int, int] = (1, 1),
+    workers: int = 1,
 ) -> int:
     """Run the fleet; 0 only with zero violations (of the backend's and any capture's).
 
     With ``cluster`` N (and no external broker) the fleet runs against an N-node NATS
-    cluster instead of one Mosquitto, its devices spread over the nodes.
+    cluster instead of one Mosquitto, its devices spread over the nodes. ``shard`` K/N
+    plays only every Nth device, with backend consumer K. ``workers`` N runs the N
+    shards as processes against one broker and judges them together.
     """
     if devices < 1:
         raise ConfigError("--devices must be at least 1")
@@ -107,6 +148,19 @@ def run(
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
+    if not 1 <= workers <= MAX_BACKENDS:
+        raise ConfigError(f"--workers must be 1 to {MAX_BACKENDS}, not {workers}")
+    if workers > 1:
+        return _run_workers(
+            devices=devices,
+            scenario_path=scenario_path,
+            dev_dir=dev_dir,
+            outputs=outputs,
+            seed=seed,
+            grace_s=grace_s,
+            cluster=cluster,
+            workers=workers,
+        )
     if broker is not None and cluster:
         raise ConfigError("--cluster starts a local NATS cluster; it cannot go with --broker")
     if broker is not None and scenario.restarts_broker:
@@ -137,7 +191,7 @@ def run(
                 restart = _observed_restart(started, pki, outputs.capture, observer_back)
         else:
             host, port, cloud_tls = broker.address()
-        protocol = local.protocol if local is not None else "v5"
+        protocol = local.protocol if local is not None else broker.protocol if broker else "v5"
         if outputs.capture is not None:
             # An independent observer at the broker: judged apart from the backend.
             stack.enter_context(observe(host, port, pki, outputs.capture, protocol=protocol))
@@ -156,13 +210,168 @@ def run(
             seed=seed,
             grace_s=grace_s,
             protocol=protocol,
-            ports=local.ports if local is not None else (),
-            backend_persistent=local.backend_persistent if local is not None else False,
+            ports=local.ports if local is not None else broker.ports() if broker else (),
+            backend_persistent=local.backend_persistent
+            if local is not None
+            else protocol == "v311",  # a broker without MQTT 5: NATS keeps the session
             authorize=local.authorize if local is not None else None,
+            shard=shard,
+            broker_keeps_acknowledged=isinstance(local, NatsCluster),
         )
         fleet.observer_back = observer_back
         asyncio.run(_with_task_dump(fleet.run()))
     return _judge(fleet, outputs)
+
+
+def _run_workers(
+    *,
+    devices: int,
+    scenario_path: Path,
+    dev_dir: Path,
+    outputs: Outputs,
+    seed: int | None,
+    grace_s: float | None,
+    cluster: int,
+    workers: int,
+) -> int:
+    """N shard processes against one local broker; one checker over all of them."""
+    scenario = load_scenario(scenario_path)
+    if scenario.restarts_broker:
+        raise ConfigError(
+            "the scenario restarts the broker, which only a single process can do: run it "
+            "without --workers",
+            where=str(scenario_path),
+        )
+    if outputs.capture is not None:
+        raise ConfigError("--capture goes with a single process: run it without --workers")
+    if devices < workers:
+        raise ConfigError(f"--workers {workers} needs at least {workers} devices")
+    pki = DevPki(dev_dir / "pki").ensure()
+    workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-workers"
+    workdir.mkdir(parents=True, exist_ok=True)
+    local: LocalBroker = NatsCluster(pki, nodes=cluster) if cluster else MosquittoBroker(pki)
+    with local:
+        local.start()
+        # Every device's identity and broker entry before any worker starts.
+        ids = [d for _, d in scenario_devices(scenario, devices)]
+        pki.ensure_devices(ids)
+        local.authorize(ids)
+        what = f"a {cluster}-node NATS cluster" if cluster else "Mosquitto"
+        print(f"started {what} on {local.url}; {workers} workers", file=sys.stderr)
+        procs = [
+            _spawn_shard(
+                k,
+                workers,
+                local=local,
+                pki=pki,
+                devices=devices,
+                scenario_path=scenario_path,
+                dev_dir=dev_dir,
+                workdir=workdir,
+                seed=seed,
+                grace_s=grace_s,
+            )
+            for k in range(1, workers + 1)
+        ]
+        started = time.monotonic()
+        shown = started
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+            if time.monotonic() - shown >= 5:  # a line every 5 s
+                shown = time.monotonic()
+                running = sum(p.poll() is None for p in procs)
+                print(
+                    f"[{shown - started:6.1f}s] workers running {running}/{workers} "
+                    f"(each one's progress: {workdir}/shard*.log)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    failed = [k for k, p in enumerate(procs, 1) if p.returncode not in (0, 1)]
+    if failed:
+        logs = ", ".join(str(workdir / f"shard{k}.log") for k in failed)
+        raise ConfigError(f"worker(s) {failed} failed; their logs: {logs}")
+    return judge_shards(
+        [workdir / f"shard{k}.timeline.json" for k in range(1, workers + 1)],
+        [workdir / f"shard{k}.received.txt" for k in range(1, workers + 1)],
+        [workdir / f"shard{k}.json" for k in range(1, workers + 1)],
+        outputs,
+    )
+
+
+def _spawn_shard(
+    k: int,
+    n: int,
+    *,
+    local: LocalBroker,
+    pki: DevPki,
+    devices: int,
+    scenario_path: Path,
+    dev_dir: Path,
+    workdir: Path,
+    seed: int | None,
+    grace_s: float | None,
+) -> subprocess.Popen[bytes]:
+    """Start ``smartmi-sim run --shard K/N`` against ``local`` as backend consumer K."""
+    ident = pki.backend_consumer(k)
+    host = local.host
+    cmd = [
+        sys.executable, "-m", "simulator.cli", "--dir", str(dev_dir), "run",
+        "--devices", str(devices), "--scenario", str(scenario_path), "--shard", f"{k}/{n}",
+        "--broker", local.url, "--protocol", local.protocol,
+        "--ca", str(pki.ca_cert), "--cert", str(ident.cert), "--key", str(ident.key),
+        "--report", str(workdir / f"shard{k}.json"),
+        "--timeline", str(workdir / f"shard{k}.timeline.json"),
+        "--received", str(workdir / f"shard{k}.received.txt"),
+    ]  # fmt: skip
+    for port in local.ports[1:]:
+        cmd += ["--fallback", f"mqtts://{host}:{port}"]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    if grace_s is not None:
+        cmd += ["--grace", str(grace_s)]
+    log = (workdir / f"shard{k}.log").open("wb")
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def judge_shards(
+    timelines: list[Path], captures: list[Path], reports: list[Path], outputs: Outputs
+) -> int:
+    """Judge the shards of one fleet together: their timelines, what their backend
+    consumers received, and their reports, merged into one report."""
+    truths: dict[str, DeviceTruth] = {}
+    outages: list[tuple[float, float]] = []
+    received: list[Received] = []
+    for path in timelines:
+        t, o = timeline.read(path)
+        truths.update(t)
+        outages.extend(o)
+    for path in captures:
+        received.extend(timeline.read_capture(path))
+    docs = []
+    for path in reports:
+        try:
+            docs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
+    verdict = check(truths, received, outages=sorted(outages))
+    doc = report.merged(docs, verdict)
+    report.write_json(doc, outputs.report)
+    if outputs.junit is not None:
+        report.write_junit(doc, outputs.junit)
+    if outputs.timeline is not None:
+        timeline.write(outputs.timeline, truths, sorted(outages))
+    print(report.summary(doc))
+    print(f"report: {outputs.report}" + (f", JUnit: {outputs.junit}" if outputs.junit else ""))
+    if verdict.violations:
+        counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
+        print(
+            f"smartmi-sim: {len(verdict.violations)} privacy violations ({counts})", file=sys.stderr
+        )
+        return 1
+    return 0
 
 
 def _observed_restart(
@@ -215,6 +424,8 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
     doc = report.build(fleet, verdict)
     if outputs.timeline is not None:
         timeline.write(outputs.timeline, truths, fleet.outages())
+    if outputs.received is not None:
+        timeline.write_capture(outputs.received, fleet.cloud.received)
     failures = len(verdict.violations)
     if outputs.capture is not None:
         seen = check(truths, captured, outages=fleet.outages())
@@ -245,16 +456,27 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
     return 0
 
 
-def check_capture(timeline_path: Path, capture_path: Path, report_path: Path | None) -> int:
-    """``smartmi-sim check``: judge a capture against a timeline; 0 only without violations."""
-    truths, outages = timeline.read(timeline_path)
-    received = timeline.read_capture(capture_path)
-    verdict = check(truths, received, outages=outages)
+def check_capture(
+    timeline_paths: list[Path], capture_paths: list[Path], report_path: Path | None
+) -> int:
+    """``smartmi-sim check``: judge captures against timelines (the shards of one fleet,
+    from one host or many, are merged); 0 only without violations."""
+    truths: dict[str, DeviceTruth] = {}
+    outages: list[tuple[float, float]] = []
+    for path in timeline_paths:
+        t, o = timeline.read(path)
+        if set(t) & set(truths):
+            raise ConfigError("a device appears in two timelines", where=str(path))
+        truths.update(t)
+        outages.extend(o)
+    received = [r for path in capture_paths for r in timeline.read_capture(path)]
+    verdict = check(truths, received, outages=sorted(outages))
     doc = report.judged(verdict, {t.group: t.grace_s for t in truths.values()})
     if report_path is not None:
         report.write_json(doc, report_path)
+    names = ", ".join(str(p) for p in capture_paths)
     print(
-        f"capture {capture_path}: {len(received)} messages, {doc['unique']} unique "
+        f"capture {names}: {len(received)} messages, {doc['unique']} unique "
         f"({doc['duplicates']} duplicates by msg_id) from {len(truths)} devices"
     )
     print("\n".join(report.verdict_summary(doc)))

@@ -108,6 +108,15 @@ def read_capture(path: Path) -> list[Received]:
     return out
 
 
+def write_capture(path: Path, received: list[Received]) -> None:
+    """Write what a backend consumer received as a capture (``read_capture`` reads it)."""
+    with path.open("w", encoding="utf-8") as out:
+        for r in received:
+            out.write(
+                f"{r.arrived_at:.6f} smartmi/v1/{r.device_id}/up/{r.kind} {r.payload.hex()}\n"
+            )
+
+
 def _captured(line: str) -> Received:
     stamp, topic, hexed = line.split(" ", 2)
     parts = topic.split("/")

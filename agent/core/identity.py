@@ -18,6 +18,19 @@ MAX_DEVICE_ID_LENGTH: Final = 64
 # The backend's certificate CN. The ACL grants it read on every device's up/ and
 # write on every down/, so no device may ever be issued this name.
 BACKEND_ID: Final = "smartmi-backend"
+# More backend consumers, one per fleet shard or cloud worker: smartmi-backend-1 to
+# -16, with the backend's rights (broker-config/acl lists each).
+MAX_BACKENDS: Final = 16
+_BACKEND_N = re.compile(r"smartmi-backend-([1-9]|1[0-6])")
+
+
+def backend_id(n: int) -> str:
+    """The CN of backend consumer ``n`` (1 to MAX_BACKENDS); 0 is the backend itself."""
+    if not 0 <= n <= MAX_BACKENDS:
+        raise SchemaError(f"backend consumer {n}: use 0 to {MAX_BACKENDS}")
+    return BACKEND_ID if n == 0 else f"{BACKEND_ID}-{n}"
+
+
 # An observer's certificate CN: the ACL lets it read every device's up/ and nothing
 # else, so an independent capture can be judged beside the backend (SPEC §4).
 OBSERVER_ID: Final = "smartmi-observer"
@@ -44,7 +57,7 @@ def validate_device_id(device_id: str) -> str:
             device_id,
             "use letters, digits and . _ : - only, starting with a letter or digit",
         )
-    if device_id in (BACKEND_ID, OBSERVER_ID):
+    if device_id in (BACKEND_ID, OBSERVER_ID) or _BACKEND_N.fullmatch(device_id):
         raise InvalidDeviceId(device_id, "it is a reserved name (backend or observer)")
     return device_id
 
