@@ -1,0 +1,102 @@
+"""A fleet in shards (SPEC §5): ``--workers N`` on one host, ``--shard K/N`` on many,
+one checker over all of them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulator.broker import MosquittoBroker
+from simulator.cli import main
+from simulator.pki import DevPki
+
+SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
+SMOKE = SCENARIOS / "smoke.toml"
+
+
+def test_workers_are_judged_together_as_one_fleet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "report.json"
+    rc = main(
+        [
+            "--dir", str(tmp_path / "dev"), "run", "--devices", "300", "--workers", "2",
+            "--scenario", str(SMOKE), "--report", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err
+    doc = json.loads(out.read_text())
+    assert doc["shards"] == 2
+    assert doc["devices"] == doc["connect"]["connected"] == 300
+    assert doc["violations"] == []
+    # The same counts as the same scenario in one process (tests/e2e/test_sim_run.py).
+    assert doc["delivery"]["by_kind"]["activation"] == 285
+    assert doc["delivery"]["by_kind"]["deletion-request"] == 45
+    # Each backend consumer keeps only its own shard's messages: nothing twice.
+    assert doc["delivery"]["duplicates"] == 0
+    assert "300 devices in 2 shards" in printed.out
+
+
+def test_shards_run_apart_and_check_judges_them_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As on two hosts against one broker: each shard with its own backend consumer.
+    pki = DevPki(tmp_path / "dev" / "pki").ensure()
+    files: dict[str, list[str]] = {"--timeline": [], "--capture": []}
+    with MosquittoBroker(pki) as broker:
+        for k in (1, 2):
+            ident = pki.backend_consumer(k)
+            timeline, received = tmp_path / f"t{k}.json", tmp_path / f"c{k}.txt"
+            rc = main(
+                [
+                    "--dir", str(tmp_path / "dev"), "run", "--devices", "60",
+                    "--shard", f"{k}/2", "--scenario", str(SMOKE),
+                    "--report", str(tmp_path / f"r{k}.json"),
+                    "--broker", broker.url, "--ca", str(pki.ca_cert),
+                    "--cert", str(ident.cert), "--key", str(ident.key),
+                    "--timeline", str(timeline), "--received", str(received),
+                ]
+            )  # fmt: skip
+            assert rc == 0, capsys.readouterr()
+            assert json.loads((tmp_path / f"r{k}.json").read_text())["devices"] == 30
+            files["--timeline"].append(str(timeline))
+            files["--capture"].append(str(received))
+    capsys.readouterr()
+    both = [a for opt, paths in files.items() for p in paths for a in (opt, p)]
+    assert main(["check", *both]) == 0
+    out = capsys.readouterr().out
+    assert "from 60 devices" in out
+    assert "violations  none" in out
+    # Judged without the second shard's capture, its devices' items are missing.
+    only_first = ["--timeline", *files["--timeline"][:1], "--timeline", files["--timeline"][1]]
+    rc = main(["check", *only_first, "--capture", files["--capture"][0]])
+    assert rc == 1
+    assert "lost" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shard", "3/2"], "--shard 3/2: K must be 1 to N"),
+        (["--shard", "one"], "--shard 'one': give K/N"),
+        (["--workers", "2", "--shard", "1/2"], "give one of them"),
+        (["--workers", "17"], "--workers must be 1 to 16"),
+        (["--fallback", "mqtts://127.0.0.1:1"], "--fallback goes with --broker"),
+    ],
+)
+def test_bad_shard_arguments_get_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    rc = main(
+        [
+            "--dir", str(tmp_path / "dev"), "run", "--devices", "4", *args,
+            "--scenario", str(SMOKE), "--report", str(tmp_path / "r.json"),
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err
+    assert "Traceback" not in err
