@@ -31,11 +31,19 @@ def _pki(args: argparse.Namespace):  # type: ignore[no-untyped-def]  # deferred 
 
 def cmd_pki_init(args: argparse.Namespace) -> int:
     """Create the dev CA, broker and backend identities."""
+    from agent.core.identity import MAX_BACKENDS
+
+    if not 0 <= args.backends <= MAX_BACKENDS:
+        raise ConfigError(f"--backends must be 0 to {MAX_BACKENDS}, not {args.backends}")
     pki = _pki(args).ensure()
+    if args.broker_name:
+        pki.issue_server(pki.broker, "localhost", names=args.broker_name)
     print(f"dev PKI ready in {pki.root}")
     print(f"  CA       {pki.ca_cert}")
     print(f"  broker   {pki.broker.cert}")
     print(f"  backend  {pki.backend.cert}")
+    for n in range(1, args.backends + 1):
+        print(f"  backend consumer {n} (--shard {n}/N)  {pki.backend_consumer(n).cert}")
     return 0
 
 
@@ -287,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     pki = sub.add_parser("pki", help="dev CA, broker, backend and device certificates")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     p = pki_sub.add_parser("init", help="create the dev CA, broker and backend identities")
+    p.add_argument(
+        "--backends",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also issue backend consumers 1 to N (one per --shard of a fleet)",
+    )
+    p.add_argument(
+        "--broker-name",
+        action="append",
+        metavar="NAME",
+        help="re-issue the broker's certificate for this host name or address too, so "
+        "other hosts can reach it (repeatable)",
+    )
     p.set_defaults(func=cmd_pki_init)
     p = pki_sub.add_parser("device", help="issue device certificates (CN = device ID)")
     p.add_argument("device_id", nargs="*", help="device IDs to issue")

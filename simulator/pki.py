@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -71,6 +71,17 @@ def subject_of(common_name: str) -> str:
     """The subject of a dev PKI certificate for ``common_name``, as RFC 4514 text
     (what NATS's ``verify_and_map`` matches a user against)."""
     return _name(common_name).rfc4514_string()
+
+
+def _san(name: str) -> x509.GeneralName:
+    """A host name or an IP address as a subjectAltName entry."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not name or len(name) > 253 or not all(c.isalnum() or c in ".-" for c in name):
+        raise PkiError(f"{name!r} is neither an IP address nor a host name")
+    return x509.DNSName(name)
 
 
 def _key_usage(*, ca: bool) -> x509.KeyUsage:
@@ -187,6 +198,7 @@ class DevPki:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         durable: bool = True,
+        names: Sequence[str] = (),
     ) -> Identity:
         ca_cert, ca_key = self._load_or_create_ca()
         key = ec.generate_private_key(ec.SECP256R1())
@@ -218,6 +230,7 @@ class DevPki:
                         x509.DNSName("localhost"),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                         x509.IPAddress(ipaddress.ip_address("::1")),
+                        *(_san(n) for n in names),
                     ]
                 ),
                 critical=False,
@@ -229,9 +242,12 @@ class DevPki:
         )
         return ident
 
-    def issue_server(self, ident: Identity, common_name: str) -> Identity:
-        """Issue a server certificate (SAN localhost, 127.0.0.1, ::1) into ``ident``."""
-        return self._leaf(ident, common_name, server=True)
+    def issue_server(
+        self, ident: Identity, common_name: str, names: Sequence[str] = ()
+    ) -> Identity:
+        """Issue a server certificate (SAN localhost, 127.0.0.1, ::1 and ``names``, host
+        names or addresses other hosts reach the broker by) into ``ident``."""
+        return self._leaf(ident, common_name, server=True, names=names)
 
     def _issue_client(self, ident: Identity, common_name: str) -> Identity:
         return self._leaf(ident, common_name, server=False)

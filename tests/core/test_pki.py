@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.errors import InvalidDeviceId
+from agent.errors import InvalidDeviceId, PkiError
 from simulator.pki import DevPki
 
 
@@ -58,3 +58,24 @@ def test_bulk_issue_keeps_existing(tmp_path: Path) -> None:
     before = made["bulk-7"].cert.read_bytes()
     pki.ensure_devices(ids)
     assert made["bulk-7"].cert.read_bytes() == before
+
+
+def test_backend_consumers_and_broker_names(tmp_path: Path) -> None:
+    pki = DevPki(tmp_path).ensure()
+    one = x509.load_pem_x509_certificate(pki.backend_consumer(1).cert.read_bytes())
+    assert one.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "smartmi-backend-1"
+    assert pki.backend_consumer(0) == pki.backend
+    pki.issue_server(pki.broker, "localhost", names=["broker.lab", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate(pki.broker.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "broker.lab" in san.get_values_for_type(x509.DNSName)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} >= {"10.0.0.5", "127.0.0.1"}
+    with pytest.raises(PkiError, match="neither an IP address nor a host name"):
+        pki.issue_server(pki.broker, "localhost", names=["bad name!"])
+
+
+@pytest.mark.parametrize("name", ["smartmi-backend-1", "smartmi-backend-16", "smartmi-backend"])
+def test_backend_consumer_names_are_no_device_ids(tmp_path: Path, name: str) -> None:
+    with pytest.raises(InvalidDeviceId, match="reserved name"):
+        DevPki(tmp_path).device(name)
