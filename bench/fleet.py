@@ -32,6 +32,8 @@ from simulator.fleet import Fleet, rss_kib
 from simulator.pki import DevPki
 from simulator.scenario import Scenario
 
+SCENARIOS = Path(__file__).resolve().parents[1] / "simulator" / "scenarios"
+
 CRASH = CrashReport(
     "SIGSEGV in bench", "Traceback (most recent call last):\n  File x", uptime_s=1.0
 )
@@ -249,6 +251,34 @@ def daemon(
     }
 
 
+def workers_start(devices: int, workers: int, root: Path) -> dict[str, Any]:
+    """``smartmi-sim run --workers N`` on the smoke scenario: the merged report's connect
+    rate (devices over the slowest shard's time to all connected) and memory."""
+    out = root / f"workers-{workers}.json"
+    cmd = [
+        sys.executable, "-m", "simulator.cli", "--dir", str(root / "dev"), "run",
+        "--devices", str(devices), "--scenario", str(SCENARIOS / "smoke.toml"),
+        "--report", str(out), "--grace", "10",
+    ]  # fmt: skip
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, timeout=1800
+    )  # our own CLI
+    if not out.exists():
+        return {"workers": workers, "error": done.stderr[-500:]}
+    doc = json.loads(out.read_text())
+    return {
+        "workers": workers,
+        "devices": doc["devices"],
+        "connected": doc["connect"]["connected"],
+        "connect_s": doc["connect"]["seconds"],
+        "devices_per_s": doc["connect"]["devices_per_s"] or 0.0,
+        "per_device_kib": doc["memory"]["per_device_kib"],
+        "violations": len(doc["violations"]),
+    }
+
+
 def run_all(
     devices: int, throughput_devices: int, throughput_s: float, idle_s: float
 ) -> dict[str, Any]:
@@ -265,4 +295,6 @@ def run_all(
                 throughput(throughput_devices, throughput_s, broker, pki, root / "tp")
             )
             out["daemon"] = daemon(broker, pki, root, idle_s)
+        workers = os.cpu_count() or 1
+        out["sharded"] = [workers_start(devices, n, root) for n in sorted({1, workers})]
     return out
