@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -229,6 +229,7 @@ def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> No
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a simulated fleet and check it."""
     from simulator.run import ExternalBroker, Outputs, parse_shard, run
+    from simulator.scenario import find_scenario
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
@@ -256,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--shard plays one shard; --workers runs them all: give one of them")
     return run(
         devices=args.devices,
-        scenario_path=Path(args.scenario),
+        scenario_path=find_scenario(args.scenario).resolve(),
         dev_dir=Path(args.dir).resolve(),
         outputs=outputs,
         broker=broker,
@@ -266,6 +267,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else (1, 1),
         workers=args.workers or 1,
     )
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    """List the shipped scenarios, a line each."""
+    from simulator.scenario import describe, shipped
+
+    found = shipped()
+    width = max(map(len, found), default=0)
+    for name, path in found.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    print("run one with: smartmi-sim run --devices N --scenario NAME (or a file of your own)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Load a scenario file (or a shipped one) and say what it plays, or what is wrong."""
+    from simulator.scenario import find_scenario, load_scenario
+
+    path = find_scenario(args.scenario)
+    scenario = load_scenario(path)
+    sizes = scenario.sizes(args.devices) if args.devices is not None else []
+    events = sum(len(g.events) for g in scenario.groups)
+    print(
+        f"{path}: scenario {scenario.name!r} is valid: {len(scenario.groups)} groups, "
+        f"{events} events, {scenario.duration_s:g} s, settle {scenario.settle_s:g} s"
+    )
+    if sizes:
+        groups = ", ".join(f"{g.name} {n}" for g, n in zip(scenario.groups, sizes, strict=True))
+        print(f"  with {args.devices} devices: {groups}")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -319,7 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="a simulated fleet and the cloud-side privacy checker")
     p.add_argument("--devices", type=int, required=True, help="how many simulated devices")
-    p.add_argument("--scenario", required=True, help="a scenario file (simulator/scenarios/)")
+    p.add_argument(
+        "--scenario",
+        required=True,
+        help="a scenario file, or a shipped scenario's name (smartmi-sim scenarios lists them)",
+    )
     p.add_argument("--report", default="report.json", help="JSON report (default %(default)s)")
     p.add_argument("--junit", help="also write JUnit XML here (one case per privacy rule)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
@@ -378,7 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agent_config)
 
     _add_broker_parser(sub.add_parser("broker", help="a local Mosquitto or NATS cluster"))
+    _add_scenario_parsers(sub.add_parser)
     return parser
+
+
+def _add_scenario_parsers(add_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """``smartmi-sim scenarios`` and ``smartmi-sim validate``."""
+    p = add_parser("scenarios", help="list the shipped scenarios, a line each")
+    p.set_defaults(func=cmd_scenarios)
+    p = add_parser("validate", help="check a scenario file without running it")
+    p.add_argument("scenario", help="a scenario file, or a shipped scenario's name")
+    p.add_argument("--devices", type=int, help="also show how N devices split into its groups")
+    p.set_defaults(func=cmd_validate)
 
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:

@@ -148,6 +148,7 @@ def run(
     # the counts. Errors (certificate problems) still show.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     scenario = load_scenario(scenario_path)
+    scenario.sizes(devices)  # too few devices for its groups: said before anything starts
     if not 1 <= workers <= MAX_BACKENDS:
         raise ConfigError(f"--workers must be 1 to {MAX_BACKENDS}, not {workers}")
     if workers > 1:

@@ -225,6 +225,36 @@ class Scenario(_Model):
         return sizes
 
 
+SHIPPED = Path(__file__).resolve().parent / "scenarios"
+
+
+def shipped() -> dict[str, Path]:
+    """The scenarios that come with the simulator, by name."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.toml"))}
+
+
+def find_scenario(text: str) -> Path:
+    """A scenario file given as a path, or one of the shipped scenarios by name."""
+    path = Path(text)
+    if path.exists() or path.suffix == ".toml" or "/" in text:
+        return path
+    found = shipped().get(text)
+    if found is None:
+        names = ", ".join(shipped())
+        raise ConfigError(f"no scenario file or shipped scenario {text!r}; shipped: {names}")
+    return found
+
+
+def describe(path: Path) -> str:
+    """The first line of a scenario file's leading comment (what it plays)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    first = next((line for line in lines if line.startswith("#")), "")
+    return first.lstrip("# ").rstrip()
+
+
 def load_scenario(path: Path) -> Scenario:
     """Read and validate a scenario; ConfigError names the file, the key and the problem."""
     return load_toml(path, Scenario, what="scenario file")

@@ -72,3 +72,56 @@ def test_sizes_follow_shares(tmp_path: Path) -> None:
     assert sum(scenario.sizes(999)) == 999
     with pytest.raises(ConfigError, match="cannot fill"):
         scenario.sizes(1)
+
+
+def test_shipped_scenarios_are_listed_and_found_by_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from simulator.cli import main
+    from simulator.scenario import find_scenario, shipped
+
+    assert main(["scenarios"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    for name in shipped():
+        assert any(line.startswith(f"{name} ") for line in listed), name
+    assert find_scenario("smoke").name == "smoke.toml"
+    with pytest.raises(ConfigError, match="shipped: broker-restart, clock-skew"):
+        find_scenario("smok")
+
+
+def test_validate_checks_a_file_and_how_devices_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulator.cli import main
+
+    assert main(["validate", "smoke", "--devices", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "scenario 'smoke' is valid: 3 groups" in out
+    assert "with 10 devices: adults 8, leavers 1, children 1" in out
+    assert main(["validate", "smoke", "--devices", "1"]) == 1
+    assert "1 devices cannot fill 3 groups" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'name = "x"\nduration_s = 5\n[[groups]]\nname = "g"\nshare = 1.0\n'
+        'events = [{ at = 0.0, action = "grant" }]\n'
+    )
+    assert main(["validate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "needs purpose" in err
+    assert "Traceback" not in err
+
+
+def test_too_few_devices_are_refused_before_a_broker_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulator.cli import main
+
+    rc = main(
+        ["--dir", str(tmp_path / "dev"), "run", "--devices", "1", "--scenario", "smoke",
+         "--report", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "1 devices cannot fill 3 groups" in err
+    assert "started Mosquitto" not in err
+    assert not (tmp_path / "dev").exists()  # nothing generated, nothing started
