@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +74,14 @@ def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
         return control.act(core, body, now=time.time())
 
 
+def anywhere(flag: str, *, help: str) -> argparse.ArgumentParser:
+    """A parent parser with a global option, for every verb's parser: the option may
+    come before or after the verb. Its default is left to the top-level parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(flag, default=argparse.SUPPRESS, help=help)
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of smartmi-agent."""
     parser = argparse.ArgumentParser(
@@ -84,31 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help="agent.toml (default: %(default)s)"
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    sub.add_parser("run", help="run the agent daemon (systemd starts this)")
-    sub.add_parser("status", help="lifecycle, consent, outbox and quarantine summary")
-    p = sub.add_parser("bind", help="bind the device to an owner")
+    # --config before or after the verb: every verb takes it too.
+    common = anywhere("--config", help=f"agent.toml (default: {DEFAULT_CONFIG})")
+    add = functools.partial(sub.add_parser, parents=[common])
+    add("run", help="run the agent daemon (systemd starts this)")
+    add("status", help="lifecycle, consent, outbox and quarantine summary")
+    p = add("bind", help="bind the device to an owner")
     p.add_argument("--binding-id", help="the binding's ID (default: generated)")
     p.add_argument(
         "--minor",
         action="store_true",
         help="the owner's account is a minor's: no personal data at all (P5)",
     )
-    sub.add_parser("unbind", help="the owner deleted the device: wipe, send a deletion request")
-    sub.add_parser("factory-reset", help="factory reset: wipe, send a deletion request")
-    sub.add_parser("account-cancelled", help="the owner's account is gone: wipe likewise")
-    p = sub.add_parser("consent", help="grant or withdraw a purpose")
+    add("unbind", help="the owner deleted the device: wipe, send a deletion request")
+    add("factory-reset", help="factory reset: wipe, send a deletion request")
+    add("account-cancelled", help="the owner's account is gone: wipe likewise")
+    p = add("consent", help="grant or withdraw a purpose")
     p.add_argument("action", choices=["grant", "withdraw"])
     p.add_argument("purpose", type=_argument(parse_purpose), help="activation or diagnostics")
-    p = sub.add_parser("location", help="set the location or its precision")
+    p = add("location", help="set the location or its precision")
     loc = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = loc.add_parser("set", help="set the location (coarsened on entry)")
+    add_loc = functools.partial(loc.add_parser, parents=[common])
+    q = add_loc("set", help="set the location (coarsened on entry)")
     q.add_argument("lat", type=float)
     q.add_argument("lon", type=float)
-    q = loc.add_parser("precision", help="off, country, region (default) or city")
+    q = add_loc("precision", help="off, country, region (default) or city")
     q.add_argument("level", type=_argument(parse_precision))
-    p = sub.add_parser("export", help="the ledger of consent changes and sent messages (JSON)")
+    p = add("export", help="the ledger of consent changes and sent messages (JSON)")
     p.add_argument("-o", "--output", help="write to this file instead of standard output")
-    p = sub.add_parser("crash", help="capture crash diagnostics")
+    p = add("crash", help="capture crash diagnostics")
     p.add_argument(
         "--simulate",
         action="store_true",
@@ -144,10 +158,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write_export(Path(args.output), result)
             result = {"exported": args.output, "entries": len(result.get("entries", []))}
         _print(result)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler
     except AgentError as exc:
         print(f"smartmi-agent: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return quiet_pipe()
     return 0
+
+
+def quiet_pipe() -> int:
+    """The reader of our output went away (``| head``): stop without a traceback, as
+    the shell's own tools do, and say so by the exit status."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from agent import installed_version
+from agent.cli import anywhere, quiet_pipe
 from agent.core.identity import validate_device_id
 from agent.errors import AgentError, ConfigError
 
@@ -322,10 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or $SMARTMI_DEV_DIR)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --dir before or after the command: every command takes it too.
+    common = anywhere(
+        "--dir", help=f"where the dev PKI and simulator state live (default: {DEFAULT_DEV_DIR})"
+    )
+    add = functools.partial(sub.add_parser, parents=[common])
 
-    pki = sub.add_parser("pki", help="dev CA, broker, backend and device certificates")
+    pki = add("pki", help="dev CA, broker, backend and device certificates")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
-    p = pki_sub.add_parser("init", help="create the dev CA, broker and backend identities")
+    add_pki = functools.partial(pki_sub.add_parser, parents=[common])
+    p = add_pki("init", help="create the dev CA, broker and backend identities")
     p.add_argument(
         "--backends",
         type=int,
@@ -341,14 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         "other hosts can reach it (repeatable)",
     )
     p.set_defaults(func=cmd_pki_init)
-    p = pki_sub.add_parser("device", help="issue device certificates (CN = device ID)")
+    p = add_pki("device", help="issue device certificates (CN = device ID)")
     p.add_argument("device_id", nargs="*", help="device IDs to issue")
     p.add_argument("--count", type=int, default=0, help="also issue this many numbered IDs")
     p.add_argument("--prefix", default="sim-", help="prefix of numbered IDs (default %(default)s)")
     p.add_argument("--force", action="store_true", help="re-issue even if a certificate exists")
     p.set_defaults(func=cmd_pki_device)
 
-    p = sub.add_parser("run", help="a simulated fleet and the cloud-side privacy checker")
+    p = add("run", help="a simulated fleet and the cloud-side privacy checker")
     p.add_argument("--devices", type=int, required=True, help="how many simulated devices")
     p.add_argument(
         "--scenario",
@@ -384,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scale_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = add(
         "check",
         help="judge a capture (mosquitto_sub -F '%%U %%t %%x') against a timeline file",
     )
@@ -404,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the verdict as JSON here")
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("agent-config", help="write an agent.toml for a dev device")
+    p = add("agent-config", help="write an agent.toml for a dev device")
     p.add_argument("device_id", help="the device ID (its certificate is issued if missing)")
     p.add_argument("-o", "--output", help="where to write (default: DIR/DEVICE_ID.toml)")
     p.add_argument("--host", default="127.0.0.1", help="broker host (default %(default)s)")
@@ -412,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rewrite an existing file")
     p.set_defaults(func=cmd_agent_config)
 
-    _add_broker_parser(sub.add_parser("broker", help="a local Mosquitto or NATS cluster"))
-    _add_scenario_parsers(sub.add_parser)
+    _add_broker_parser(add("broker", help="a local Mosquitto or NATS cluster"), common)
+    _add_scenario_parsers(add)
     return parser
 
 
@@ -456,10 +464,12 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_broker_parser(broker: argparse.ArgumentParser) -> None:
+def _add_broker_parser(broker: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     """``smartmi-sim broker up``."""
     b_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="BROKER_COMMAND")
-    p = b_sub.add_parser("up", help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C")
+    p = b_sub.add_parser(
+        "up", parents=[common], help="start Mosquitto (mutual TLS) from broker-config/ until Ctrl-C"
+    )
     p.add_argument(
         "--port",
         type=int,
@@ -491,9 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port = None
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler
     except AgentError as exc:
         print(f"smartmi-sim: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return quiet_pipe()
     return rc
 
 

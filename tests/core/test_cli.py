@@ -179,3 +179,25 @@ def test_both_tools_say_their_version(tool: str, capsys: pytest.CaptureFixture[s
     assert done.value.code == 0
     out = capsys.readouterr().out.strip()
     assert out == f"{tool} {importlib.metadata.version('smartmi-agent')}"
+
+
+def test_the_config_may_follow_the_verb(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--config", str(conf)]) == 0
+    assert json.loads(capsys.readouterr().out)["device_id"] == "cli-1"
+    assert main(["location", "precision", "city", "--config", str(conf)]) == 0
+
+
+def test_a_closed_pipe_ends_quietly(conf: Path) -> None:
+    # smartmi-agent status | head -1: the reader goes away; no traceback, exit 141.
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "agent.cli", "--config", str(conf), "export"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(30)
+    assert b"Traceback" not in err
+    assert b"BrokenPipe" not in err
