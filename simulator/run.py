@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -107,6 +108,26 @@ def _host_port(option: str, url: str) -> tuple[str, int]:
         raise ConfigError(f"{option} {url!r}: {exc}") from None
 
 
+KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
+
+
+def new_run_dir(dev_dir: Path, name: str, *, prune: bool = True) -> Path:
+    """A fresh directory under ``DIR/runs`` for one run; unless ``prune`` is off (a
+    shard, whose siblings run beside it), the oldest beyond the last KEEP_RUNS are
+    removed first, so the directory does not grow with every run."""
+    runs = dev_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    past = sorted(
+        (p for p in runs.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime_ns, p.name)
+    )
+    for old in past[: max(0, len(past) - (KEEP_RUNS - 1))] if prune else ():
+        shutil.rmtree(old, ignore_errors=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = runs / f"{name}-{stamp}-{os.getpid()}"
+    workdir.mkdir()
+    return workdir
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``K/N`` (1 <= K <= N <= 16) as a pair; ConfigError otherwise."""
     k, _, n = text.partition("/")
@@ -171,7 +192,7 @@ def run(
             where=str(scenario_path),
         )
     pki = DevPki(dev_dir / "pki").ensure()
-    workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir = new_run_dir(dev_dir, scenario.name, prune=shard[1] == 1)
     with contextlib.ExitStack() as stack:
         cloud_tls: ssl.SSLContext | None = None
         restart: Callable[[], object] | None = None
@@ -248,8 +269,7 @@ def _run_workers(
     if devices < workers:
         raise ConfigError(f"--workers {workers} needs at least {workers} devices")
     pki = DevPki(dev_dir / "pki").ensure()
-    workdir = dev_dir / "runs" / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}-workers"
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = new_run_dir(dev_dir, f"{scenario.name}-workers")
     local: LocalBroker = NatsCluster(pki, nodes=cluster) if cluster else MosquittoBroker(pki)
     with local:
         local.start()

@@ -100,3 +100,18 @@ def test_bad_shard_arguments_get_a_clear_error(
     assert rc == 1
     assert message in err
     assert "Traceback" not in err
+
+
+def test_the_runs_directory_keeps_the_last_few(tmp_path: Path) -> None:
+    from simulator.run import KEEP_RUNS, new_run_dir
+
+    made = []
+    for n in range(KEEP_RUNS + 3):
+        made.append(new_run_dir(tmp_path, f"s{n}"))
+        (made[-1] / "fleet.db").write_text("x")
+    left = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(left) == KEEP_RUNS
+    assert made[-1].exists()
+    assert not made[0].exists()
+    new_run_dir(tmp_path, "shard", prune=False)  # a shard leaves its siblings alone
+    assert len(list((tmp_path / "runs").iterdir())) == KEEP_RUNS + 1
