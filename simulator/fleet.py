@@ -200,6 +200,7 @@ class Fleet:
         self.db: Database | None = None
         self._t0 = 0.0
         self._events_total = 0
+        self._events_played = 0  # played so far, applied or refused (the progress line)
         self._sending: set[asyncio.Task[None]] = set()
         # When an observer capturing beside the backend had subscribed again after each
         # broker restart (``smartmi-sim run --capture``); empty without one.
@@ -470,7 +471,7 @@ class Fleet:
             queued = sum(d.core.queued_count() for d in self.devices.values())
             self._say(
                 f"[{time.time() - self._t0:6.1f}s] {phase[0]:<9} connected {up}/{len(self.devices)}"
-                f"  events {self.stats.events_applied}/{self._events_total}"
+                f"  events {self._events_played}/{self._events_total}"
                 f"  queued {queued}  received {len(self.cloud.received)}"
             )
 
@@ -505,6 +506,7 @@ class Fleet:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await self._apply(target, event)
+                    self._events_played += 1
                 await asyncio.sleep(max(0.0, t0 + self.scenario.duration_s - time.monotonic()))
                 await asyncio.gather(*self._sending)
                 if self.inject is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def test_smoke_scenario_with_300_devices_passes(
     assert doc["memory"]["per_device_kib"] > 0
     assert "violations  none" in printed.out
     assert "connected 300/300" in printed.err  # the progress display
+    played = re.findall(r"events (\d+)/(\d+)", printed.err)
+    assert played
+    assert played[-1][0] == played[-1][1]  # every event played, refused ones too
     cases = ET.parse(junit).getroot()  # noqa: S314  # our own file.findall("testcase")
     assert [c.get("name") for c in cases] == list(RULES)
     assert all(c.find("failure") is None for c in cases)
