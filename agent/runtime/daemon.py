@@ -24,7 +24,7 @@ from agent.device import RETENTION_SWEEP_S, Device, open_device
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
-from agent.runtime.tls import client_context
+from agent.runtime.tls import check_identity, client_context
 from agent.runtime.transport import BrokerTarget, Transport
 
 log = logging.getLogger("smartmi.daemon")
@@ -79,6 +79,7 @@ async def run(config: AgentConfig) -> None:
     broker = config.broker
     if broker is None:
         raise ConfigError("the daemon needs a [broker] section", where="agent.toml")
+    check_identity(broker.cert, broker.key, config.device.id)
     tls = client_context(broker.ca, broker.cert, broker.key)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

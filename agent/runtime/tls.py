@@ -10,6 +10,10 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
 from agent.errors import CertificateProblem, ConfigError
 from agent.store.fsutil import require_private_file
 
@@ -28,6 +32,60 @@ def client_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(f"cannot load {cert} / {key} / {ca}: {exc}", where="tls") from exc
     return ctx
+
+
+def check_identity(cert: Path, key: Path, device_id: str) -> None:
+    """The certificate is the device's (its CN is ``device_id``) and ``key`` is its
+    private key; a ConfigError that names the file otherwise.
+
+    A device started with another device's certificate would connect as that device
+    and push it off the broker on every reconnect; a key that does not match fails
+    every handshake with a bare "PEM lib" or "key values mismatch".
+    """
+    cert_pem = _read(cert, "certificate")
+    if key.is_file():
+        require_private_file(key, "the device's TLS private key")
+    key_pem = _read(key, "private key")
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ConfigError(f"{cert} is not a PEM certificate", where="[broker] cert") from None
+    try:
+        private = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        what = "a certificate, not a key" if b"CERTIFICATE-----" in key_pem else str(exc)
+        raise ConfigError(
+            f"{key} is not a usable private key: {what}", where="[broker] key"
+        ) from None
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(names[0].value) if names else None
+    if cn != device_id:
+        raise ConfigError(
+            f"{cert} is the certificate of {cn!r}, but [device] id is {device_id!r}; the "
+            "broker knows a device by its certificate: use this device's own, or fix the id",
+            where="[broker] cert",
+        )
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(der, spki) != certificate.public_key().public_bytes(
+        der, spki
+    ):
+        raise ConfigError(
+            f"{key} is not the private key of {cert} (the two do not match)",
+            where="[broker] key",
+        )
+
+
+def _read(path: Path, label: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{label} file not found: {path}", where="tls") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the {label} {path}: {exc.strerror}; the agent's user needs to read it",
+            where="tls",
+        ) from None
 
 
 _KINDS = (

@@ -197,6 +197,27 @@ async def test_the_daemon_refuses_secrets_open_to_others(
     assert "Traceback" not in err
 
 
+async def test_the_daemon_refuses_another_devices_certificate(
+    tmp_path: Path, broker: MosquittoBroker, pki: DevPki
+) -> None:
+    # It would connect as the other device and push it off the broker on every retry.
+    conf = write_config(tmp_path, broker, pki)
+    other = pki.ensure_devices(["someone-else"])["someone-else"]
+    mine = pki.device(DEVICE)
+    conf.write_text(
+        conf.read_text()
+        .replace(str(mine.cert), str(other.cert))
+        .replace(str(mine.key), str(other.key))
+    )
+    proc = await spawn(conf)
+    assert proc.stderr is not None
+    async with asyncio.timeout(20):
+        err = (await proc.stderr.read()).decode()
+        assert await proc.wait() == 1
+    assert f"is the certificate of 'someone-else', but [device] id is '{DEVICE}'" in err
+    assert "Traceback" not in err
+
+
 async def test_a_rolled_back_store_is_found_out_by_the_daemon(
     tmp_path: Path,
     broker: MosquittoBroker,
