@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from agent.core.consent import Reason
 from agent.core.location import parse_precision
 from agent.core.purposes import parse_purpose
 from agent.device import CrashReport, Device
@@ -47,6 +48,47 @@ def _number(request: dict[str, Any], key: str) -> float:
     return float(value)
 
 
+def _consent(device: Device, request: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """``consent grant|withdraw PURPOSE``: what changed, and whether it is in force."""
+    purpose = parse_purpose(str(request.get("purpose")))
+    if request.get("action") == "grant":
+        changed = device.grant(purpose, now=now)
+        # Say whether it is in force: a minor's binding or a suspension keeps it off.
+        decision = device.decide(purpose)
+        done: dict[str, Any] = {"granted": purpose.value, "changed": changed}
+        done["in_force"] = decision.allowed
+        if not decision.allowed:
+            done["not_in_force_because"] = _WHY.get(decision.reason, decision.reason.value)
+        return done
+    if request.get("action") == "withdraw":
+        removed = device.withdraw(purpose, now=now)
+        return {"withdrawn": purpose.value, "pending_items_deleted": len(removed)}
+    raise ControlError("consent action must be grant or withdraw")
+
+
+def _location(device: Device, request: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """``location set LAT LON`` or ``location precision LEVEL``."""
+    if request.get("action") == "set":
+        loc = device.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
+        if loc is None:
+            return {"stored": None, "why": "location precision is off: nothing is stored"}
+        return {"stored": loc.to_json()}
+    if request.get("action") == "precision":
+        level = parse_precision(str(request.get("level")))
+        device.set_precision(level, now=now)
+        return {"precision": level.value}
+    raise ControlError("location action must be set or precision")
+
+
+_WHY: dict[Reason, str] = {
+    Reason.MINOR: "the binding is a minor's: no personal data at all (P5)",
+    Reason.SUSPENDED: "collection is suspended until the cloud resumes it (P13)",
+    Reason.NOT_BOUND: "the device is not bound; it counts once it is",
+    Reason.STALE_POLICY: "the grant is for an earlier policy version (P6)",
+    Reason.NOT_DURABLE: "a narrowing or wipe is not yet on disk (see status.storage)",
+}
+
+
 def act(  # noqa: PLR0911  # one branch per verb
     device: Device, request: dict[str, Any], *, now: float
 ) -> dict[str, Any]:
@@ -67,22 +109,9 @@ def act(  # noqa: PLR0911  # one branch per verb
         }[verb]
         return {"wiped": True, "deletion_request": method(now=now)}
     if verb == "consent":
-        purpose = parse_purpose(str(request.get("purpose")))
-        if request.get("action") == "grant":
-            return {"granted": purpose.value, "changed": device.grant(purpose, now=now)}
-        if request.get("action") == "withdraw":
-            removed = device.withdraw(purpose, now=now)
-            return {"withdrawn": purpose.value, "pending_items_deleted": len(removed)}
-        raise ControlError("consent action must be grant or withdraw")
+        return _consent(device, request, now=now)
     if verb == "location":
-        if request.get("action") == "set":
-            loc = device.set_location(_number(request, "lat"), _number(request, "lon"), now=now)
-            return {"stored": None if loc is None else loc.to_json()}
-        if request.get("action") == "precision":
-            level = parse_precision(str(request.get("level")))
-            device.set_precision(level, now=now)
-            return {"precision": level.value}
-        raise ControlError("location action must be set or precision")
+        return _location(device, request, now=now)
     if verb == "export":
         return device.export(now=now)
     if verb == "crash":

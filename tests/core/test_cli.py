@@ -201,3 +201,23 @@ def test_a_closed_pipe_ends_quietly(conf: Path) -> None:
         proc.wait(30)
     assert b"Traceback" not in err
     assert b"BrokenPipe" not in err
+
+
+def test_verbs_say_what_actually_happened(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(conf, "bind", "--binding-id", "kid-1", "--minor", capsys=capsys)[0] == 0
+    rc, out = run(conf, "consent", "grant", "diagnostics", capsys=capsys)
+    assert rc == 0
+    assert out == {
+        "granted": "diagnostics",
+        "changed": True,
+        "in_force": False,
+        "not_in_force_because": "the binding is a minor's: no personal data at all (P5)",
+    }
+    assert run(conf, "unbind", capsys=capsys)[0] == 0
+    assert run(conf, "bind", "--binding-id", "adult-1", capsys=capsys)[0] == 0
+    rc, out = run(conf, "consent", "grant", "diagnostics", capsys=capsys)
+    assert out == {"granted": "diagnostics", "changed": True, "in_force": True}
+    assert run(conf, "location", "precision", "off", capsys=capsys)[0] == 0
+    rc, out = run(conf, "location", "set", "48.8566", "2.3522", capsys=capsys)
+    assert rc == 0
+    assert out == {"stored": None, "why": "location precision is off: nothing is stored"}
