@@ -51,14 +51,7 @@ async def loop(broker: LocalBroker, root: Path, kills: int, pki: DevPki) -> dict
     ]
     captured = late = 0
     acknowledged: set[str] = set()
-    cloud = Cloud(
-        broker.host,
-        broker.port,
-        pki,
-        protocol=broker.protocol,
-        persistent=broker.backend_persistent,
-        fallback_ports=tuple(broker.ports[1:]),
-    )
+    cloud = Cloud.on(broker, pki)
     async with cloud.connected():
         cores = [a.open() for a in agents]
         for a, core in zip(agents, cores, strict=True):

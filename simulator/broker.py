@@ -39,17 +39,20 @@ def repo_broker_config() -> Path:
     return path
 
 
-def find_mosquitto() -> str:
-    """The path of the mosquitto binary, or a BrokerError naming the package to install."""
-    found = shutil.which("mosquitto") or shutil.which(
-        "mosquitto", path=os.pathsep.join(_SEARCH_PATH)
-    )
+def find_binary(name: str, package: str) -> str:
+    """The path of a program, or a BrokerError naming the Debian package to install."""
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SEARCH_PATH))
     if not found:
         raise BrokerError(
-            "the 'mosquitto' binary was not found; install it with "
-            "'sudo apt-get install mosquitto' (Debian / Raspberry Pi OS)"
+            f"the '{name}' binary was not found; install it with "
+            f"'sudo apt-get install {package}' (Debian / Raspberry Pi OS)"
         )
     return found
+
+
+def find_mosquitto() -> str:
+    """The path of the mosquitto binary, or a BrokerError naming the package to install."""
+    return find_binary("mosquitto", "mosquitto")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,6 +72,22 @@ def _mosquitto_user() -> pwd.struct_passwd | None:
         return pwd.getpwnam("mosquitto")
     except KeyError:
         return None
+
+
+def end_process(
+    proc: subprocess.Popen[bytes] | None, log: int | None, *, kill: bool, wait_s: float = 15
+) -> None:
+    """Stop a broker process (SIGTERM, or SIGKILL with ``kill``; SIGKILL if it lingers
+    ``wait_s``) and close its log file descriptor."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None:
+        os.close(log)
 
 
 class LocalBroker(Protocol):
@@ -221,16 +240,8 @@ class MosquittoBroker:
     def stop(self, *, kill: bool = False) -> None:
         """Stop the broker: SIGTERM (it saves its persistence file) or SIGKILL."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log_file is not None:
-            os.close(self._log_file)
-            self._log_file = None
+        log, self._log_file = self._log_file, None
+        end_process(proc, log, kill=kill)
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop and start again on the same port, keeping persisted sessions."""

@@ -210,15 +210,7 @@ def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> No
     from simulator.cloud import Cloud
 
     async def serve() -> None:
-        cloud = Cloud(
-            broker.host,
-            broker.port,
-            pki,
-            protocol=broker.protocol,
-            persistent=broker.backend_persistent,
-            fallback_ports=tuple(broker.ports[1:]),
-        )
-        async with cloud.connected():
+        async with Cloud.on(broker, pki).connected():
             while not stop.is_set():  # noqa: ASYNC110  # a thread's Event, set by a signal
                 await asyncio.sleep(0.5)
 

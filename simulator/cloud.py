@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.core.identity import BACKEND_ID, UP_FILTER_ALL
 from agent.core.purposes import rfc3339
@@ -24,6 +24,9 @@ from agent.errors import TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator.pki import DevPki
+
+if TYPE_CHECKING:
+    from simulator.broker import LocalBroker
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,19 @@ class Cloud:
     _issuing: dict[str, set[asyncio.Future[None]]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
+
+    @classmethod
+    def on(cls, broker: LocalBroker, pki: DevPki) -> Cloud:
+        """The backend of a broker the simulator started: its protocol, its session
+        (persistent on NATS), and the other nodes of a cluster to fall back on."""
+        return cls(
+            broker.host,
+            broker.port,
+            pki,
+            protocol=broker.protocol,
+            persistent=broker.backend_persistent,
+            fallback_ports=tuple(broker.ports[1:]),
+        )
 
     @contextlib.asynccontextmanager
     async def connected(self) -> AsyncIterator[Cloud]:

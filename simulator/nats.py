@@ -49,7 +49,7 @@ from agent.core.identity import (
 from agent.errors import BrokerError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
-from simulator.broker import free_port, repo_broker_config
+from simulator.broker import end_process, find_binary, free_port, repo_broker_config
 from simulator.pki import DevPki, subject_of
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -107,15 +107,7 @@ def _run_apart(work: Coroutine[Any, Any, None]) -> None:
 
 def find_nats_server() -> str:
     """The path of the nats-server binary, or a BrokerError naming the package to install."""
-    found = shutil.which("nats-server") or shutil.which(
-        "nats-server", path=os.pathsep.join(_SEARCH_PATH)
-    )
-    if not found:
-        raise BrokerError(
-            "the 'nats-server' binary was not found; install it with "
-            "'sudo apt-get install nats-server' (Debian / Raspberry Pi OS)"
-        )
-    return found
+    return find_binary("nats-server", "nats-server")
 
 
 def nats_device_id(device_id: str) -> str:
@@ -470,16 +462,8 @@ class NatsCluster:
 
     def _stop_node(self, node: _Node, *, kill: bool) -> None:
         proc, node.proc = node.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if node.log is not None:
-            os.close(node.log)
-            node.log = None
+        log, node.log = node.log, None
+        end_process(proc, log, kill=kill)
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop every node: SIGTERM (a clean shutdown) or SIGKILL."""
