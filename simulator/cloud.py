@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from simulator.broker import LocalBroker
 
 
+CONNECT_WITHIN_S = 30.0  # the backend's first connection, or the run gives up
+
+
 @dataclass(frozen=True)
 class Received:
     """One message as the cloud received it."""
@@ -72,6 +75,7 @@ class Cloud:
     # ID, and only these devices' messages are its business (None: every device's).
     client_id: str = BACKEND_ID
     devices: frozenset[str] | None = None
+    last_error: str | None = None  # why the last connection failed or ended
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
     _changed: asyncio.Condition | None = None
@@ -121,8 +125,15 @@ class Cloud:
         self.online = asyncio.Event()
         task = asyncio.create_task(self._run(ctx), name="cloud:collect")
         try:
-            async with asyncio.timeout(30):
-                await self.online.wait()
+            try:
+                async with asyncio.timeout(CONNECT_WITHIN_S):
+                    await self.online.wait()
+            except TimeoutError:
+                raise TransportError(
+                    f"the backend could not connect to the broker at {self.host}:{self.port} "
+                    f"within {CONNECT_WITHIN_S:g} s ({self.last_error or 'no answer'}); is "
+                    "it running there, and does it trust the CA of --ca?"
+                ) from None
             yield self
         finally:
             self._stopping = True
@@ -156,9 +167,10 @@ class Cloud:
                     self.online_at.append(self.clock())
                     self.connects += 1
                     await self._collect(conn)
-            except TransportError:
+            except TransportError as exc:
                 if self._stopping:  # aiomqtt's disconnect can turn a cancel into this
                     raise asyncio.CancelledError from None
+                self.last_error = str(exc)
                 self.online.clear()
                 self._conn = None
                 self._endpoint += 1
