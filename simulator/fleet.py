@@ -201,6 +201,7 @@ class Fleet:
         self._t0 = 0.0
         self._events_total = 0
         self._events_played = 0  # played so far, applied or refused (the progress line)
+        self.was_interrupted = False  # stopped by Ctrl-C: the report says incomplete
         self._sending: set[asyncio.Task[None]] = set()
         # When an observer capturing beside the backend had subscribed again after each
         # broker restart (``smartmi-sim run --capture``); empty without one.
@@ -541,6 +542,18 @@ class Fleet:
             await asyncio.sleep(interval)
             for dev in self.devices.values():
                 dev.core.sweep_retention(now=dev.now())
+
+    def interrupted(self) -> None:
+        """The run was stopped early (Ctrl-C): nothing it still held counts as lost, and
+        no wipe as missing its deletion request; what arrived is judged as usual."""
+        self.was_interrupted = True
+        for dev in self.devices.values():
+            truth = dev.truth
+            truth.pending_at_end |= set(truth.queued_items) - truth.dropped_items
+            truth.deletion_requests_pending = max(
+                truth.deletion_requests_pending,
+                sum(1 for _at, what, _info in truth.events if what == "wipe"),
+            )
 
     def outages(self) -> list[tuple[float, float]]:
         """From each broker restart until the backend had subscribed again: what the broker

@@ -66,6 +66,8 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     return {
         "scenario": fleet.scenario.name,
         "seed": fleet.seed,
+        # Stopped early (Ctrl-C): what arrived was judged; nothing counts as lost.
+        "complete": not fleet.was_interrupted,
         "devices": n,
         "groups": dict(Counter(d.group.name for d in fleet.devices.values())),
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
@@ -173,6 +175,8 @@ def summary(doc: dict[str, Any]) -> str:
     c, m, d = doc["connect"], doc["memory"], doc["delivery"]
     lat = doc["latency_s"]
     shards = f" in {doc['shards']} shards" if doc.get("shards", 1) > 1 else ""
+    if not doc.get("complete", True):
+        shards += " (INCOMPLETE: interrupted; what arrived was judged, nothing counted lost)"
     lines = [
         f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices{shards}, "
         f"{doc['elapsed_s']} s",

@@ -108,6 +108,7 @@ def _host_port(option: str, url: str) -> tuple[str, int]:
         raise ConfigError(f"{option} {url!r}: {exc}") from None
 
 
+INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
 KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
 
 
@@ -241,8 +242,18 @@ def run(
             broker_keeps_acknowledged=isinstance(local, NatsCluster),
         )
         fleet.observer_back = observer_back
+        _play(fleet)
+    rc = _judge(fleet, outputs)
+    return INTERRUPTED if fleet.was_interrupted else rc
+
+
+def _play(fleet: Fleet) -> None:
+    """Run the fleet; on Ctrl-C, stop it and keep what arrived for the checker."""
+    try:
         asyncio.run(_with_task_dump(fleet.run()))
-    return _judge(fleet, outputs)
+    except KeyboardInterrupt:
+        print("smartmi-sim: interrupted; judging what arrived so far", file=sys.stderr)
+        fleet.interrupted()
 
 
 def _run_workers(

@@ -186,3 +186,32 @@ def test_an_unreachable_broker_is_named_not_a_traceback(
     assert "the backend could not connect to the broker at 127.0.0.1:1 within 2 s" in err
     assert "Connection refused" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_writes_a_report_marked_incomplete(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report = tmp_path / "r.json"
+    cmd = [
+        sys.executable, "-m", "simulator.cli", "--dir", str(tmp_path / "dev"), "run",
+        "--devices", "30", "--scenario", "mixed", "--report", str(report),
+    ]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while b"] scenario " not in proc.stderr.readline():  # the timeline is playing
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        out = proc.stdout.read()
+        assert proc.wait(60) == 130
+    assert b"Traceback" not in err
+    assert b"interrupted; judging what arrived so far" in err
+    assert b"INCOMPLETE" in out
+    doc = json.loads(report.read_text())
+    assert doc["complete"] is False
+    assert doc["devices"] == 30
