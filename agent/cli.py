@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -24,9 +25,11 @@ from agent.core.purposes import parse_purpose
 from agent.device import open_device
 from agent.errors import AgentError, ConfigError, DaemonUnreachable
 from agent.runtime import control
+from agent.runtime.logs import setup_logging
 from agent.store.fsutil import write_private
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 T = TypeVar("T")
 
 
@@ -93,9 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help="agent.toml (default: %(default)s)"
     )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        help="JSON log lines on stderr from this level (default: info for run, "
+        "warning for the other verbs)",
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     # --config before or after the verb: every verb takes it too.
     common = anywhere("--config", help=f"agent.toml (default: {DEFAULT_CONFIG})")
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
     add = functools.partial(sub.add_parser, parents=[common])
     add("run", help="run the agent daemon (systemd starts this)")
     add("status", help="lifecycle, consent, outbox and quarantine summary")
@@ -147,12 +157,16 @@ def _write_export(path: Path, doc: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of smartmi-agent."""
     args = build_parser().parse_args(argv)
+    level = getattr(
+        logging, (args.log_level or ("info" if args.verb == "run" else "warning")).upper()
+    )
     try:
         config: AgentConfig = load_config(Path(args.config))
         if args.verb == "run":
             from agent.runtime import daemon  # the verbs need not import asyncio MQTT
 
-            return daemon.main(config)
+            return daemon.main(config, level=level)
+        setup_logging(level)
         result = _perform(config, _request(args))
         if args.verb == "export" and args.output:
             _write_export(Path(args.output), result)

@@ -499,6 +499,14 @@ class Device:
         plan = rules.wipe(self._decided_on(now), self.config, event, now=now, msg_id=self._new_id())
         self._carry_out(plan, now)
         request = plan.wipe.deletion_request if plan.wipe else None
+        log.info(
+            "wiped",
+            extra={
+                "device": self.device_id,
+                "reason": event.value,
+                "deletion_request": bool(request),
+            },
+        )
         return request[0] if request else None
 
     # -- consent -----------------------------------------------------------
@@ -513,13 +521,24 @@ class Device:
             msg_id=self._new_id(),
         )
         self._carry_out(plan, now)
+        log.info(
+            "consent granted",
+            extra={"device": self.device_id, "purpose": purpose.value, "source": source,
+                   "changed": not plan.noop},
+        )  # fmt: skip
         return not plan.noop
 
     def withdraw(self, purpose: Purpose, *, now: float, source: Source = "local") -> list[str]:
         """Withdraw consent (P2): before this returns, nothing of ``purpose`` is pending
         anywhere; returns the msg_ids removed."""
         plan = rules.withdraw(self._decided_on(now), self.config, purpose, now=now, source=source)
-        return self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
+        removed = self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
+        log.info(
+            "consent withdrawn",
+            extra={"device": self.device_id, "purpose": purpose.value, "source": source,
+                   "pending_deleted": len(removed)},
+        )  # fmt: skip
+        return removed
 
     def set_suspended(self, value: bool, *, now: float, source: Source = "local") -> None:
         """Suspend (P13) or resume all personal-data collection, on the device's word.

@@ -10,7 +10,6 @@ Logs are JSON lines on stderr (the journal) and never carry payload values or ke
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from agent.device import RETENTION_SWEEP_S, Device, open_device
 from agent.errors import AgentError, ConfigError, StorageError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
+from agent.runtime.logs import setup_logging
 from agent.runtime.tls import check_identity, client_context
 from agent.runtime.transport import BrokerTarget, Transport
 
@@ -43,35 +43,6 @@ def process_started_at() -> float:
 
 _IMPORTED_AT: Final = time.time()
 SETTLE_S: Final = 5.0  # how often a store that refused a write is tried again
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the ``extra`` fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Render ``record``; only the fields callers chose to log, never payloads."""
-        doc: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        doc.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info and record.exc_info[0] is not None:
-            doc["exc"] = record.exc_info[0].__name__
-        return json.dumps(doc, default=str)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stderr; paho's packet-level chatter only at DEBUG."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("smartmi.mqtt").setLevel(max(level, logging.WARNING))
-    logging.getLogger("mqtt").setLevel(max(level, logging.WARNING))
 
 
 async def run(config: AgentConfig) -> None:
@@ -175,9 +146,9 @@ async def settler(device: Device, interval: float = SETTLE_S) -> None:
             log.info("storage usable again", extra={"device": device.device_id})
 
 
-def main(config: AgentConfig) -> int:
+def main(config: AgentConfig, *, level: int = logging.INFO) -> int:
     """Entry point of ``smartmi-agent run``: exit status 0 after a clean stop."""
-    setup_logging()
+    setup_logging(level)
     try:
         asyncio.run(run(config))
     except AgentError as exc:

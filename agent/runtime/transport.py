@@ -151,6 +151,7 @@ class Transport:
         self.device = device
         self.target = target
         self._endpoint = 0  # which of the target's endpoints to connect to next
+        self._acked_unlogged = 0  # acknowledgements since the last "acknowledged" line
         self.window = window
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
@@ -373,6 +374,7 @@ class Transport:
         room = self.window - len(self._flying)
         synced = self.synced.is_set()
         batch = self.device.next_batch(now=now, limit=room, personal=synced) if room > 0 else []
+        handed = 0
         for n, out in enumerate(batch):
             if conn.pending_write():
                 # The socket is full: the rest was never handed over and waits.
@@ -385,7 +387,10 @@ class Transport:
                 raise
             self._flying[mid] = out
             self.stats.published += 1
+            handed += 1
             conn.flush()
+        if handed:
+            log.info("published", extra={"device": self.device_id, "count": handed})
         if synced and not batch and not self._flying:
             self.idle.set()
 
@@ -405,6 +410,12 @@ class Transport:
         else:
             self._refusals = 0
             self.stats.acknowledged += 1
+            self._acked_unlogged += 1
+            if not self._flying:  # a batch is done: one line with its count
+                log.info(
+                    "acknowledged", extra={"device": self.device_id, "count": self._acked_unlogged}
+                )
+                self._acked_unlogged = 0
             if self.ack_sink is not None:
                 self.ack_sink(self, out.msg_id, now)
                 return

@@ -221,3 +221,21 @@ def test_verbs_say_what_actually_happened(conf: Path, capsys: pytest.CaptureFixt
     rc, out = run(conf, "location", "set", "48.8566", "2.3522", capsys=capsys)
     assert rc == 0
     assert out == {"stored": None, "why": "location precision is off: nothing is stored"}
+
+
+def test_log_level_gives_json_lines_of_what_happened(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(conf), "bind", "--binding-id", "B9"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["consent", "grant", "diagnostics", "--config", str(conf), "--log-level", "info"]) == 0
+    )
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    granted = [x for x in lines if x["msg"] == "consent granted"]
+    assert granted
+    assert granted[0]["purpose"] == "diagnostics"
+    assert granted[0]["level"] == "info"
+    # At the verbs' default (warning) the same action logs nothing.
+    assert main(["--config", str(conf), "consent", "withdraw", "diagnostics"]) == 0
+    assert capsys.readouterr().err == ""
