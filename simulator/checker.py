@@ -130,6 +130,7 @@ class Verdict:
     duplicates: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
     broker_custody: int = 0
+    earlier: int = 0  # messages of an earlier run, counted apart (see _from_before)
     latencies_s: list[float] = field(default_factory=list)
 
     def add(self, kind: str, device: str, msg_id: str | None, detail: str) -> None:
@@ -171,6 +172,11 @@ class _Timeline:
 
     def minor_at(self, t: float) -> bool:
         return any(s - EPS <= t and (e is None or t < e + EPS) for s, e in self.minor)
+
+
+# How much earlier than a device's first event in this run a message must have been
+# captured to be counted as an earlier run's (clocks of one host agree closely).
+FROM_BEFORE_MARGIN_S = 60.0
 
 
 def replay(truth: DeviceTruth) -> _Timeline:  # noqa: PLR0912, PLR0915  # one branch per event
@@ -341,6 +347,9 @@ def check(
         if env.msg_id in seen[r.device_id]:
             v.duplicates += 1
             continue
+        if _from_before(truth, env):
+            v.earlier += 1  # counted apart: not this run's, not in its latency
+            continue
         seen[r.device_id].add(env.msg_id)
         if r.kind == DELETION_KIND:
             deletions[r.device_id].add(env.msg_id)
@@ -355,6 +364,20 @@ def check(
         _judge_deletions(v, truth, timelines[d], deletions[d], windows)
         _judge_lost(v, truth, seen[d], windows)
     return v
+
+
+def _from_before(truth: DeviceTruth, env: Any) -> bool:
+    """A message from an earlier run of the same fleet (a broker that kept it for a
+    persistent backend session): its device recorded what it queued in this run, this
+    is not among it, and it was captured before this run's first event for the device.
+    A timeline without the queued items (a lab's) has every message judged."""
+    if not truth.queued_items or not truth.events or env.msg_id in truth.queued_items:
+        return False
+    try:
+        captured = truth.real_time(parse_rfc3339(env.captured_at))
+    except (SchemaError, ValueError):
+        return False
+    return captured < truth.events[0][0] - FROM_BEFORE_MARGIN_S
 
 
 def _judge_deletions(

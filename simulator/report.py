@@ -36,6 +36,7 @@ def judged(verdict: Verdict, grace: dict[str, float]) -> dict[str, Any]:
         "duplicates": verdict.duplicates,
         "by_kind": dict(verdict.by_kind),
         "broker_custody": verdict.broker_custody,
+        "from_earlier_runs": verdict.earlier,
         "latency_s": percentiles(verdict.latencies_s),
         "violation_counts": {k: counts.get(k, 0) for k in RULES},
         "violations": [v.to_json() for v in verdict.violations],
@@ -95,6 +96,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "refused": sum(t.refused for t in transports),
             "aborted": sum(t.aborted for t in transports),
             "broker_custody": verdict.broker_custody,
+            "from_earlier_runs": verdict.earlier,
             "broker_restarts": len(s.broker_restarts),
             "drained": s.drained,
         },
@@ -158,6 +160,7 @@ def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
             **{k: total("delivery", k) for k in ("published", "acknowledged", "refused")},
             "aborted": total("delivery", "aborted"),
             "broker_custody": verdict.broker_custody,
+            "from_earlier_runs": verdict.earlier,
             "broker_restarts": 0,
             "drained": all(d["delivery"]["drained"] for d in shards),
         },
@@ -192,6 +195,11 @@ def summary(doc: dict[str, Any]) -> str:
     ]
     if d["broker_custody"]:
         lines.append(f"  broker      {d['broker_custody']} acknowledged items lost by the broker")
+    if d.get("from_earlier_runs"):
+        lines.append(
+            f"  earlier     {d['from_earlier_runs']} messages from an earlier run (the broker "
+            "kept them), counted apart: not judged, not in the latency"
+        )
     if c.get("stuck_stops"):
         lines.append(f"  warning     {c['stuck_stops']} transports not stopped 10 s after stop()")
     if not d["drained"]:

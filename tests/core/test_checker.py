@@ -281,3 +281,22 @@ def test_a_deletion_request_lost_in_a_broker_restart_is_the_brokers_custody() ->
     verdict = check({DEV: t}, [], outages=[(T0 + 4.5, T0 + 6)])
     assert verdict.violations == []
     assert verdict.broker_custody == 1
+
+
+def test_messages_of_an_earlier_run_are_counted_apart() -> None:
+    # A persistent backend session may hand over what a broker kept from an earlier run
+    # of the same fleet: not this run's, so neither judged nor in its latency.
+    t = truth()
+    t.queued_items = {"now-1": (Purpose.DIAGNOSTICS, T0 + 2)}
+    old = message("crash", "old-1", T0 - 3600, T0 + 5)
+    mine = message("crash", "now-1", T0 + 2, T0 + 2.1)
+    verdict = check({DEV: t}, [old, mine])
+    assert verdict.violations == []
+    assert verdict.earlier == 1
+    assert verdict.latencies_s == [pytest.approx(0.1)]
+    # Unknown to this run but captured during it: judged like any other message.
+    stray = message("crash", "stray-1", T0 + 0.5, T0 + 5)
+    assert kinds_of(t, [stray, mine]) == ["no-consent"]
+    # A lab's timeline without queued items: everything is judged.
+    t.queued_items = {}
+    assert kinds_of(t, [old]) == ["no-consent"]
