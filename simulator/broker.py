@@ -74,6 +74,21 @@ def _mosquitto_user() -> pwd.struct_passwd | None:
         return None
 
 
+def require_free(host: str, port: int) -> None:
+    """A BrokerError if something already listens on ``host:port`` (the readiness check
+    would take that listener for the broker just started)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(
+                f"port {port} on {host} is not free ({exc.strerror}): another broker may be "
+                "running there; stop it, or choose another port with --port"
+            ) from None
+
+
 def end_process(
     proc: subprocess.Popen[bytes] | None, log: int | None, *, kill: bool, wait_s: float = 15
 ) -> None:
@@ -133,6 +148,8 @@ class MosquittoBroker:
         config_dir: Path | None = None,
         connection_messages: bool = False,
     ) -> None:
+        if port is not None and not 0 < port < 65536:  # TCP's range
+            raise BrokerError(f"--port {port}: a TCP port is 1 to 65535")
         self.pki = pki.ensure()
         self.bind = bind
         self.port = port or free_port(bind)
@@ -209,6 +226,7 @@ class MosquittoBroker:
         """Start mosquitto and wait until it accepts TCP connections."""
         if self.running:
             return self
+        require_free(self.bind, self.port)
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._log_file = log
         self._proc = subprocess.Popen(
@@ -261,7 +279,11 @@ class MosquittoBroker:
             return "(no log)"
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # nothing left behind by a start that failed
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -49,7 +49,13 @@ from agent.core.identity import (
 from agent.errors import BrokerError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
-from simulator.broker import end_process, find_binary, free_port, repo_broker_config
+from simulator.broker import (
+    end_process,
+    find_binary,
+    free_port,
+    repo_broker_config,
+    require_free,
+)
 from simulator.pki import DevPki, subject_of
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -185,6 +191,8 @@ class NatsCluster:
         config_dir: Path | None = None,
         port: int | None = None,
     ) -> None:
+        if port is not None and not 0 < port < 65536:  # TCP's range
+            raise BrokerError(f"--port {port}: a TCP port is 1 to 65535")
         if nodes < 1 or nodes == 2:  # two nodes cannot lose one
             raise BrokerError(
                 f"--cluster {nodes}: use 1, or 3 or more nodes (JetStream needs a majority "
@@ -345,6 +353,7 @@ class NatsCluster:
     def _spawn(self, node: _Node) -> None:
         if node.running:
             return
+        require_free(self.bind, node.port)
         node.log = os.open(
             node.directory / "nats-server.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
