@@ -135,6 +135,14 @@ async def fleet_start_and_storm(
             d.core.bind(f"{d.device_id}-b", now=now)
             d.core.grant(Purpose.ACTIVATION, now=now)
             d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    async with fleet.cloud.connected():  # answers the command syncs (SPEC §3)
+        return await _start_and_storm(fleet, devs, broker, baseline)
+
+
+async def _start_and_storm(
+    fleet: Fleet, devs: list[Any], broker: MosquittoBroker, baseline: int
+) -> dict[str, Any]:
+    n = len(devs)
     fleet.start()
     start_s = await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
     rss = rss_kib()
@@ -183,8 +191,14 @@ async def throughput(
         for d in devs:
             d.core.bind(f"{d.device_id}-b", now=now)
             d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    async with fleet.cloud.connected():  # answers the command syncs (SPEC §3)
+        return await _sustain(fleet, devs, seconds)
+
+
+async def _sustain(fleet: Fleet, devs: list[Any], seconds: float) -> dict[str, Any]:
+    n = len(devs)
     fleet.start()
-    await _until(lambda: all(d.transport.connected.is_set() for d in devs), 300)
+    await _until(lambda: all(d.transport.synced.is_set() for d in devs), 300)
     acked0 = sum(d.transport.stats.acknowledged for d in devs)
     t0 = time.monotonic()
     i = 0
