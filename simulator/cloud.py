@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 CONNECT_WITHIN_S = 30.0  # the backend's first connection, or the run gives up
+OPERATION_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,10 @@ class Cloud:
             # The cloud issues commands to a whole fleet at once: with paho's default of
             # 20 in flight they queued behind each other's PUBACKs for many seconds.
             max_inflight=1000,
+            # Each operation (SUBACK, a command's PUBACK) may wait this long: a fleet of
+            # 10,000 connecting in the same process keeps the event loop busy for tens
+            # of seconds, and the default of 15 s ended the run.
+            connect_timeout=OPERATION_TIMEOUT_S,
         )
 
     async def _run(self, ctx: ssl.SSLContext) -> None:
