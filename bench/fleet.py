@@ -280,7 +280,8 @@ def workers_start(devices: int, workers: int, root: Path) -> dict[str, Any]:
         cmd, capture_output=True, text=True, check=False, timeout=1800
     )  # our own CLI
     if not out.exists():
-        return {"workers": workers, "error": done.stderr[-500:]}
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no report"]
+        return {"workers": workers, "error": f"failed: {last[0]}"}
     doc = json.loads(out.read_text())
     return {
         "workers": workers,
