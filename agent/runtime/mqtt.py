@@ -145,9 +145,12 @@ class Connection:
         self._client = client
         self._paho: paho.Client = client._client  # aiomqtt 2.5.1 keeps paho's client here
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe and wait for the SUBACK."""
-        await self._client.subscribe(topic_filter, qos=qos)
+    async def subscribe(
+        self, topic_filter: str, qos: int = 1, *, ack_within: float | None = None
+    ) -> None:
+        """Subscribe and wait up to ``ack_within`` s for the SUBACK (the client's
+        timeout by default)."""
+        await self._client.subscribe(topic_filter, qos=qos, timeout=ack_within)
 
     def publish_nowait(self, topic: str, payload: bytes) -> int:
         """Hand a QoS 1 PUBLISH to the client; its PUBACK comes to ``on_puback``."""
@@ -156,10 +159,13 @@ class Connection:
             raise TransportError(f"could not publish: {paho.error_string(info.rc)}")
         return int(info.mid)
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
-        """Publish and wait until the broker has it (only without ``on_puback``)."""
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 1, *, ack_within: float | None = None
+    ) -> None:
+        """Publish and wait until the broker has it (only without ``on_puback``), up to
+        ``ack_within`` s (the client's timeout by default)."""
         try:
-            await self._client.publish(topic, payload, qos=qos)
+            await self._client.publish(topic, payload, qos=qos, timeout=ack_within)
         except aiomqtt.MqttError as exc:
             raise _translate(exc) from exc
 

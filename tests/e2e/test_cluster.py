@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.timeout(600)  # two node kills and the drain of every acknowledged item
 def test_a_fleet_on_a_cluster_loses_nothing_when_nodes_are_killed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -58,7 +59,7 @@ def test_a_cluster_of_two_is_refused_with_the_reason(
 ) -> None:
     rc = main(
         [
-            "--dir", str(tmp_path / "dev"), "run", "--devices", "1", "--cluster", "2",
+            "--dir", str(tmp_path / "dev"), "run", "--devices", "3", "--cluster", "2",
             "--scenario", str(SCENARIOS / "smoke.toml"), "--report", str(tmp_path / "r.json"),
         ]
     )  # fmt: skip
@@ -68,6 +69,7 @@ def test_a_cluster_of_two_is_refused_with_the_reason(
     assert "Traceback" not in err
 
 
+@pytest.mark.timeout(600)  # twenty kills, each waiting for a node to catch up
 def test_twenty_kills_of_a_node_lose_no_acknowledged_item(tmp_path: Path) -> None:
     # Four agents publish about 200 crash reports a second while a random node is
     # killed with -9 twenty times, 0.3-0.8 s apart, each started again once the MQTT
