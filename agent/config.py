@@ -23,7 +23,9 @@ Example (see ``agent.example.toml``)::
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
@@ -185,8 +187,25 @@ def load_toml(path: Path, model: type[M], *, what: str = "file") -> M:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<file>"
-            problems.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+            problem = f"{key}: {err['msg'].removeprefix('Value error, ')}"
+            if err["type"] == "extra_forbidden" and err["loc"]:
+                close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(model), n=1)
+                if close:
+                    problem += f" (did you mean {close[0]!r}?)"
+            problems.append(problem)
         raise ConfigError("; ".join(problems), where=str(path)) from exc
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    """Every key ``model`` and the models within it accept (for "did you mean")."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        names.add(name)
+        for inner in (field.annotation, *typing.get_args(field.annotation)):
+            for kind in (inner, *typing.get_args(inner)):
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    names |= _field_names(kind)
+    return names
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -88,6 +88,10 @@ def test_fallback_urls_follow_the_url(conf: Path) -> None:
         ),
         (('serial = "SN1"\n', ""), "device.serial: Field required"),
         (("[paths]", "[paths"), "not valid TOML"),
+        (
+            ('state_dir = "state"', 'state_dri = "state"'),
+            "paths.state_dri: Extra inputs are not permitted (did you mean 'state_dir'?)",
+        ),
     ],
 )
 def test_config_errors_name_the_key(conf: Path, edit: tuple[str, str], message: str) -> None:
