@@ -31,7 +31,7 @@ from simulator.cloud import Received
 from simulator.fleet import Fleet, scenario_devices
 from simulator.nats import NatsCluster
 from simulator.pki import DevPki
-from simulator.scenario import load_scenario
+from simulator.scenario import Scenario, load_scenario
 
 # A device identity whose command syncs show that the observer's capture is live.
 OBSERVER_PROBE: Final = "sim-observer-probe"
@@ -176,6 +176,7 @@ def run(
     if workers > 1:
         return _run_workers(
             devices=devices,
+            scenario=scenario,
             scenario_path=scenario_path,
             dev_dir=dev_dir,
             outputs=outputs,
@@ -259,6 +260,7 @@ def _play(fleet: Fleet) -> None:
 def _run_workers(
     *,
     devices: int,
+    scenario: Scenario,
     scenario_path: Path,
     dev_dir: Path,
     outputs: Outputs,
@@ -268,7 +270,6 @@ def _run_workers(
     workers: int,
 ) -> int:
     """N shard processes against one local broker; one checker over all of them."""
-    scenario = load_scenario(scenario_path)
     if scenario.restarts_broker:
         raise ConfigError(
             "the scenario restarts the broker, which only a single process can do: run it "
@@ -368,33 +369,43 @@ def _spawn_shard(
         log.close()
 
 
+def read_shards(
+    timelines: list[Path], captures: list[Path]
+) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]], list[Received]]:
+    """The timelines and captures of one fleet's shards, merged: every device's truth
+    (a device in two timelines is an error), the broker outages in order, and every
+    message received."""
+    truths: dict[str, DeviceTruth] = {}
+    outages: list[tuple[float, float]] = []
+    for path in timelines:
+        t, o = timeline.read(path)
+        if set(t) & set(truths):
+            raise ConfigError("a device appears in two timelines", where=str(path))
+        truths.update(t)
+        outages.extend(o)
+    received = [r for path in captures for r in timeline.read_capture(path)]
+    return truths, sorted(outages), received
+
+
 def judge_shards(
     timelines: list[Path], captures: list[Path], reports: list[Path], outputs: Outputs
 ) -> int:
     """Judge the shards of one fleet together: their timelines, what their backend
     consumers received, and their reports, merged into one report."""
-    truths: dict[str, DeviceTruth] = {}
-    outages: list[tuple[float, float]] = []
-    received: list[Received] = []
-    for path in timelines:
-        t, o = timeline.read(path)
-        truths.update(t)
-        outages.extend(o)
-    for path in captures:
-        received.extend(timeline.read_capture(path))
+    truths, outages, received = read_shards(timelines, captures)
     docs = []
     for path in reports:
         try:
             docs.append(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
-    verdict = check(truths, received, outages=sorted(outages))
+    verdict = check(truths, received, outages=outages)
     doc = report.merged(docs, verdict)
     report.write_json(doc, outputs.report)
     if outputs.junit is not None:
         report.write_junit(doc, outputs.junit)
     if outputs.timeline is not None:
-        timeline.write(outputs.timeline, truths, sorted(outages))
+        timeline.write(outputs.timeline, truths, outages)
     print(report.summary(doc))
     print(f"report: {outputs.report}" + (f", JUnit: {outputs.junit}" if outputs.junit else ""))
     if verdict.violations:
@@ -493,16 +504,8 @@ def check_capture(
 ) -> int:
     """``smartmi-sim check``: judge captures against timelines (the shards of one fleet,
     from one host or many, are merged); 0 only without violations."""
-    truths: dict[str, DeviceTruth] = {}
-    outages: list[tuple[float, float]] = []
-    for path in timeline_paths:
-        t, o = timeline.read(path)
-        if set(t) & set(truths):
-            raise ConfigError("a device appears in two timelines", where=str(path))
-        truths.update(t)
-        outages.extend(o)
-    received = [r for path in capture_paths for r in timeline.read_capture(path)]
-    verdict = check(truths, received, outages=sorted(outages))
+    truths, outages, received = read_shards(timeline_paths, capture_paths)
+    verdict = check(truths, received, outages=outages)
     doc = report.judged(verdict, {t.group: t.grace_s for t in truths.values()})
     if report_path is not None:
         report.write_json(doc, report_path)
