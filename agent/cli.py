@@ -27,6 +27,7 @@ from agent.errors import AgentError, ConfigError, DaemonUnreachable
 from agent.runtime import control
 from agent.runtime.logs import setup_logging
 from agent.store.fsutil import write_private
+from agent.store.statedir import as_owner_of
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -73,7 +74,7 @@ def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
         # below, where the state lock says whether a daemon really runs.
         with contextlib.suppress(DaemonUnreachable):
             return control.request(sock, body)
-    with open_device(config) as core:
+    with as_owner_of(config.state_dir), open_device(config) as core:
         return control.act(core, body, now=time.time())
 
 

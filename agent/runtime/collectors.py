@@ -127,6 +127,19 @@ def network_snapshot(proc: Path = Path("/proc/net")) -> NetInfo:
     return NetInfo(addresses[:16], gateway, routes)
 
 
+def with_network(signature: str, stack: str, uptime_s: float) -> CrashReport:
+    """A crash report carrying the device's addresses and routes as they are now."""
+    net = network_snapshot()
+    return CrashReport(
+        signature=signature,
+        stack=stack,
+        ip_addresses=net.ip_addresses,
+        default_gateway=net.default_gateway,
+        routes=net.routes,
+        uptime_s=uptime_s,
+    )
+
+
 def parse_crash_file(data: bytes) -> tuple[str, str, float]:
     """(signature, stack, uptime_s) from a crash file's bytes; ValueError if unusable."""
     if len(data) > MAX_CRASH_FILE:
@@ -180,15 +193,7 @@ class CrashDirCollector:
                 path.rename(path.with_name(path.name + ".invalid"))
                 continue
             if self.device.decide(Purpose.DIAGNOSTICS).allowed:
-                net = network_snapshot()
-                report = CrashReport(
-                    signature=signature,
-                    stack=stack,
-                    ip_addresses=net.ip_addresses,
-                    default_gateway=net.default_gateway,
-                    routes=net.routes,
-                    uptime_s=uptime or max(0.0, now - self.started),
-                )
+                report = with_network(signature, stack, uptime or max(0.0, now - self.started))
                 try:
                     self.device.capture_crash(report, now=now)
                 except SchemaError as exc:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -22,9 +23,11 @@ from typing import Any, Final
 from agent.core.consent import Reason
 from agent.core.location import parse_precision
 from agent.core.purposes import parse_purpose
-from agent.device import CrashReport, Device
+from agent.device import Device
 from agent.errors import AgentError, ControlError, DaemonUnreachable
+from agent.runtime.collectors import with_network
 
+STARTED: Final = time.monotonic()  # the simulated crash's uptime counts from here
 log = logging.getLogger("smartmi.control")
 
 MAX_REQUEST: Final = 64 * 1024
@@ -115,10 +118,11 @@ def act(  # noqa: PLR0911  # one branch per verb
     if verb == "export":
         return device.export(now=now)
     if verb == "crash":
-        report = CrashReport(
-            signature="simulated crash (smartmi-agent crash --simulate)",
-            stack='Traceback (most recent call last):\n  File "agent/cli.py", line 1\n'
+        report = with_network(
+            "simulated crash (smartmi-agent crash --simulate)",
+            'Traceback (most recent call last):\n  File "agent/cli.py", line 1\n'
             "RuntimeError: simulated",
+            time.monotonic() - STARTED,
         )
         return {"queued": device.capture_crash(report, now=now)}
     raise ControlError(f"unknown verb {str(verb)[:32]!r}; use one of {', '.join(VERBS)}")

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.errors import StoreLocked
+from agent.errors import StoreLocked, UnsafePermissions
 from agent.store import faults
 from agent.store.fsutil import require_private_dir
 
@@ -25,6 +25,7 @@ def locked(state_dir: Path) -> Iterator[None]:
         require_private_dir(state_dir, "the state directory")
         if (state_dir / "keys").exists():
             require_private_dir(state_dir / "keys", "the data key directory")
+        _require_own_files(state_dir)
         fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise faults.mapped(exc, state_dir) from exc
@@ -38,3 +39,56 @@ def locked(state_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _require_own_files(state_dir: Path) -> None:
+    """Refuse, with the fix, a state directory holding files another user made.
+
+    Root may act on the service user's files, but not the other way round: a file
+    root left (a verb run as root by an older version, or files copied in as root)
+    would fail later with a bare permission error, so it is named here.
+    """
+    me = os.geteuid()
+    if me == 0:
+        return
+    for directory in (state_dir, state_dir / "keys"):
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            st = entry.lstat()
+            if st.st_uid != me:
+                raise UnsafePermissions(
+                    entry,
+                    f"belongs to uid {st.st_uid}, not to this user (uid {me}), so this user "
+                    "cannot use it",
+                    f"chown -R {me}:{os.getegid()} {state_dir}, or run as uid {st.st_uid}",
+                )
+
+
+@contextlib.contextmanager
+def as_owner_of(state_dir: Path) -> Iterator[None]:
+    """Act as the owner of ``state_dir`` while root works on it directly.
+
+    The state directory of a service belongs to its user; a verb that root runs
+    when no daemon answers would otherwise leave files the service cannot open.
+    Root switches its effective user and group to the directory's owner for the
+    duration, so every file it makes belongs to that user, and switches back.
+    """
+    try:
+        st = state_dir.stat()
+    except OSError:
+        st = None
+    if os.geteuid() != 0 or st is None or st.st_uid == 0:
+        yield
+        return
+    os.setegid(st.st_gid)
+    try:
+        os.seteuid(st.st_uid)
+    except OSError:
+        os.setegid(0)
+        raise
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)

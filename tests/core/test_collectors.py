@@ -11,6 +11,7 @@ import pytest
 
 from agent.core.items import Outgoing
 from agent.core.purposes import Purpose
+from agent.runtime import collectors
 from agent.runtime.collectors import (
     CrashDirCollector,
     install_crash_hooks,
@@ -19,7 +20,8 @@ from agent.runtime.collectors import (
     parse_if_inet6,
     parse_proc_route,
 )
-from tests.core.helpers import Rig
+from agent.runtime.control import act
+from tests.core.helpers import Rig, granted_rig
 
 ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0
@@ -118,3 +120,32 @@ def test_crash_hooks_write_reports_and_keep_a_fatal_dump(tmp_path: Path) -> None
     assert any(n.startswith("agent-fatal-") and n.endswith(".txt") for n in names)
     reports = [json.loads(p.read_text()) for p in crash_dir.glob("agent-*.json")]
     assert sorted(r["signature"] for r in reports) == ["KeyError", "RuntimeError"]
+
+
+def test_a_simulated_crash_carries_the_addresses_and_routes_a_real_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "route").write_text(
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        "wlan0\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\n"
+    )
+    (proc / "if_inet6").write_text("")
+    real = collectors.network_snapshot
+
+    def fake(proc_dir: Path = proc) -> collectors.NetInfo:
+        return real(proc_dir)
+
+    monkeypatch.setattr(collectors, "network_snapshot", fake)
+    monkeypatch.setattr(collectors, "_ipv4_addresses", lambda: ("10.0.2.7",))
+    rig = granted_rig(tmp_path, Purpose.DIAGNOSTICS)
+    assert rig.core is not None
+    act(rig.core, {"verb": "crash"}, now=rig.tick())
+    [sent] = rig.deliver_all()
+    data = json.loads(sent.payload)["data"]
+    assert data["ip_addresses"] == ["10.0.2.7"]
+    assert data["default_gateway"] == "10.0.2.1"
+    assert data["routes"] == [
+        {"destination": "0.0.0.0/0", "gateway": "10.0.2.1", "interface": "wlan0"}
+    ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +125,60 @@ def test_another_users_directory_is_refused(
     monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
     with pytest.raises(UnsafePermissions, match=f"belongs to uid {owner}, not to this user"):
         fsutil.require_private_dir(theirs, "the state directory")
+
+
+SERVICE_UID = 4242
+
+
+@pytest.fixture
+def service_conf() -> Iterator[Path]:
+    """A config whose state directory belongs to a service user, in a place that user
+    can reach (pytest's own temporary directory is root's alone)."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    base = Path(tempfile.mkdtemp(prefix="smartmi-service-"))
+    try:
+        base.chmod(0o755)
+        (base / "state").mkdir(mode=0o700)
+        os.chown(base / "state", SERVICE_UID, SERVICE_UID)
+        path = base / "agent.toml"
+        path.write_text(GOOD.replace('state_dir = "state"', f'state_dir = "{base / "state"}"'))
+        yield path
+    finally:
+        shutil.rmtree(base)
+
+
+def as_service_user(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    os.setegid(SERVICE_UID)
+    os.seteuid(SERVICE_UID)
+    try:
+        return agent(conf, capsys, *argv)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_a_verb_root_runs_leaves_files_the_service_user_can_use(
+    service_conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = service_conf.parent / "state"
+    assert agent(service_conf, capsys, "bind", "--binding-id", "B1")[0] == 0
+    owners = {p.relative_to(state): p.lstat().st_uid for p in state.rglob("*")}
+    assert owners
+    assert set(owners.values()) == {SERVICE_UID}, owners
+    rc, out = as_service_user(service_conf, capsys, "status")
+    assert rc == 0, out
+    assert json.loads(out)["lifecycle"] == "activation-due"  # the bind root made
+    assert os.geteuid() == 0  # root switched back
+
+
+def test_files_root_left_are_named_with_the_fix(
+    service_conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = service_conf.parent / "state"
+    (state / "agent.lock").touch(mode=0o600)  # as root, as an older version did
+    rc, err = as_service_user(service_conf, capsys, "status")
+    assert rc == 1
+    assert f"{state / 'agent.lock'} belongs to uid 0, not to this user (uid {SERVICE_UID})" in err
+    assert f"chown -R {SERVICE_UID}:{SERVICE_UID} {state}" in err
+    assert "Traceback" not in err
