@@ -147,9 +147,19 @@ class AgentConfig(_Section):
         return self.paths.state_dir
 
     @property
+    def own_crash_dir(self) -> Path:
+        """Where the agent writes its own crash reports: inside the private state."""
+        return self.paths.state_dir / "crash"
+
+    @property
     def crash_dir(self) -> Path:
-        """Where other device processes drop crash reports."""
-        return self.paths.crash_dir or self.paths.state_dir / "crash"
+        """Where other device processes drop crash reports (the agent's own by default)."""
+        return self.paths.crash_dir or self.own_crash_dir
+
+    @property
+    def crash_dirs(self) -> tuple[Path, ...]:
+        """Every directory crash files are collected from, and wiped with the state."""
+        return tuple(dict.fromkeys((self.own_crash_dir, self.crash_dir)))
 
     @property
     def socket_path(self) -> Path:

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -89,12 +89,12 @@ class Device:
         config: CoreConfig,
         *,
         now: float,
-        crash_dir: Path | None = None,
+        crash_dirs: Sequence[Path] = (),
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.store = store
         self.config = config
-        self.crash_dir = crash_dir
+        self.crash_dirs = tuple(crash_dirs)
         self._new_id = new_id
         self._observers: list[DeviceObserver] = []
         self._in_flight: dict[str, Outgoing] = {}
@@ -431,13 +431,15 @@ class Device:
             self._durably(journal, narrowing=True)
             self._wipe_journaled = True
         self._durably(self.store.finish_wipe, narrowing=True)
-        if self.crash_dir is not None and self.crash_dir.is_dir():
+        for crash_dir in self.crash_dirs:
+            if not crash_dir.is_dir():
+                continue
             try:
-                for crash_file in self.crash_dir.iterdir():
-                    if crash_file.is_file():
-                        crash_file.unlink()
+                for crash_file in crash_dir.iterdir():
+                    if not crash_file.is_dir():
+                        crash_file.unlink()  # a link goes, never what it points at
             except OSError as exc:
-                raise faults.mapped(exc, self.crash_dir) from exc
+                raise faults.mapped(exc, crash_dir) from exc
         self._wipe_pending = None
         if wipe.deletion_request is not None:
             self._deletions_maybe = True
@@ -819,7 +821,7 @@ def open_device(config: AgentConfig, *, now: float | None = None) -> Iterator[De
                 store,
                 config.core_config(),
                 now=time.time() if now is None else now,
-                crash_dir=config.crash_dir,
+                crash_dirs=config.crash_dirs,
             )
         finally:
             db.close()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import faulthandler
 import fcntl
 import ipaddress
 import json
 import logging
+import os
 import socket
+import stat
 import struct
 import sys
 import time
@@ -140,6 +143,30 @@ def with_network(signature: str, stack: str, uptime_s: float) -> CrashReport:
     )
 
 
+def read_crash_file(path: Path) -> bytes:
+    """A crash file's bytes, read safely from a directory other users can write to.
+
+    A symbolic link is refused, not followed (it could point at the agent's keys), as
+    is anything but a regular file (a FIFO would block) and a file over the size cap.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("a symbolic link, not a crash file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > MAX_CRASH_FILE:
+            raise ValueError(f"larger than {MAX_CRASH_FILE} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_CRASH_FILE + 1)
+    finally:
+        os.close(fd)
+
+
 def parse_crash_file(data: bytes) -> tuple[str, str, float]:
     """(signature, stack, uptime_s) from a crash file's bytes; ValueError if unusable."""
     if len(data) > MAX_CRASH_FILE:
@@ -159,34 +186,41 @@ def parse_crash_file(data: bytes) -> tuple[str, str, float]:
 
 
 class CrashDirCollector:
-    """Picks up crash files from the crash directory and captures them."""
+    """Picks up crash files from the crash directories and captures them: the agent's
+    own (private) and the drop directory other processes write to."""
 
-    def __init__(self, device: Device, crash_dir: Path, *, started: float) -> None:
+    def __init__(self, device: Device, *crash_dirs: Path, started: float) -> None:
         self.device = device
-        self.crash_dir = crash_dir
+        self.crash_dirs = crash_dirs
         self.started = started
         self.captured = 0
         self.discarded = 0
         self.invalid = 0
 
     def _candidates(self) -> list[Path]:
-        if not self.crash_dir.is_dir():
-            return []
-        return sorted(
-            p
-            for p in self.crash_dir.iterdir()
-            if p.is_file()
-            and not p.name.startswith(".")
-            and p.suffix != ".invalid"
-            and p.name != FATAL_LOG
-        )
+        found: list[Path] = []
+        for crash_dir in self.crash_dirs:
+            try:
+                if not crash_dir.is_dir():
+                    continue
+                found += sorted(
+                    p
+                    for p in crash_dir.iterdir()
+                    if not p.is_dir()
+                    and not p.name.startswith(".")
+                    and p.suffix != ".invalid"
+                    and p.name != FATAL_LOG
+                )
+            except OSError as exc:  # one unusable directory does not hold up the other
+                _unusable(crash_dir, exc)
+        return found
 
     def scan(self, now: float) -> int:
         """Process every waiting crash file once; returns how many were captured."""
         done = 0
         for path in self._candidates():
             try:
-                signature, stack, uptime = parse_crash_file(path.read_bytes())
+                signature, stack, uptime = parse_crash_file(read_crash_file(path))
             except (OSError, ValueError) as exc:
                 self.invalid += 1
                 log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
@@ -232,11 +266,15 @@ class CrashDirCollector:
             try:
                 self.scan(time.time())
             except OSError as exc:
-                log.error(  # noqa: TRY400  # the errno says it
-                    "crash directory unusable",
-                    extra={"dir": str(self.crash_dir), "error": exc.strerror or str(exc)},
-                )
+                _unusable(Path(exc.filename or "?").parent, exc)
             await asyncio.sleep(interval)
+
+
+def _unusable(crash_dir: Path, exc: OSError) -> None:
+    log.error(  # the errno says it
+        "crash directory unusable",
+        extra={"dir": str(crash_dir), "error": exc.strerror or str(exc)},
+    )
 
 
 def _write_report(crash_dir: Path, signature: str, stack: str) -> None:

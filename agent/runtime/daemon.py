@@ -58,12 +58,12 @@ async def run(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     with open_device(config, now=time.time()) as device:
         try:
-            fatal_log: TextIO | None = install_crash_hooks(config.crash_dir, loop)
+            fatal_log: TextIO | None = install_crash_hooks(config.own_crash_dir, loop)
         except OSError as exc:
             fatal_log = None
             log.error(  # noqa: TRY400  # the errno says it
                 "crash hooks not installed: the crash directory is unusable",
-                extra={"dir": str(config.crash_dir), "error": exc.strerror or str(exc)},
+                extra={"dir": str(config.own_crash_dir), "error": exc.strerror or str(exc)},
             )
         target = BrokerTarget(
             broker.host,
@@ -74,7 +74,7 @@ async def run(config: AgentConfig) -> None:
             fallbacks=broker.endpoints[1:],
         )
         transport = Transport(device, target)
-        collector = CrashDirCollector(device, config.crash_dir, started=time.time())
+        collector = CrashDirCollector(device, *config.crash_dirs, started=time.time())
 
         def handle(request: dict[str, Any]) -> dict[str, Any]:
             result = control.act(device, request, now=time.time())

@@ -75,7 +75,7 @@ class Rig:
             store,
             self.config(),
             now=self.now,
-            crash_dir=self.root / "crash",
+            crash_dirs=[self.root / "crash"],
             new_id=lambda: f"m{next(self.ids)}",
         )
         return self.core

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -149,3 +150,46 @@ def test_a_simulated_crash_carries_the_addresses_and_routes_a_real_one_does(
     assert data["routes"] == [
         {"destination": "0.0.0.0/0", "gateway": "10.0.2.1", "interface": "wlan0"}
     ]
+
+
+def test_links_and_fifos_in_the_drop_directory_are_refused_unread(tmp_path: Path) -> None:
+    """Other users can write to the crash drop directory: a link to the agent's key
+    is not followed, and a FIFO does not block the scan."""
+    rig = granted_rig(tmp_path, Purpose.DIAGNOSTICS)
+    assert rig.core is not None
+    secret = tmp_path / "device.key"
+    secret.write_text('Traceback (most recent call last):\nKeyError: "-----BEGIN KEY-----"\n')
+    crash_dir = tmp_path / "drop"
+    crash_dir.mkdir()
+    (crash_dir / "link.txt").symlink_to(secret)
+    os.mkfifo(crash_dir / "pipe.txt")
+    collector = CrashDirCollector(rig.core, crash_dir, started=rig.now)
+    assert collector.scan(rig.now) == 0
+    assert collector.invalid == 2
+    assert sorted(p.name for p in crash_dir.iterdir()) == ["link.txt.invalid", "pipe.txt.invalid"]
+    assert rig.deliver_all() == []
+    assert secret.exists()
+
+
+def test_the_own_and_the_drop_directory_are_both_collected_and_both_wiped(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    own, drop = tmp_path / "crash", tmp_path / "spool"
+    drop.mkdir(mode=0o1733)
+    core = rig.open()
+    core.crash_dirs = (own, drop)
+    core.bind("owner-1", now=rig.tick())
+    core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
+    collector = CrashDirCollector(core, own, drop, started=rig.now)
+    own.mkdir(mode=0o700)
+    (own / "agent-1.json").write_text(json.dumps({"signature": "Own", "stack": "x"}))
+    (drop / "fan.json").write_text(json.dumps({"signature": "Fan", "stack": "y"}))
+    assert collector.scan(rig.now) == 2
+    sent = sorted(json.loads(o.payload)["data"]["signature"] for o in rig.deliver_all())
+    assert sent == ["Fan", "Own"]
+    (own / "agent-2.json").write_text("{}")
+    (drop / "fan-2.json").write_text("{}")
+    core.unbind(now=rig.tick())
+    assert list(own.iterdir()) == []
+    assert list(drop.iterdir()) == []

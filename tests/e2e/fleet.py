@@ -60,7 +60,7 @@ class Agent:
             store,
             config,
             now=time.time(),
-            crash_dir=self.root / "crash",
+            crash_dirs=[self.root / "crash"],
             new_id=lambda: f"{prefix}{next(self.ids)}",
         )
         return self.core
