@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = functools.partial(sub.add_parser, parents=[common])
     add("run", help="run the agent daemon (systemd starts this)")
     add("status", help="lifecycle, consent, outbox and quarantine summary")
+    p = add(
+        "doctor",
+        help="check the configuration, files, permissions, certificate, clock and broker, "
+        "and print the fix for each problem (changes nothing)",
+    )
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
     p = add("bind", help="bind the device to an owner")
     p.add_argument("--binding-id", help="the binding's ID (default: generated)")
     p.add_argument(
@@ -155,12 +161,30 @@ def _write_export(path: Path, doc: dict[str, Any]) -> None:
         raise ConfigError(f"cannot write {path}: {exc.strerror}", where="--output") from exc
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    """Exit 1 when a check failed; warnings alone leave 0."""
+    from agent.runtime import doctor
+
+    findings = doctor.diagnose(Path(args.config))
+    try:
+        if args.json:
+            _print([f.to_json() for f in findings])
+        else:
+            print(doctor.render(findings))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_pipe()
+    return 1 if any(f.level == doctor.FAIL for f in findings) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of smartmi-agent."""
     args = build_parser().parse_args(argv)
     level = getattr(
         logging, (args.log_level or ("info" if args.verb == "run" else "warning")).upper()
     )
+    if args.verb == "doctor":
+        return _doctor(args)
     try:
         config: AgentConfig = load_config(Path(args.config))
         if args.verb == "run":
