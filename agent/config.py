@@ -24,6 +24,7 @@ Example (see ``agent.example.toml``)::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import tomllib
 import typing
 from pathlib import Path
@@ -111,6 +112,42 @@ class BrokerSection(_Section):
         return _host_port(self.url)[1]
 
 
+class MetricsSection(_Section):
+    """Prometheus metrics of the daemon; off unless this section is given.
+
+    ``listen`` is ``HOST:PORT`` on a loopback address (``127.0.0.1:9108``,
+    ``[::1]:9108``, ``localhost:9108``) or ``unix:PATH`` (a socket only the agent's user
+    may open). Metrics are counts and states, but they say when a device is used, so
+    they are never served beyond the machine.
+    """
+
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:"):
+                raise ValueError(
+                    "unix: needs a socket path, e.g. unix:/run/smartmi-agent/metrics.sock"
+                )
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+        bare = host.strip("[]")
+        try:
+            loopback = bare == "localhost" or ipaddress.ip_address(bare).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"{value!r}: metrics are served on a loopback address (127.0.0.1, [::1], "
+                "localhost) or a unix: socket only"
+            )
+        return value
+
+
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     assert parts.hostname is not None  # checked by the validator  # noqa: S101
@@ -140,6 +177,7 @@ class AgentConfig(_Section):
     privacy: PrivacySection
     paths: PathsSection
     broker: BrokerSection | None = None
+    metrics: MetricsSection | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -241,4 +279,8 @@ def load_config(path: Path) -> AgentConfig:
                 for k in ("ca", "cert", "key")
             }
         )
-    return config.model_copy(update={"paths": paths, "broker": broker})
+    metrics = config.metrics
+    if metrics is not None and metrics.listen.startswith("unix:"):
+        where = Path(metrics.listen.removeprefix("unix:"))
+        metrics = MetricsSection(listen=f"unix:{where if where.is_absolute() else base / where}")
+    return config.model_copy(update={"paths": paths, "broker": broker, "metrics": metrics})

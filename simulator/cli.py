@@ -234,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeline=path(args.timeline),
         capture=path(args.capture),
         received=path(args.received),
+        metrics=path(args.metrics),
     )
     broker = None
     if args.broker:
@@ -355,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a scenario file, or a shipped scenario's name (smartmi-sim scenarios lists them)",
     )
-    p.add_argument("--report", default="report.json", help="JSON report (default %(default)s)")
-    p.add_argument("--junit", help="also write JUnit XML here (one case per privacy rule)")
+    _add_output_options(p)
     p.add_argument("--seed", type=int, help="override the scenario's seed")
     p.add_argument(
         "--grace",
@@ -375,12 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca", help="with --broker: the CA that signed the broker's certificate")
     p.add_argument("--cert", help="with --broker: the backend's certificate")
     p.add_argument("--key", help="with --broker: the backend's key")
-    p.add_argument("--timeline", help="also write the run's ground truth here (for check)")
-    p.add_argument(
-        "--capture",
-        help="also capture every uplink as an observer (mosquitto_sub) into this file, "
-        "and judge it apart from the backend",
-    )
     _add_scale_options(p)
     p.set_defaults(func=cmd_run)
 
@@ -425,6 +419,23 @@ def _add_scenario_parsers(add_parser: Callable[..., argparse.ArgumentParser]) ->
     p.add_argument("scenario", help="a scenario file, or a shipped scenario's name")
     p.add_argument("--devices", type=int, help="also show how N devices split into its groups")
     p.set_defaults(func=cmd_validate)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """What ``run`` writes: all checked before the fleet starts."""
+    p.add_argument("--report", default="report.json", help="JSON report (default %(default)s)")
+    p.add_argument("--junit", help="also write JUnit XML here (one case per privacy rule)")
+    p.add_argument(
+        "--metrics",
+        help="also write the agents' metrics at the end here, summed over the fleet, in the "
+        "Prometheus text format (the daemon's [metrics] families)",
+    )
+    p.add_argument("--timeline", help="also write the run's ground truth here (for check)")
+    p.add_argument(
+        "--capture",
+        help="also capture every uplink as an observer (mosquitto_sub) into this file, "
+        "and judge it apart from the backend",
+    )
 
 
 def _add_scale_options(p: argparse.ArgumentParser) -> None:

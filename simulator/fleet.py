@@ -30,6 +30,7 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
 from agent.errors import AgentError, CommandRejected
+from agent.runtime import metrics
 from agent.runtime.collectors import parse_crash_file
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
@@ -198,6 +199,10 @@ class Fleet:
         self.proxies: dict[str, FaultProxy] = {}
         self.stats = FleetStats()
         self.db: Database | None = None
+        # Every device's status at the end, for a metrics file (--metrics); only when
+        # asked, as it reads every device's store once more.
+        self.keep_status = False
+        self.final_status: list[metrics.Snapshot] = []
         self._t0 = 0.0
         self._events_total = 0
         self._events_played = 0  # played so far, applied or refused (the progress line)
@@ -532,6 +537,11 @@ class Fleet:
                     await ticker
             for proxy in self.proxies.values():
                 await proxy.close()
+            if self.keep_status:
+                self.final_status = [
+                    metrics.Snapshot(d.core.status(), d.transport.status())
+                    for d in self.devices.values()
+                ]
             if self.db is not None:
                 self.db.close()
             self.stats.elapsed_s = time.time() - self._t0

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from agent.core.identity import MAX_BACKENDS, up_topic
 from agent.errors import ConfigError, TransportError
-from agent.runtime import mqtt
+from agent.runtime import metrics, mqtt
 from agent.runtime.tls import client_context
 from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
@@ -46,6 +46,7 @@ class Outputs:
     timeline: Path | None = None
     capture: Path | None = None
     received: Path | None = None  # what the backend consumer received, as a capture
+    metrics: Path | None = None  # the agents' metrics at the end, Prometheus text format
 
     def check(self) -> None:
         """Every output can be written: found before the run, not after it."""
@@ -55,6 +56,7 @@ class Outputs:
             ("--timeline", self.timeline),
             ("--capture", self.capture),
             ("--received", self.received),
+            ("--metrics", self.metrics),
         ):
             if path is None:
                 continue
@@ -243,6 +245,7 @@ def run(
             broker_keeps_acknowledged=isinstance(local, NatsCluster),
         )
         fleet.observer_back = observer_back
+        fleet.keep_status = outputs.metrics is not None
         _play(fleet)
     rc = _judge(fleet, outputs)
     return INTERRUPTED if fleet.was_interrupted else rc
@@ -323,6 +326,10 @@ def _run_workers(
     if failed:
         logs = ", ".join(str(workdir / f"shard{k}.log") for k in failed)
         raise ConfigError(f"worker(s) {failed} failed; their logs: {logs}")
+    if outputs.metrics is not None:
+        metrics.merge_files(
+            [workdir / f"shard{k}.prom" for k in range(1, workers + 1)], outputs.metrics
+        )
     return judge_shards(
         [workdir / f"shard{k}.timeline.json" for k in range(1, workers + 1)],
         [workdir / f"shard{k}.received.txt" for k in range(1, workers + 1)],
@@ -355,6 +362,7 @@ def _spawn_shard(
         "--report", str(workdir / f"shard{k}.json"),
         "--timeline", str(workdir / f"shard{k}.timeline.json"),
         "--received", str(workdir / f"shard{k}.received.txt"),
+        "--metrics", str(workdir / f"shard{k}.prom"),
     ]  # fmt: skip
     for port in local.ports[1:]:
         cmd += ["--fallback", f"mqtts://{host}:{port}"]
@@ -469,6 +477,8 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
         timeline.write(outputs.timeline, truths, fleet.outages())
     if outputs.received is not None:
         timeline.write_capture(outputs.received, fleet.cloud.received)
+    if outputs.metrics is not None:
+        metrics.write_file(outputs.metrics, fleet.final_status)
     failures = len(verdict.violations)
     if outputs.capture is not None:
         seen = check(truths, captured, outages=fleet.outages())

@@ -197,6 +197,14 @@ class CrashDirCollector:
         self.discarded = 0
         self.invalid = 0
 
+    def counts(self) -> dict[str, int]:
+        """Crash files handled so far, by outcome."""
+        return {
+            "captured": self.captured,
+            "discarded_without_consent": self.discarded,
+            "invalid": self.invalid,
+        }
+
     def _candidates(self) -> list[Path]:
         found: list[Path] = []
         for crash_dir in self.crash_dirs:

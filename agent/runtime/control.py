@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -160,9 +160,25 @@ def _prepare(path: Path) -> None:
         path.unlink()  # a socket left by a process that died; we hold the state lock
 
 
+async def private_unix_server(
+    path: Path,
+    client: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    limit: int,
+) -> asyncio.Server:
+    """A Unix socket server at ``path`` that only this user may connect to (0600)."""
+    _prepare(path)
+    old = os.umask(0o177)  # the socket is created 0600: only the agent's user may use it
+    try:
+        server = await asyncio.start_unix_server(client, path=str(path), limit=limit)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)  # a syscall, not pathlib I/O in a coroutine
+    return server
+
+
 async def serve(path: Path, handler: Handler) -> asyncio.Server:
     """Listen on ``path`` (owner-only); each line is a request, each reply a line."""
-    _prepare(path)
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -184,13 +200,7 @@ async def serve(path: Path, handler: Handler) -> asyncio.Server:
         finally:
             writer.close()
 
-    old = os.umask(0o177)  # the socket is created 0600: only the agent's user may act
-    try:
-        server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_REQUEST + 2)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)  # a syscall, not pathlib I/O in a coroutine
-    return server
+    return await private_unix_server(path, client, limit=MAX_REQUEST + 2)
 
 
 def request(path: Path, body: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:

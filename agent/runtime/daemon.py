@@ -21,7 +21,7 @@ from typing import Any, Final, TextIO
 from agent.config import AgentConfig
 from agent.device import RETENTION_SWEEP_S, Device, open_device
 from agent.errors import AgentError, ConfigError, StorageError
-from agent.runtime import control
+from agent.runtime import control, metrics
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
 from agent.runtime.logs import setup_logging
 from agent.runtime.tls import check_identity, client_context
@@ -84,15 +84,12 @@ async def run(config: AgentConfig) -> None:
                 result["transport"]["start_to_connected_s"] = (
                     None if connected is None else round(connected - started_wall, 3)
                 )
-                result["crash_files"] = {
-                    "captured": collector.captured,
-                    "discarded_without_consent": collector.discarded,
-                    "invalid": collector.invalid,
-                }
+                result["crash_files"] = collector.counts()
             return result
 
         started_wall = process_started_at()
         server = await control.serve(config.socket_path, handle)
+        scrape = await _serve_metrics(config, device, transport, collector)
         log.info("started", extra={"device": device.device_id, "broker": broker.url})
         try:
             async with asyncio.TaskGroup() as tg:
@@ -107,8 +104,7 @@ async def run(config: AgentConfig) -> None:
                 sweeper.cancel()
                 settling.cancel()
         finally:
-            server.close()
-            await server.wait_closed()
+            await _close(server, scrape)
             config.socket_path.unlink(missing_ok=True)
             if fatal_log is not None:
                 fatal_log.close()
@@ -116,6 +112,40 @@ async def run(config: AgentConfig) -> None:
             "stopped",
             extra={"device": device.device_id, "queued": device.queued_count()},
         )
+
+
+async def _close(*servers: asyncio.Server | None) -> None:
+    for server in servers:
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+
+async def _serve_metrics(
+    config: AgentConfig, device: Device, transport: Transport, collector: CrashDirCollector
+) -> asyncio.Server | None:
+    """The Prometheus endpoint of ``[metrics]``, or None when it is off or cannot start
+    (logged: metrics are never a reason for the agent not to run)."""
+    if config.metrics is None:
+        return None
+    listen = config.metrics.listen
+
+    def snapshot() -> list[metrics.Snapshot]:
+        return [
+            metrics.Snapshot(
+                device.status(),
+                transport.status(),
+                collector.counts(),
+            )
+        ]
+
+    try:
+        server = await metrics.serve(listen, metrics.registry_of(snapshot))
+    except OSError as exc:
+        log.error("metrics not served", extra={"listen": listen, "error": exc.strerror or str(exc)})  # noqa: TRY400
+        return None
+    log.info("metrics served", extra={"listen": listen})
+    return server
 
 
 async def retention(device: Device, interval: float = RETENTION_SWEEP_S) -> None:

@@ -11,6 +11,7 @@ import pytest
 from simulator.broker import MosquittoBroker
 from simulator.cli import main
 from simulator.pki import DevPki
+from tests.prometheus import prometheus_samples
 
 SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
 SMOKE = SCENARIOS / "smoke.toml"
@@ -24,12 +25,16 @@ def test_workers_are_judged_together_as_one_fleet(
         [
             "--dir", str(tmp_path / "dev"), "run", "--devices", "300", "--workers", "2",
             "--scenario", str(SMOKE), "--report", str(out),
+            "--metrics", str(tmp_path / "fleet.prom"),
         ]
     )  # fmt: skip
     printed = capsys.readouterr()
     assert rc == 0, printed.out + printed.err
     doc = json.loads(out.read_text())
     assert doc["shards"] == 2
+    figures = prometheus_samples(tmp_path / "fleet.prom")  # the shards' files, summed
+    assert figures["smartmi_agent_agents"] == 300
+    assert figures["smartmi_agent_acknowledged_total"] == doc["delivery"]["unique"] == 945
     assert doc["devices"] == doc["connect"]["connected"] == 300
     assert doc["violations"] == []
     # The same counts as the same scenario in one process (tests/e2e/test_sim_run.py).

@@ -11,6 +11,7 @@ import pytest
 
 from simulator.cli import main
 from simulator.report import RULES, write_junit
+from tests.prometheus import prometheus_samples
 
 SMOKE = Path(__file__).parents[2] / "simulator" / "scenarios" / "smoke.toml"
 
@@ -25,6 +26,7 @@ def test_smoke_scenario_with_300_devices_passes(
         [
             "--dir", str(tmp_path / "dev"), "run", "--devices", "300",
             "--scenario", str(SMOKE), "--report", str(out), "--junit", str(junit),
+            "--metrics", str(tmp_path / "fleet.prom"),
         ]
     )  # fmt: skip
     printed = capsys.readouterr()
@@ -48,6 +50,12 @@ def test_smoke_scenario_with_300_devices_passes(
     cases = ET.parse(junit).getroot()  # noqa: S314  # our own file.findall("testcase")
     assert [c.get("name") for c in cases] == list(RULES)
     assert all(c.find("failure") is None for c in cases)
+    figures = prometheus_samples(tmp_path / "fleet.prom")
+    assert figures["smartmi_agent_agents"] == 300
+    assert figures["smartmi_agent_acknowledged_total"] == doc["delivery"]["unique"] == 945
+    assert figures["smartmi_agent_queued_items"] == 0
+    # Consent in force at the end: the adults who did not leave (children never).
+    assert figures['smartmi_agent_consent_in_force{purpose="activation"}'] == 240
 
 
 def test_junit_lists_violations_as_failed_cases(tmp_path: Path) -> None:
