@@ -235,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         capture=path(args.capture),
         received=path(args.received),
         metrics=path(args.metrics),
+        html=path(args.html),
     )
     broker = None
     if args.broker:
@@ -429,6 +430,11 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
         "--metrics",
         help="also write the agents' metrics at the end here, summed over the fleet, in the "
         "Prometheus text format (the daemon's [metrics] families)",
+    )
+    p.add_argument(
+        "--html",
+        help="also write the report as one self-contained page: summary, connected devices "
+        "and messages over time, latency distribution, violations on the timeline",
     )
     p.add_argument("--timeline", help="also write the run's ground truth here (for check)")
     p.add_argument(

@@ -129,6 +129,9 @@ class FleetStats:
     command_delays_s: list[float] = field(default_factory=list)
     drained: bool = False
     elapsed_s: float = 0.0
+    started_at: float = 0.0  # wall clock
+    # Once a second: (wall clock, devices connected, items published, acknowledged).
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
 
 
 class Fleet:
@@ -481,16 +484,38 @@ class Fleet:
                 f"  queued {queued}  received {len(self.cloud.received)}"
             )
 
+    def _note_pending(self) -> None:
+        """What each device still holds at the end: never lost, never sent."""
+        for dev in self.devices.values():
+            requests = dev.core.store.deletion_requests()
+            dev.truth.deletion_requests_pending = len(requests)
+            dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {r.msg_id for r in requests}
+
+    async def _sample(self, interval: float = 1.0) -> None:
+        """The fleet's state over time, for the HTML report's charts."""
+        while True:
+            transports = [d.transport for d in self.devices.values()]
+            self.stats.samples.append(
+                (
+                    round(time.time(), 3),
+                    sum(t.connected.is_set() for t in transports),
+                    sum(t.stats.published for t in transports),
+                    sum(t.stats.acknowledged for t in transports),
+                )
+            )
+            await asyncio.sleep(interval)
+
     async def run(self) -> None:
         """Build, connect, play the timeline, drain; the truths and cloud hold the results."""
         self.stats.rss_baseline_kib = rss_kib()
-        self._t0 = time.time()
+        self._t0 = self.stats.started_at = time.time()
         phase = ["building"]
         ticker = (
             asyncio.create_task(self._report_progress(phase), name="progress")
             if self.progress
             else None
         )
+        sampler = asyncio.create_task(self._sample(), name="sampler")
         try:
             await self.build()
             async with self.cloud.connected():
@@ -519,22 +544,18 @@ class Fleet:
                     await self.inject(self)
                 phase[0] = "draining"
                 self.stats.drained = await self._drain()
-                for dev in self.devices.values():
-                    requests = dev.core.store.deletion_requests()
-                    dev.truth.deletion_requests_pending = len(requests)
-                    dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {
-                        r.msg_id for r in requests
-                    }
+                self._note_pending()
                 sweeper.cancel()
                 await self.stop()
         finally:
             # Whatever ended the run, the transports stop for good: a cancellation alone
             # may come back as an MQTT error and leave them reconnecting.
             await self.stop()
-            if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+            for task in (ticker, sampler):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             for proxy in self.proxies.values():
                 await proxy.close()
             if self.keep_status:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import platform
 import xml.etree.ElementTree as ET
@@ -101,6 +102,11 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "drained": s.drained,
         },
         "latency_s": judgement["latency_s"],
+        "series": {
+            "started_at": s.started_at,
+            "samples": s.samples,
+            "broker_restarts": s.broker_restarts,
+        },
         "command_delivery_s": percentiles(s.command_delays_s),
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
@@ -165,12 +171,37 @@ def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
             "drained": all(d["delivery"]["drained"] for d in shards),
         },
         "latency_s": judgement["latency_s"],
+        "series": merged_series([d.get("series") or {} for d in shards]),
         "command_delivery_s": command_delivery,
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
         "verdict": judgement["verdict"],
     }
+
+
+def merged_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' samples summed on whole seconds (each shard's last sample at or
+    before that second counts; before its first, it counts nothing)."""
+    runs = [p.get("samples") or [] for p in parts]
+    if not any(runs):
+        return {"started_at": 0.0, "samples": [], "broker_restarts": []}
+    start = min(p["started_at"] for p in parts if p.get("samples"))
+    end = max(r[-1][0] for r in runs if r)
+    times = [[s[0] for s in samples] for samples in runs]
+    out: list[list[float]] = []
+    second = int(start)
+    while second <= end:
+        row = [float(second), 0.0, 0.0, 0.0]
+        for samples, at in zip(runs, times, strict=True):
+            i = bisect.bisect_right(at, second)
+            if i:
+                for col in (1, 2, 3):
+                    row[col] += samples[i - 1][col]
+        out.append(row)
+        second += 1
+    restarts = sorted(t for p in parts for t in p.get("broker_restarts", []))
+    return {"started_at": start, "samples": out, "broker_restarts": restarts}
 
 
 def summary(doc: dict[str, Any]) -> str:

@@ -24,9 +24,9 @@ from agent.core.identity import MAX_BACKENDS, up_topic
 from agent.errors import ConfigError, TransportError
 from agent.runtime import metrics, mqtt
 from agent.runtime.tls import client_context
-from simulator import report, timeline
+from simulator import html, report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
-from simulator.checker import DeviceTruth, check
+from simulator.checker import DeviceTruth, Verdict, check
 from simulator.cloud import Received
 from simulator.fleet import Fleet, scenario_devices
 from simulator.nats import NatsCluster
@@ -47,6 +47,7 @@ class Outputs:
     capture: Path | None = None
     received: Path | None = None  # what the backend consumer received, as a capture
     metrics: Path | None = None  # the agents' metrics at the end, Prometheus text format
+    html: Path | None = None  # the report as one self-contained page
 
     def check(self) -> None:
         """Every output can be written: found before the run, not after it."""
@@ -57,6 +58,7 @@ class Outputs:
             ("--capture", self.capture),
             ("--received", self.received),
             ("--metrics", self.metrics),
+            ("--html", self.html),
         ):
             if path is None:
                 continue
@@ -67,6 +69,21 @@ class Outputs:
                 raise ConfigError(f"{option} {path}: the folder {folder} does not exist")
             if not os.access(folder, os.W_OK):
                 raise ConfigError(f"{option} {path}: the folder {folder} is not writable")
+        if self.html is not None:
+            html.available()
+
+    def write(self, doc: dict[str, Any], received: list[Received], verdict: Verdict) -> None:
+        """The report, and the JUnit file and page if asked for."""
+        report.write_json(doc, self.report)
+        if self.junit is not None:
+            report.write_junit(doc, self.junit)
+        if self.html is not None:
+            html.write(doc, received, verdict.latencies_s, self.html)
+
+    def written(self) -> str:
+        """The line that says where they went."""
+        extra = [f"{k}: {p}" for k, p in (("JUnit", self.junit), ("page", self.html)) if p]
+        return f"report: {self.report}" + "".join(f", {e}" for e in extra)
 
 
 @dataclass(frozen=True)
@@ -409,13 +426,11 @@ def judge_shards(
             raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
     verdict = check(truths, received, outages=outages)
     doc = report.merged(docs, verdict)
-    report.write_json(doc, outputs.report)
-    if outputs.junit is not None:
-        report.write_junit(doc, outputs.junit)
+    outputs.write(doc, received, verdict)
     if outputs.timeline is not None:
         timeline.write(outputs.timeline, truths, outages)
     print(report.summary(doc))
-    print(f"report: {outputs.report}" + (f", JUnit: {outputs.junit}" if outputs.junit else ""))
+    print(outputs.written())
     if verdict.violations:
         counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
         print(
@@ -487,9 +502,7 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
         )
         doc["capture"] = report.judged(seen, doc["grace_s"]) | {"agrees": agree}
         failures = max(failures, len(seen.violations))
-    report.write_json(doc, outputs.report)
-    if outputs.junit is not None:
-        report.write_junit(doc, outputs.junit)
+    outputs.write(doc, fleet.cloud.received, verdict)
     print(report.summary(doc))
     if "capture" in doc:
         cap = doc["capture"]
@@ -498,7 +511,7 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
             f"{len(cap['violations'])} violations, "
             + ("agrees with the backend" if cap["agrees"] else "DISAGREES with the backend")
         )
-    print(f"report: {outputs.report}" + (f", JUnit: {outputs.junit}" if outputs.junit else ""))
+    print(outputs.written())
     if failures:
         counts = ", ".join(f"{n} {k}" for k, n in doc["violation_counts"].items() if n)
         print(

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Mapping
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from agent.core import consent
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import CrashReport
+from simulator import html, report
 from simulator.broker import MosquittoBroker
 from simulator.checker import check
 from simulator.fleet import Fleet
@@ -150,3 +152,11 @@ async def test_every_kind_of_violation_is_caught(
     verdict = check({d: dev.truth for d, dev in fleet.devices.items()}, fleet.cloud.received)
     caught = {v.kind for v in verdict.violations}
     assert caught == set(RULES), sorted(verdict.violations, key=lambda v: v.kind)
+    # The page a person looks at lists every one of them, on the timeline and in full.
+    page_path = tmp_path / "selftest.html"
+    html.write(report.build(fleet, verdict), fleet.cloud.received, verdict.latencies_s, page_path)
+    page = page_path.read_text()
+    assert f"Violations ({len(verdict.violations)})" in page
+    assert "Violations on the timeline" in page
+    for v in verdict.violations:
+        assert escape(v.detail) in page

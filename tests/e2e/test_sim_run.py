@@ -11,6 +11,7 @@ import pytest
 
 from simulator.cli import main
 from simulator.report import RULES, write_junit
+from tests.core.test_html import fetched
 from tests.prometheus import prometheus_samples
 
 SMOKE = Path(__file__).parents[2] / "simulator" / "scenarios" / "smoke.toml"
@@ -26,7 +27,7 @@ def test_smoke_scenario_with_300_devices_passes(
         [
             "--dir", str(tmp_path / "dev"), "run", "--devices", "300",
             "--scenario", str(SMOKE), "--report", str(out), "--junit", str(junit),
-            "--metrics", str(tmp_path / "fleet.prom"),
+            "--metrics", str(tmp_path / "fleet.prom"), "--html", str(tmp_path / "r.html"),
         ]
     )  # fmt: skip
     printed = capsys.readouterr()
@@ -50,6 +51,10 @@ def test_smoke_scenario_with_300_devices_passes(
     cases = ET.parse(junit).getroot()  # noqa: S314  # our own file.findall("testcase")
     assert [c.get("name") for c in cases] == list(RULES)
     assert all(c.find("failure") is None for c in cases)
+    page = (tmp_path / "r.html").read_text()
+    assert fetched(page) == []
+    assert ">PASS<" in page
+    assert page.count("<svg") == 3
     figures = prometheus_samples(tmp_path / "fleet.prom")
     assert figures["smartmi_agent_agents"] == 300
     assert figures["smartmi_agent_acknowledged_total"] == doc["delivery"]["unique"] == 945

@@ -1,0 +1,307 @@
+"""``smartmi-sim run --html FILE``: the run's report as one page to look at.
+
+One self-contained HTML file: the charts are SVG drawn by matplotlib and written into
+the page, the style sheet is inline, and there is no script, font or image fetched
+when it is viewed. It shows the summary, connected devices and messages over time
+with broker restarts and violations marked, the latency distribution, and every
+violation (up to a cap) with its details.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import io
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from simulator.cloud import Received
+
+MAX_VIOLATION_ROWS: Final = 500
+KIND_COLOURS: Final = {
+    "activation": "#1f77b4",
+    "crash": "#ff7f0e",
+    "deletion-request": "#2ca02c",
+}
+VIOLATION_COLOUR: Final = "#d62728"
+
+
+def available() -> None:
+    """ConfigError, before a run starts, if the plotting library is missing."""
+    try:
+        import matplotlib  # noqa: F401  # only the check
+    except ImportError:
+        raise ConfigError(
+            "--html needs matplotlib: pip install 'smartmi-agent[report]'", where="--html"
+        ) from None
+
+
+def write(
+    doc: dict[str, Any], received: Sequence[Received], latencies: Sequence[float], path: Path
+) -> None:
+    """Write the page for the report ``doc``, what the backend ``received``, and the
+    judged messages' ``latencies`` (seconds)."""
+    path.write_text(page(doc, received, latencies), encoding="utf-8")
+
+
+def page(doc: dict[str, Any], received: Sequence[Received], latencies: Sequence[float]) -> str:
+    """The whole page as a string."""
+    import matplotlib  # a heavy import, only for --html
+
+    matplotlib.use("Agg")  # no display: render to files only
+    matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "smartmi", "font.size": 9})
+    series = doc.get("series") or {}
+    start = float(series.get("started_at") or 0.0) or min(
+        (r.arrived_at for r in received), default=0.0
+    )
+    arrived: dict[str, float] = {}
+    for r in received:
+        msg_id = r.envelope().get("msg_id")
+        if isinstance(msg_id, str):
+            arrived.setdefault(msg_id, r.arrived_at)
+    end = max(
+        [start + float(doc.get("elapsed_s") or 0.0)]
+        + [r.arrived_at for r in received]
+        + [s[0] for s in series.get("samples") or []]
+    )
+    # A violation is placed where its message arrived; one without a message (a
+    # missing deletion request, a lost item) at the end of the run.
+    marks = [
+        (arrived.get(v.get("msg_id") or "", end) - start, v) for v in doc.get("violations", [])
+    ]
+    charts = [
+        ("Devices connected and items acknowledged", _timeline_chart(doc, start, marks)),
+        ("Messages received by the backend, per second", _messages_chart(received, start, doc)),
+        ("Latency, capture to backend", _latency_chart(latencies, doc)),
+    ]
+    if marks:
+        charts.append(("Violations on the timeline", _violations_chart(marks, end - start)))
+    body = [_summary(doc)]
+    body += [f"<section><h2>{html.escape(t)}</h2>{svg}</section>" for t, svg in charts]
+    body.append(_violation_table(marks))
+    title = f"smartmi-sim: {doc.get('scenario')} — {doc.get('verdict', '?').upper()}"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        + "".join(body)
+        + "</body></html>\n"
+    )
+
+
+_STYLE: Final = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse;font-size:.9em}td,th{padding:.25em .7em;text-align:left;
+border-bottom:1px solid #ddd;vertical-align:top}th{background:#f4f4f4}
+.pass{color:#fff;background:#2ca02c;padding:.1em .5em;border-radius:.3em}
+.fail{color:#fff;background:#d62728;padding:.1em .5em;border-radius:.3em}
+.incomplete{color:#000;background:#ffd34d;padding:.1em .5em;border-radius:.3em}
+svg{max-width:100%;height:auto}code{font-size:.95em}
+"""
+
+
+def _summary(doc: dict[str, Any]) -> str:
+    verdict = str(doc.get("verdict", "?"))
+    c, m, d = doc.get("connect", {}), doc.get("memory", {}), doc.get("delivery", {})
+    lat = doc.get("latency_s", {})
+    shards = doc.get("shards", 1)
+    badges = f'<span class="{html.escape(verdict)}">{html.escape(verdict.upper())}</span>'
+    if not doc.get("complete", True):
+        badges += ' <span class="incomplete">INCOMPLETE: interrupted</span>'
+    counts = ", ".join(f"{k} {v}" for k, v in doc.get("violation_counts", {}).items() if v)
+    rows = [
+        ("scenario", f"{doc.get('scenario')} (seed {doc.get('seed')})"),
+        ("devices", f"{doc.get('devices')}" + (f" in {shards} shards" if shards > 1 else "")),
+        (
+            "run",
+            f"{doc.get('elapsed_s')} s on {doc.get('machine')}"
+            + (f", from {stamp(started)}" if (started := _started(doc)) else ""),
+        ),
+        (
+            "connected",
+            f"{c.get('connected')} in {c.get('seconds')} s ({c.get('devices_per_s')} devices/s), "
+            f"{c.get('reconnects')} reconnects",
+        ),
+        (
+            "delivered",
+            f"{d.get('unique')} unique, {d.get('duplicates')} duplicates; "
+            + ", ".join(f"{k} {v}" for k, v in sorted((d.get("by_kind") or {}).items())),
+        ),
+        (
+            "acknowledged",
+            f"{d.get('acknowledged')} of {d.get('published')} published; "
+            f"{d.get('broker_custody')} lost in the broker's custody; "
+            f"drained: {d.get('drained')}",
+        ),
+        ("latency", ", ".join(f"{k} {v} s" for k, v in lat.items()) or "none"),
+        ("memory", f"{m.get('per_device_kib')} KiB per device"),
+        ("violations", f"{len(doc.get('violations', []))}" + (f": {counts}" if counts else "")),
+    ]
+    if d.get("from_earlier_runs"):
+        rows.append(("earlier runs", f"{d['from_earlier_runs']} messages counted apart"))
+    table = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return (
+        f"<h1>smartmi-sim run: {html.escape(str(doc.get('scenario')))} {badges}</h1>"
+        f"<table>{table}</table>"
+    )
+
+
+def _started(doc: dict[str, Any]) -> float:
+    value = (doc.get("series") or {}).get("started_at")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _figure(height: float = 3.0) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def _svg(fig: Figure) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # the XML declaration and DOCTYPE are not for HTML
+
+
+def _restarts(ax: Axes, doc: dict[str, Any], start: float) -> None:
+    for n, t in enumerate((doc.get("series") or {}).get("broker_restarts") or []):
+        ax.axvline(
+            t - start, color="#888", linestyle="--", lw=1, label="broker restart" if not n else None
+        )
+
+
+def _timeline_chart(
+    doc: dict[str, Any], start: float, marks: list[tuple[float, dict[str, Any]]]
+) -> str:
+    samples = (doc.get("series") or {}).get("samples") or []
+    fig, ax = _figure()
+    if samples:
+        t = [s[0] - start for s in samples]
+        ax.plot(t, [s[1] for s in samples], color="#1f77b4", label="devices connected")
+        ax.set_ylabel("devices")
+        acked = ax.twinx()
+        acked.plot(t, [s[3] for s in samples], color="#9467bd", label="items acknowledged")
+        acked.set_ylabel("items acknowledged")
+        acked.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no samples in this report", ha="center", transform=ax.transAxes)
+    _restarts(ax, doc, start)
+    if marks:
+        ax.plot(
+            [at for at, _ in marks],
+            [0] * len(marks),
+            "|",
+            color=VIOLATION_COLOUR,
+            markersize=14,
+            label="violation",
+        )
+    ax.set_xlabel("seconds since the run started")
+    ax.legend(loc="upper left")
+    return _svg(fig)
+
+
+def _messages_chart(received: Sequence[Received], start: float, doc: dict[str, Any]) -> str:
+    fig, ax = _figure()
+    per_kind: dict[str, Counter[int]] = {}
+    for r in received:
+        per_kind.setdefault(r.kind, Counter())[int(r.arrived_at - start)] += 1
+    if per_kind:
+        last = max(max(c) for c in per_kind.values())
+        seconds = list(range(last + 1))
+        for kind, counts in sorted(per_kind.items()):
+            ax.plot(
+                seconds,
+                [counts.get(s, 0) for s in seconds],
+                label=kind,
+                color=KIND_COLOURS.get(kind),
+                lw=1.2,
+            )
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "nothing was received", ha="center", transform=ax.transAxes)
+    _restarts(ax, doc, start)
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("messages / s")
+    return _svg(fig)
+
+
+def _latency_chart(latencies: Sequence[float], doc: dict[str, Any]) -> str:
+    fig, ax = _figure()
+    values = [max(v, 1e-4) for v in latencies]
+    if values:
+        lo, hi = min(values), max(values)
+        edges = _log_edges(lo, hi)
+        ax.hist(values, bins=edges, color="#1f77b4")
+        ax.set_xscale("log")
+        for key, style in (("p50", "-"), ("p99", "--")):
+            value = (doc.get("latency_s") or {}).get(key)
+            if isinstance(value, int | float) and value > 0:
+                ax.axvline(value, color="#d62728", linestyle=style, lw=1, label=f"{key} {value} s")
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no latencies", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("seconds from capture to the backend (log scale)")
+    ax.set_ylabel("messages")
+    return _svg(fig)
+
+
+def _log_edges(lo: float, hi: float, bins: int = 40) -> list[float]:
+    if hi <= lo:
+        return [lo * 0.9, hi * 1.1]
+    ratio = (hi / lo) ** (1 / bins)
+    return [lo * ratio**i for i in range(bins + 1)]
+
+
+def _violations_chart(marks: list[tuple[float, dict[str, Any]]], span: float) -> str:
+    kinds = sorted({v["kind"] for _, v in marks})
+    fig, ax = _figure(1.2 + 0.35 * len(kinds))
+    row = {k: i for i, k in enumerate(kinds)}
+    ax.scatter(
+        [at for at, _ in marks],
+        [row[v["kind"]] for _, v in marks],
+        marker="x",
+        color=VIOLATION_COLOUR,
+    )
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlim(0, max(span, 1.0) * 1.03)  # a violation at the very end stays visible
+    ax.set_xlabel("seconds since the run started (a violation without a message: at the end)")
+    return _svg(fig)
+
+
+def _violation_table(marks: Iterable[tuple[float, dict[str, Any]]]) -> str:
+    rows = sorted(marks, key=lambda m: m[0])
+    if not rows:
+        return "<section><h2>Violations</h2><p>None: every promise held.</p></section>"
+    cells = "".join(
+        f"<tr><td>{at:.1f}</td><td>{html.escape(v['kind'])}</td>"
+        f"<td><code>{html.escape(v['device'])}</code></td>"
+        f"<td><code>{html.escape(str(v.get('msg_id') or ''))}</code></td>"
+        f"<td>{html.escape(v['detail'])}</td></tr>"
+        for at, v in rows[:MAX_VIOLATION_ROWS]
+    )
+    more = (
+        f"<p>{len(rows) - MAX_VIOLATION_ROWS} more in the JSON report.</p>"
+        if len(rows) > MAX_VIOLATION_ROWS
+        else ""
+    )
+    return (
+        f"<section><h2>Violations ({len(rows)})</h2><table><tr><th>s</th><th>rule</th>"
+        f"<th>device</th><th>msg_id</th><th>detail</th></tr>{cells}</table>{more}</section>"
+    )
+
+
+def stamp(at: float) -> str:
+    """A wall-clock time as the page shows it (UTC)."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -1,0 +1,98 @@
+"""The HTML report: one page that fetches nothing, with every violation's details."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ConfigError
+from simulator import html
+from simulator.cloud import Received
+from simulator.run import Outputs
+
+START = 1_800_000_000.0
+
+
+def message(n: int, kind: str, at: float) -> Received:
+    payload = json.dumps({"msg_id": f"m{n}", "kind": kind}).encode()
+    return Received(f"dev-{n % 3}", kind, payload, START + at)
+
+
+def report(violations: list[dict[str, object]]) -> dict[str, object]:
+    return {
+        "scenario": "hand-made",
+        "seed": 7,
+        "devices": 3,
+        "elapsed_s": 12.0,
+        "machine": "test",
+        "connect": {"connected": 3, "seconds": 0.5, "devices_per_s": 6.0, "reconnects": 1},
+        "memory": {"per_device_kib": 80.0},
+        "delivery": {"unique": 40, "duplicates": 0, "by_kind": {"activation": 20, "crash": 20}},
+        "latency_s": {"p50": 0.01, "p99": 0.2},
+        "series": {
+            "started_at": START,
+            "samples": [[START + t, min(3, t), 4 * t, 4 * t] for t in range(12)],
+            "broker_restarts": [START + 6],
+        },
+        "violation_counts": {"no-consent": 1, "deletion-request": 1},
+        "violations": violations,
+        "verdict": "fail" if violations else "pass",
+    }
+
+
+def fetched(page: str) -> list[str]:
+    """Whatever a browser would fetch to show the page (namespaces are not fetched)."""
+    found = re.findall(r"<(?:script|link|img|iframe|object|embed)\b", page)
+    found += [h for h in re.findall(r'href="([^"]*)"', page) if not h.startswith("#")]
+    found += [u for u in re.findall(r"url\(([^)]*)\)", page) if not u.startswith("#")]
+    found += re.findall(r"\bsrc\s*=", page) + re.findall(r"@import", page)
+    return found
+
+
+def test_a_failed_run_shows_each_violation_where_it_happened(tmp_path: Path) -> None:
+    violations: list[dict[str, object]] = [
+        {
+            "kind": "no-consent",
+            "device": "dev-1",
+            "msg_id": "m7",
+            "detail": "crash sent while <diagnostics> was withdrawn",
+        },
+        {"kind": "deletion-request", "device": "dev-2", "msg_id": None, "detail": "missing"},
+    ]
+    received = [message(n, "activation" if n % 2 else "crash", n * 0.25) for n in range(40)]
+    out = tmp_path / "r.html"
+    html.write(report(violations), received, [0.005 * (n + 1) for n in range(40)], out)
+    page = out.read_text()
+    assert fetched(page) == []
+    assert page.count("<svg") == 4  # timeline, messages, latency, violations
+    assert "Violations on the timeline" in page
+    assert "Violations (2)" in page
+    # Escaped, never markup; placed where its message arrived (m7 at 1.75 s) or at the end.
+    assert "crash sent while &lt;diagnostics&gt; was withdrawn" in page
+    assert "<diagnostics>" not in page
+    assert "<tr><td>1.8</td><td>no-consent</td>" in page
+    assert "<tr><td>12.0</td><td>deletion-request</td>" in page
+    assert ">FAIL<" in page
+
+
+def test_a_clean_run_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    html.write(report([]), [message(1, "activation", 1.0)], [0.01], out)
+    page = out.read_text()
+    assert page.count("<svg") == 3
+    assert "None: every promise held." in page
+    assert ">PASS<" in page
+    assert fetched(page) == []
+
+
+def test_without_matplotlib_the_run_is_refused_before_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    outputs = Outputs(report=tmp_path / "r.json", html=tmp_path / "r.html")
+    with pytest.raises(ConfigError, match=r"--html needs matplotlib: pip install"):
+        outputs.check()
