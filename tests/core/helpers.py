@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from agent.core.items import DropReason, Outgoing
 from agent.core.purposes import Purpose
@@ -102,3 +109,32 @@ def granted_rig(root: Path, purpose: Purpose) -> Rig:
     core.bind("owner-1", now=rig.tick())
     core.grant(purpose, now=rig.tick())
     return rig
+
+
+OTHER_UID = 4242  # a user that owns nothing here
+
+
+@contextlib.contextmanager
+def as_other_user(uid: int = OTHER_UID) -> Iterator[None]:
+    """Act as an unprivileged user for a while (root only; pytest skips otherwise), so
+    that permission checks bite as they do for the service user."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@contextlib.contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A directory another user can pass through (pytest's own is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="smartmi-shared-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path)

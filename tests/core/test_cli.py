@@ -243,3 +243,19 @@ def test_log_level_gives_json_lines_of_what_happened(
     # At the verbs' default (warning) the same action logs nothing.
     assert main(["--config", str(conf), "consent", "withdraw", "diagnostics"]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("{tmp}/nonexistent-dir/x.json", "the folder {tmp}/nonexistent-dir does not exist"),
+        ("{tmp}", "{tmp} is a directory; give a file name"),
+    ],
+)
+def test_export_to_a_bad_path_is_named(
+    conf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, message: str
+) -> None:
+    rc, err = run(conf, "export", "-o", target.format(tmp=tmp_path), capsys=capsys)
+    assert rc == 1
+    assert message.format(tmp=tmp_path) in str(err)
+    assert "Traceback" not in str(err)

@@ -3,7 +3,6 @@ certificate's (SPEC §3: the device ID is the certificate's CN)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.runtime.tls import check_identity
 from simulator.pki import DevPki
+from tests.core.helpers import as_other_user, shared_dir
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,18 @@ def test_a_certificate_given_as_the_key_is_named(pki: DevPki, tmp_path: Path) ->
         check_identity(a.cert, fake, "dev-a")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_an_unreadable_key_is_named(pki: DevPki, tmp_path: Path) -> None:
+def test_an_unreadable_key_is_named(pki: DevPki) -> None:
     a = pki.device("dev-a")
-    key = tmp_path / "dev.key"
-    key.write_bytes(a.key.read_bytes())
-    key.chmod(0o000)
-    with pytest.raises(
-        ConfigError, match=r"cannot read the private key .*dev\.key: Permission denied"
-    ):
-        check_identity(a.cert, key, "dev-a")
+    with shared_dir() as folder:
+        cert, key = folder / "dev.pem", folder / "dev.key"
+        cert.write_bytes(a.cert.read_bytes())
+        cert.chmod(0o644)
+        key.write_bytes(a.key.read_bytes())
+        key.chmod(0o000)  # root's, as left by a copy made as root
+        with (
+            as_other_user(),
+            pytest.raises(
+                ConfigError, match=r"cannot read the private key .*dev\.key: Permission denied"
+            ),
+        ):
+            check_identity(cert, key, "dev-a")

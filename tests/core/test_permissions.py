@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from agent.errors import UnsafePermissions
 from agent.runtime.tls import client_context
 from agent.store import fsutil
 from simulator.pki import DevPki
+from tests.core.helpers import OTHER_UID, as_other_user, shared_dir
 from tests.core.test_cli import GOOD
 
 
@@ -127,35 +126,26 @@ def test_another_users_directory_is_refused(
         fsutil.require_private_dir(theirs, "the state directory")
 
 
-SERVICE_UID = 4242
+SERVICE_UID = OTHER_UID
 
 
 @pytest.fixture
 def service_conf() -> Iterator[Path]:
     """A config whose state directory belongs to a service user, in a place that user
-    can reach (pytest's own temporary directory is root's alone)."""
+    can reach."""
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
-    base = Path(tempfile.mkdtemp(prefix="smartmi-service-"))
-    try:
-        base.chmod(0o755)
+    with shared_dir() as base:
         (base / "state").mkdir(mode=0o700)
         os.chown(base / "state", SERVICE_UID, SERVICE_UID)
         path = base / "agent.toml"
         path.write_text(GOOD.replace('state_dir = "state"', f'state_dir = "{base / "state"}"'))
         yield path
-    finally:
-        shutil.rmtree(base)
 
 
 def as_service_user(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    os.setegid(SERVICE_UID)
-    os.seteuid(SERVICE_UID)
-    try:
+    with as_other_user(SERVICE_UID):
         return agent(conf, capsys, *argv)
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
 
 
 def test_a_verb_root_runs_leaves_files_the_service_user_can_use(
