@@ -98,6 +98,8 @@ class Device:
         self._new_id = new_id
         self._observers: list[DeviceObserver] = []
         self._in_flight: dict[str, Outgoing] = {}
+        self._shredded_now: list[tuple[DropReason, int]] = []
+        self.last_shredded = 0  # items the last plan made unreadable, their rows not yet reaped
         # In flight when their purpose was withdrawn: a PUBACK may still come for
         # them (they left the device before the withdrawal), and is then ledgered.
         self._recalled: dict[str, Outgoing] = {}
@@ -237,6 +239,7 @@ class Device:
         durable (``settle``), and the StorageError is raised for the caller to report; any
         other plan changes nothing, and a capture is dropped and counted.
         """
+        self.last_shredded = 0
         if plan.stop:
             # Before anything is written: the transport stops these purposes first, so a
             # failed write leaves them stopped rather than leaving (fail closed).
@@ -260,14 +263,26 @@ class Device:
         self.settings = settings
         if plan.capture is not None:  # counted before the drops its cap may have caused
             self._queued += 1
-        for reason, msg_ids in drops.items():
-            self._drop(msg_ids, reason)
+        self._account(drops)
         if (c := plan.capture) is not None:
             for o in self._observers:
                 o.queued(c.msg_id, c.purpose, c.captured_at)
         if plan.capture is not None or (plan.save and not plan.stop) or plan.recoarsen:
             self._tell_sendable()
         return drops
+
+    def _account(self, drops: dict[DropReason, list[str]]) -> None:
+        """Count what a plan's write removed: the rows it deleted, and the items whose
+        key it shredded (unreadable from now on; the observers hear of each when the
+        reaper deletes its row)."""
+        self.last_shredded = 0
+        for reason, shredded in self._shredded_now:
+            self._queued -= shredded
+            self.dropped[reason] += shredded
+            self.last_shredded += shredded
+        self._shredded_now = []
+        for reason, msg_ids in drops.items():
+            self._drop(msg_ids, reason)
 
     def _durably(self, write: Callable[[], _T], *, narrowing: bool) -> _T:
         """Run a write; on a full disk, a narrowing write may spend the store's reserve."""
@@ -330,8 +345,7 @@ class Device:
                     narrowing=True,
                 )
                 self._unsettled.pop(0)
-                for reason, msg_ids in drops.items():
-                    self._drop(msg_ids, reason)
+                self._account(drops)
             for msg_id, (out, at) in list(self._unrecorded.items()):
                 self._record_ack(msg_id, out, at)
                 del self._unrecorded[msg_id]
@@ -349,9 +363,16 @@ class Device:
         """The store's part of a plan, in one transaction: purge, re-coarsen, capture,
         ledger, save."""
         drops: dict[DropReason, list[str]] = {}
+        self._shredded_now = []
         with self.store.db.transaction():
             for purge in plan.purge:
-                drops.setdefault(purge.reason, []).extend(self.store.purge_purpose(purge.purpose))
+                # In flight: deleted now (a PUBACK may still come; it is ledgered). The
+                # rest: their item key is destroyed, whatever their number (P2).
+                flying = [m for m, o in self._in_flight.items() if o.purpose is purge.purpose]
+                gone = self.store.delete_items(flying)
+                shredded, legacy = self.store.shred_purpose(purge.purpose, purge.reason.value)
+                drops.setdefault(purge.reason, []).extend(gone + legacy)
+                self._shredded_now.append((purge.reason, shredded))
             if plan.drop_captured_since is not None:
                 drops.setdefault(DropReason.SUSPENDED, []).extend(
                     self.store.purge_captured_since(plan.drop_captured_since)
@@ -377,8 +398,35 @@ class Device:
         for o in self._observers:
             o.sendable()
 
+    def reap(self, limit: int = 512) -> int:
+        """Delete up to ``limit`` rows of shredded item keys (unreadable already) and tell
+        the observers; how many went. A store error waits for the next call."""
+        try:
+            done = self.store.reap(limit)
+        except StorageError as exc:
+            self._storage_failed("reaping shredded items failed; tried again later", exc)
+            return 0
+        self._tell_reaped()
+        return done
+
+    def reap_all(self) -> int:
+        """Reap until nothing shredded is left (tests, and before a run's end)."""
+        total = 0
+        while self.store.shredded_pending() and (done := self.reap(1 << 14)):
+            total += done
+        return total
+
+    def _tell_reaped(self) -> None:
+        """Shredded rows deleted (by the reaper or along with others): counted when
+        shredded, so the observers only hear of them now."""
+        for reason, msg_ids in self.store.take_reaped().items():
+            if msg_ids:
+                for o in self._observers:
+                    o.dropped(msg_ids, DropReason(reason))
+
     def _drop(self, msg_ids: list[str], reason: DropReason) -> None:
         """Account for outbox rows just deleted, and tell the observers to forget them."""
+        self._tell_reaped()
         if not msg_ids:
             return
         self.dropped[reason] += len(msg_ids)
@@ -400,6 +448,7 @@ class Device:
         # Everything personal that the transport still holds must go too. An item in
         # flight keeps its outbox row until acknowledged, so the rows name them all.
         try:
+            self.reap_all()  # shredded rows first: the observers hear of them as shredded
             doomed = self.store.msg_ids()
         except StorageError:
             doomed = [m for m, o in self._in_flight.items() if o.purpose is not None]
@@ -530,15 +579,22 @@ class Device:
         )  # fmt: skip
         return not plan.noop
 
-    def withdraw(self, purpose: Purpose, *, now: float, source: Source = "local") -> list[str]:
+    def withdraw(self, purpose: Purpose, *, now: float, source: Source = "local") -> int:
         """Withdraw consent (P2): before this returns, nothing of ``purpose`` is pending
-        anywhere; returns the msg_ids removed."""
+        anywhere; returns how many pending items were destroyed.
+
+        In one small durable write whatever their number: the purpose's item key is
+        destroyed, so its items can never be read or sent again (crypto-shredding); the
+        reaper deletes their rows later, and the observers hear of each then. Items in
+        flight are deleted at once (their PUBACK, if it comes, is ledgered).
+        """
         plan = rules.withdraw(self._decided_on(now), self.config, purpose, now=now, source=source)
-        removed = self._carry_out(plan, now).get(DropReason.WITHDRAWN, [])
+        removed = len(self._carry_out(plan, now).get(DropReason.WITHDRAWN, []))
+        removed += self.last_shredded
         log.info(
             "consent withdrawn",
             extra={"device": self.device_id, "purpose": purpose.value, "source": source,
-                   "pending_deleted": len(removed)},
+                   "pending_deleted": removed},
         )  # fmt: skip
         return removed
 
@@ -631,6 +687,8 @@ class Device:
     def _next_batch(
         self, out: list[Outgoing], *, now: float, limit: int, personal: bool
     ) -> list[Outgoing]:
+        if self.store.shredded_pending():
+            self.reap()  # a bounded batch per hand-off, until the shredded rows are gone
         if self._deletions_maybe:
             requests = self.store.deletion_requests()
             self._deletions_maybe = bool(requests)
@@ -670,6 +728,7 @@ class Device:
         """Delete every queued item past its purpose's retention (P7); how many."""
         self._last_sweep = now
         swept = 0
+        self.reap_all()
         for purpose in Purpose:
             cutoff = retention_cutoff(purpose, now)
             expired = self.store.purge_older_than(purpose, cutoff)

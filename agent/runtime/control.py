@@ -65,7 +65,7 @@ def _consent(device: Device, request: dict[str, Any], *, now: float) -> dict[str
         return done
     if request.get("action") == "withdraw":
         removed = device.withdraw(purpose, now=now)
-        return {"withdrawn": purpose.value, "pending_items_deleted": len(removed)}
+        return {"withdrawn": purpose.value, "pending_items_deleted": removed}
     raise ControlError("consent action must be grant or withdraw")
 
 

@@ -29,6 +29,14 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (device_id, msg_id)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_purpose ON outbox (device_id, purpose, captured_ms);
+CREATE TABLE IF NOT EXISTS item_keys (
+    device_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    live INTEGER NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (device_id, key_id)
+);
 CREATE TABLE IF NOT EXISTS ledger (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
@@ -67,6 +75,19 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store made by an earlier version up to this schema, in place.
+
+    ``outbox.key_id`` names the item key that sealed a row; rows from before it have
+    none and stay sealed with the data key.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "key_id" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN key_id TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS outbox_by_key ON outbox (device_id, key_id)")
+
+
 Synchronous = Literal["FULL", "NORMAL", "OFF"]
 RESERVE_BYTES: Final = 1 << 20
 
@@ -96,6 +117,7 @@ class Database:
             )
         self._depth = 0
         self._after_commit: list[Callable[[], None]] = []
+        self._undo: list[Callable[[], None]] = []
         self.ensure_reserve()
 
     def _open(self, synchronous: Synchronous) -> str:
@@ -117,6 +139,7 @@ class Database:
             # Deleted content is overwritten with zeros inside the file (P9, belt and braces).
             self.conn.execute("PRAGMA secure_delete = ON")
             self.conn.executescript(_SCHEMA)
+            _migrate(self.conn)
             return str(self.conn.execute("PRAGMA quick_check").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
             with contextlib.suppress(AttributeError, sqlite3.Error):
@@ -156,7 +179,7 @@ class Database:
         it is undone alone when it fails and the outer transaction goes on."""
         if self._depth:
             savepoint = f"sp{self._depth}"
-            pending = len(self._after_commit)
+            pending, undos = len(self._after_commit), len(self._undo)
             self._depth += 1
             try:
                 self.conn.execute(f"SAVEPOINT {savepoint}")
@@ -164,6 +187,7 @@ class Database:
                 self.conn.execute(f"RELEASE {savepoint}")
             except BaseException as exc:
                 del self._after_commit[pending:]
+                self._run_undo(undos)
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute(f"ROLLBACK TO {savepoint}")
                     self.conn.execute(f"RELEASE {savepoint}")
@@ -179,10 +203,12 @@ class Database:
             raise faults.mapped(exc, self.path) from exc
         self._depth = 1
         self._after_commit = []
+        self._undo = []
         try:
             yield self.conn
             self.conn.execute("COMMIT")
         except BaseException as exc:
+            self._run_undo(0)
             if self.conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
@@ -191,8 +217,20 @@ class Database:
             raise
         finally:
             self._depth = 0
+            self._undo = []  # committed, or already undone
         done, self._after_commit = self._after_commit, []
         for action in done:
+            action()
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` if the current transaction (or the savepoint it was registered
+        in) rolls back: in-memory figures that follow a write are put back with it."""
+        if self._depth:
+            self._undo.append(undo)
+
+    def _run_undo(self, keep: int) -> None:
+        undo, self._undo = self._undo[keep:], self._undo[:keep]
+        for action in reversed(undo):
             action()
 
     def after_commit(self, action: Callable[[], None]) -> None:

@@ -45,7 +45,7 @@ def test_a_withdrawal_that_cannot_be_written_stops_everything_until_it_is(
     seen = Recorder()
     core.watch(seen)
     with monkeypatch.context() as m:
-        refuse(m, "purge_purpose", "save_state")
+        refuse(m, "shred_purpose", "save_state")
         with pytest.raises(StorageError, match="readonly"):
             core.withdraw(D, now=rig.tick())
         # In force in memory: nothing personal is captured or handed over.

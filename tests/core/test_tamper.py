@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -215,9 +216,10 @@ def test_in_safe_mode_an_action_fails_with_the_stores_error_not_a_placeholder_ve
     core = rig.open()
     # The device is bound with diagnostics granted; the placeholder is not: a withdrawal
     # decided on it would say "not bound" and be lost once the store opens again.
-    for action in (
+    actions: tuple[Callable[[], object], ...] = (
         lambda: core.withdraw(Purpose.DIAGNOSTICS, now=rig.tick()),
         lambda: core.grant(Purpose.ACTIVATION, now=rig.tick()),
-    ):
+    )
+    for action in actions:
         with pytest.raises(StorageError, match=r"dev-1\.data\.key is corrupt"):
             action()
