@@ -487,6 +487,7 @@ class Fleet:
     def _note_pending(self) -> None:
         """What each device still holds at the end: never lost, never sent."""
         for dev in self.devices.values():
+            dev.core.reap_all()  # shredded items: the ground truth hears of each
             requests = dev.core.store.deletion_requests()
             dev.truth.deletion_requests_pending = len(requests)
             dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {r.msg_id for r in requests}

@@ -69,10 +69,11 @@ class FileKeyStore:
         return key
 
     def create(self, name: str) -> bytes:
-        """A fresh key, written durably before it is used."""
+        """A fresh key, written durably before it is used (unless the store was made for
+        a simulated fleet, whose database survives a process crash only, too)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = AESGCM.generate_key(bit_length=KEY_BYTES * 8)
-        write_private(self._path(name), key)
+        write_private(self._path(name), key, durable=self.durable)
         return key
 
     def destroy(self, name: str) -> None:
