@@ -16,16 +16,19 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from agent.config import AgentConfig
 from agent.device import RETENTION_SWEEP_S, Device, open_device
 from agent.errors import AgentError, ConfigError, StorageError
-from agent.runtime import control, metrics
+from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
 from agent.runtime.logs import setup_logging
 from agent.runtime.tls import check_identity, client_context
 from agent.runtime.transport import BrokerTarget, Transport
+
+if TYPE_CHECKING:
+    from agent.runtime.metrics import Snapshot
 
 log = logging.getLogger("smartmi.daemon")
 
@@ -128,9 +131,11 @@ async def _serve_metrics(
     (logged: metrics are never a reason for the agent not to run)."""
     if config.metrics is None:
         return None
+    from agent.runtime import metrics  # 2 MB of prometheus-client, only when asked for
+
     listen = config.metrics.listen
 
-    def snapshot() -> list[metrics.Snapshot]:
+    def snapshot() -> list[Snapshot]:
         return [
             metrics.Snapshot(
                 device.status(),
