@@ -151,7 +151,7 @@ def _certificate(path: Path, check: str, now: float, out: list[Finding]) -> x509
 def _state(config: AgentConfig) -> list[Finding]:
     state = config.state_dir
     if not state.exists():
-        parent = state.parent
+        parent = next(p for p in state.absolute().parents if p.exists())  # "/" exists
         if os.access(parent, os.W_OK):
             return [Finding("state", OK, f"{state} does not exist yet; the agent makes it 0700")]
         return [

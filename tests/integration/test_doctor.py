@@ -149,3 +149,14 @@ def test_an_unreadable_config_is_one_finding_not_a_traceback(
     assert "FAIL  config  " in captured.out
     assert "nope.toml: file not found" in captured.out
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_a_state_directory_to_be_made_inside_missing_folders_is_fine(
+    tmp_path: Path, broker: MosquittoBroker, pki: DevPki
+) -> None:
+    cert, key = own_files(tmp_path, pki)
+    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    conf.write_text(conf.read_text().replace('state_dir = "state"', 'state_dir = "a/b/state"'))
+    [state] = by_check(diagnose(conf))["state"]
+    assert state.level == OK, state
+    assert "does not exist yet; the agent makes it 0700" in state.detail
