@@ -1,0 +1,145 @@
+"""Where fleet start spends its CPU: ``python -m bench.profile [--devices N]``.
+
+Starts a Mosquitto of its own, then runs a fleet start (N agents connect, each with
+its activation acknowledged, as in the benchmark) under py-spy, and attributes every
+sample to a phase by the innermost frame that names one: TLS context and key loading,
+the TLS handshake, TLS record I/O, TCP connect, MQTT connect, subscribe, publish and
+acknowledgement, store and key writes, the simulated backend (command syncs),
+executor hops, and the event loop itself. It prints CPU microseconds per device by
+phase. py-spy samples a thread only while it runs, so the samples are CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Final
+
+from agent.core.purposes import Purpose
+from bench.fleet import _fleet, _until
+from simulator.broker import MosquittoBroker
+from simulator.pki import DevPki
+
+RATE_HZ: Final = 250
+# Innermost match wins; the patterns are substrings of py-spy's "function (file:line)".
+PHASES: Final = (
+    ("TLS context and key loading", ("load_cert_chain", "load_verify_locations", "client_context")),
+    ("TLS handshake", ("handshake",)),
+    ("TLS record I/O", ("sslproto.py", "ssl.py")),
+    ("TCP connect", ("create_connection", "sock_connect", "_connect_sock")),
+    ("store and key writes", ("agent/store/", "sqlite3", "write_private", "fsync")),
+    ("simulated backend (command syncs)", ("simulator/cloud.py", "simulator/acks.py")),
+    ("MQTT subscribe", ("subscribe",)),
+    ("MQTT publish and acknowledgement", ("publish", "_handle_pub", "puback", "on_publish")),
+    ("MQTT connect", ("connect (paho", "_send_connect", "reconnect", "__aenter__")),
+    ("MQTT packet handling", ("paho/mqtt", "aiomqtt")),
+    ("agent rules and transport", ("agent/",)),
+    ("executor hops", ("concurrent/futures", "run_in_executor", "threading.py")),
+    ("event loop", ("asyncio/",)),
+)
+
+
+def phase_of(stack: str) -> str:
+    """The phase of one collapsed stack (outermost frame first, ';'-separated)."""
+    for frame in reversed(stack.split(";")):
+        for name, patterns in PHASES:
+            if any(p in frame for p in patterns):
+                return name
+    return "other"
+
+
+def attribute(collapsed: str) -> Counter[str]:
+    """Samples per phase from py-spy's raw (collapsed) output."""
+    out: Counter[str] = Counter()
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            out[phase_of(stack)] += int(count)
+    return out
+
+
+async def _start(n: int, host: str, port: int, pki_dir: Path, workdir: Path) -> float:
+    class _Broker:  # what _fleet needs of a broker
+        def __init__(self) -> None:
+            self.host, self.port = host, port
+
+        def restart(self) -> None:
+            raise RuntimeError("no restarts while profiling")
+
+    fleet = _fleet(n, _Broker(), DevPki(pki_dir), workdir)  # type: ignore[arg-type]
+    await fleet.build()
+    devs = list(fleet.devices.values())
+    now = time.time()
+    assert fleet.db is not None  # noqa: S101
+    with fleet.db.transaction():
+        for d in devs:
+            d.core.bind(f"{d.device_id}-b", now=now)
+            d.core.grant(Purpose.ACTIVATION, now=now)
+    async with fleet.cloud.connected():
+        t0 = time.monotonic()
+        fleet.start()
+        await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
+        took = time.monotonic() - t0
+        await fleet.stop()
+    fleet.db.close()
+    return took
+
+
+def main() -> int:
+    """Profile a fleet start and print CPU microseconds per device by phase."""
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--out", default="bench/results/profile-start.txt", help="py-spy output")
+    parser.add_argument(
+        "--child", nargs=4, metavar=("HOST", "PORT", "PKI", "WORKDIR"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.child:
+        host, port, pki_dir, workdir = args.child
+        took = asyncio.run(_start(args.devices, host, int(port), Path(pki_dir), Path(workdir)))
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"{args.devices} agents up, each activation acknowledged, in {took:.1f} s")
+        print(f"cpu_s {use.ru_utime + use.ru_stime:.3f}")  # the whole process, set-up included
+        return 0
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        pki = DevPki(root / "pki").ensure()
+        with MosquittoBroker(pki) as broker:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [
+                spy, "record", "--format", "raw", "--rate", str(RATE_HZ), "--output", str(out),
+                "--", sys.executable, "-m", "bench.profile", "--devices", str(args.devices),
+                "--child", broker.host, str(broker.port), str(pki.root), str(root / "fleet"),
+            ]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr.strip()[-2000:], file=sys.stderr)
+                return 1
+    lines = done.stdout.splitlines()
+    print("\n".join(x for x in lines if not x.startswith(("cpu_s", "py-spy"))))
+    cpu_s = next(float(x.split()[1]) for x in lines if x.startswith("cpu_s"))
+    samples = attribute(out.read_text())
+    total = sum(samples.values())
+    # py-spy gives the shares (it samples every running thread); the process's own CPU
+    # time (user + system, from getrusage) gives the absolute figure.
+    per_device = cpu_s * 1e6 / args.devices
+    print(f"process CPU {cpu_s:.1f} s = {per_device:.0f} us per device (set-up included)")
+    print(f"{'phase':<36} {'CPU us/device':>14} {'share':>7}")
+    for name, count in samples.most_common():
+        print(f"{name:<36} {count / total * per_device:>14.0f} {count / total:>7.1%}")
+    print(f"({total} py-spy samples at {RATE_HZ} Hz over all threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
