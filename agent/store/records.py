@@ -423,17 +423,21 @@ class DeviceStore:
         done = 0
         for key_id, reason in list(self._dead.items()):
             self._destroy_item_key(key_id)
+            room = limit - done
             with self.db.transaction() as c:
                 gone = [
                     r[0]
                     for r in c.execute(
                         "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE "
                         "device_id = ? AND key_id = ? LIMIT ?) RETURNING msg_id",
-                        (self.device_id, key_id, limit - done),
+                        (self.device_id, key_id, room),
                     )
                 ]
                 self._count_rows(key_id, -len(gone))
-                if self._rows.get(key_id, 0) <= 0:
+                # The mark goes only once the table has no row of the key left (fewer
+                # than asked for came back), whatever the count in memory says: a row
+                # without its mark would be neither queued nor reaped.
+                if len(gone) < room:
                     c.execute(
                         "DELETE FROM item_keys WHERE device_id = ? AND key_id = ?",
                         (self.device_id, key_id),
