@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.core.identity import BACKEND_ID, UP_FILTER_ALL
+from agent.core.identity import BACKEND_ID, UP_FILTER_ALL, up_filter
 from agent.core.purposes import rfc3339
 from agent.errors import TransportError
 from agent.runtime import mqtt
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 CONNECT_WITHIN_S = 30.0  # the backend's first connection, or the run gives up
 OPERATION_TIMEOUT_S = 120.0
+SUBSCRIBE_BATCH = 500  # filters per SUBSCRIBE packet (a shard subscribes per device)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Cloud:
     # bare broker with no cloud behind it.
     answer_syncs: bool = True
     syncs_seen: int = 0
+    delivered_to_us: int = 0  # every message the broker sent this consumer, kept or not
     syncs_answered: int = 0
     # Every command issued, in order: (device_id, name, document), for replays.
     issued: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
@@ -163,7 +165,7 @@ class Cloud:
             try:
                 async with mqtt.connect(self._options(ctx)) as conn:
                     self._conn = conn
-                    await conn.subscribe(UP_FILTER_ALL, qos=1, ack_within=OPERATION_TIMEOUT_S)
+                    await self._subscribe(conn)
                     self.online.set()
                     self.online_at.append(self.clock())
                     self.connects += 1
@@ -177,9 +179,26 @@ class Cloud:
                 self._endpoint += 1
                 await asyncio.sleep(0.02)
 
+    def up_filters(self) -> list[str]:
+        """What the backend subscribes to: every uplink, or, as a shard's consumer on a
+        broker with clean sessions, only its own devices' (so the broker does not send
+        every uplink once per shard). A persistent session keeps the one wildcard: NATS
+        makes a JetStream consumer per filter."""
+        if self.devices is None or self.persistent:
+            return [UP_FILTER_ALL]
+        return [up_filter(d) for d in sorted(self.devices)]
+
+    async def _subscribe(self, conn: mqtt.Connection) -> None:
+        filters = self.up_filters()
+        for i in range(0, len(filters), SUBSCRIBE_BATCH):
+            await conn.subscribe_many(
+                filters[i : i + SUBSCRIBE_BATCH], qos=1, ack_within=OPERATION_TIMEOUT_S
+            )
+
     async def _collect(self, conn: mqtt.Connection) -> None:
         assert self._changed is not None  # noqa: S101  # set by connected()
         async for message in conn.incoming():
+            self.delivered_to_us += 1
             parts = message.topic.split("/")
             if self.devices is not None and (len(parts) < 3 or parts[2] not in self.devices):
                 continue  # another shard's device: its own backend consumer records it

@@ -105,3 +105,8 @@ def down_filter(device_id: str) -> str:
 
 
 UP_FILTER_ALL: Final = f"{TOPIC_ROOT}/+/up/+"
+
+
+def up_filter(device_id: str) -> str:
+    """The subscription filter of one device's uplink (a backend consumer of a shard)."""
+    return f"{TOPIC_ROOT}/{device_id}/up/+"

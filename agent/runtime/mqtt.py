@@ -152,6 +152,12 @@ class Connection:
         timeout by default)."""
         await self._client.subscribe(topic_filter, qos=qos, timeout=ack_within)
 
+    async def subscribe_many(
+        self, topic_filters: list[str], qos: int = 1, *, ack_within: float | None = None
+    ) -> None:
+        """Subscribe to several filters in one SUBSCRIBE, waiting for its SUBACK."""
+        await self._client.subscribe([(f, qos) for f in topic_filters], timeout=ack_within)
+
     def publish_nowait(self, topic: str, payload: bytes) -> int:
         """Hand a QoS 1 PUBLISH to the client; its PUBACK comes to ``on_puback``."""
         info = self._paho.publish(topic, payload, qos=1)

@@ -3,14 +3,19 @@ one checker over all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from agent.core.identity import backend_id, up_filter
+from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
 from simulator.cli import main
+from simulator.cloud import Cloud
 from simulator.pki import DevPki
+from tests.mqtt_probe import PahoClient
 from tests.prometheus import prometheus_samples
 
 SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
@@ -120,3 +125,38 @@ def test_the_runs_directory_keeps_the_last_few(tmp_path: Path) -> None:
     assert not made[0].exists()
     new_run_dir(tmp_path, "shard", prune=False)  # a shard leaves its siblings alone
     assert len(list((tmp_path / "runs").iterdir())) == KEEP_RUNS + 1
+
+
+@pytest.mark.asyncio
+async def test_a_shards_consumer_is_sent_only_its_own_devices_uplink(
+    broker: MosquittoBroker, pki: DevPki
+) -> None:
+    """On a broker with clean sessions, each consumer subscribes per device: the broker
+    does not send every uplink once per shard."""
+    ours, theirs = "shard-own-1", "shard-other-1"
+    pki.ensure_devices([ours, theirs])
+    ident = pki.backend_consumer(1)
+    cloud = Cloud(
+        broker.host,
+        broker.port,
+        pki,
+        tls=client_context(pki.ca_cert, ident.cert, ident.key),
+        client_id=backend_id(1),
+    )
+    cloud.devices = frozenset({ours})
+    assert cloud.up_filters() == [up_filter(ours)]
+    async with cloud.connected():
+        for device in (theirs, ours):
+            await asyncio.to_thread(publish_as, broker, pki, device)
+        async with asyncio.timeout(10):
+            await cloud.wait_for(lambda got: any(r.device_id == ours for r in got))
+        await asyncio.sleep(0.5)  # time for the other device's message, were it sent
+    assert cloud.delivered_to_us == 1
+    assert [r.device_id for r in cloud.received] == [ours]
+
+
+def publish_as(broker: MosquittoBroker, pki: DevPki, device_id: str) -> None:
+    client = PahoClient(broker, pki.ca_cert, pki.device(device_id), device_id)
+    client.connect()
+    client.publish(f"smartmi/v1/{device_id}/up/crash", b'{"msg_id": "m"}')
+    client.close()
