@@ -60,6 +60,20 @@ _T = TypeVar("_T")
 __all__ = ["CoreConfig", "CrashReport", "Device", "DeviceObserver", "open_device"]
 
 
+@dataclasses.dataclass(slots=True)
+class Removed:
+    """What a plan's write took out of the outbox, by reason: rows deleted (their
+    msg_ids), and items made unreadable by shredding their key (counts; their rows go
+    with the reaper, and the observers hear of each then)."""
+
+    deleted: dict[DropReason, list[str]] = dataclasses.field(default_factory=dict)
+    shredded: dict[DropReason, int] = dataclasses.field(default_factory=dict)
+
+    def count(self, reason: DropReason) -> int:
+        """How many items left the outbox for ``reason``, either way."""
+        return len(self.deleted.get(reason, [])) + self.shredded.get(reason, 0)
+
+
 class DeviceObserver(Protocol):
     """What a device tells the layers around it."""
 
@@ -98,8 +112,6 @@ class Device:
         self._new_id = new_id
         self._observers: list[DeviceObserver] = []
         self._in_flight: dict[str, Outgoing] = {}
-        self._shredded_now: list[tuple[DropReason, int]] = []
-        self.last_shredded = 0  # items the last plan made unreadable, their rows not yet reaped
         # In flight when their purpose was withdrawn: a PUBACK may still come for
         # them (they left the device before the withdrawal), and is then ledgered.
         self._recalled: dict[str, Outgoing] = {}
@@ -231,15 +243,14 @@ class Device:
         return list(self._in_flight)
 
     # -- carrying out a plan -------------------------------------------------
-    def _carry_out(self, plan: Plan, now: float) -> dict[DropReason, list[str]]:
+    def _carry_out(self, plan: Plan, now: float) -> Removed:
         """Write ``plan`` in one transaction, then stop what may not leave and tell observers.
 
-        Returns the msg_ids the plan dropped, by reason. When the write fails a narrowing
+        Returns what the plan removed from the outbox. When the write fails a narrowing
         plan still takes effect in memory, everything personal stays stopped until it is
         durable (``settle``), and the StorageError is raised for the caller to report; any
         other plan changes nothing, and a capture is dropped and counted.
         """
-        self.last_shredded = 0
         if plan.stop:
             # Before anything is written: the transport stops these purposes first, so a
             # failed write leaves them stopped rather than leaving (fail closed).
@@ -250,38 +261,35 @@ class Device:
                 assert self.storage_problem is not None  # noqa: S101  # settle sets it
                 raise self.storage_problem
             if plan.wipe is not None:
-                return {DropReason.WIPED: self._wipe(plan)}
+                return Removed({DropReason.WIPED: self._wipe(plan)})
             settings = plan.settings
             if plan.save:  # the record names the firmware that wrote it
                 settings = dataclasses.replace(
                     settings, firmware_version=self.config.firmware_version
                 )
-            drops = self._durably(lambda: self._write(plan, settings), narrowing=plan.narrows)
+            removed = self._durably(lambda: self._write(plan, settings), narrowing=plan.narrows)
         except StorageError as exc:
             self._failed(plan, exc)
             raise
         self.settings = settings
         if plan.capture is not None:  # counted before the drops its cap may have caused
             self._queued += 1
-        self._account(drops)
+        self._account(removed)
         if (c := plan.capture) is not None:
             for o in self._observers:
                 o.queued(c.msg_id, c.purpose, c.captured_at)
         if plan.capture is not None or (plan.save and not plan.stop) or plan.recoarsen:
             self._tell_sendable()
-        return drops
+        return removed
 
-    def _account(self, drops: dict[DropReason, list[str]]) -> None:
+    def _account(self, removed: Removed) -> None:
         """Count what a plan's write removed: the rows it deleted, and the items whose
         key it shredded (unreadable from now on; the observers hear of each when the
         reaper deletes its row)."""
-        self.last_shredded = 0
-        for reason, shredded in self._shredded_now:
+        for reason, shredded in removed.shredded.items():
             self._queued -= shredded
             self.dropped[reason] += shredded
-            self.last_shredded += shredded
-        self._shredded_now = []
-        for reason, msg_ids in drops.items():
+        for reason, msg_ids in removed.deleted.items():
             self._drop(msg_ids, reason)
 
     def _durably(self, write: Callable[[], _T], *, narrowing: bool) -> _T:
@@ -340,12 +348,12 @@ class Device:
                 self._finish_wipe(self._wipe_pending)
             while self._unsettled:
                 plan = self._unsettled[0]
-                drops = self._durably(
+                removed = self._durably(
                     lambda plan=plan: self._write(plan, plan.settings, control=True),  # type: ignore[misc]
                     narrowing=True,
                 )
                 self._unsettled.pop(0)
-                self._account(drops)
+                self._account(removed)
             for msg_id, (out, at) in list(self._unrecorded.items()):
                 self._record_ack(msg_id, out, at)
                 del self._unrecorded[msg_id]
@@ -357,13 +365,11 @@ class Device:
         self._tell_sendable()
         return True
 
-    def _write(
-        self, plan: Plan, settings: Settings, *, control: bool = False
-    ) -> dict[DropReason, list[str]]:
+    def _write(self, plan: Plan, settings: Settings, *, control: bool = False) -> Removed:
         """The store's part of a plan, in one transaction: purge, re-coarsen, capture,
         ledger, save."""
-        drops: dict[DropReason, list[str]] = {}
-        self._shredded_now = []
+        removed = Removed()
+        drops = removed.deleted
         with self.store.db.transaction():
             for purge in plan.purge:
                 # In flight: deleted now (a PUBACK may still come; it is ledgered). The
@@ -372,7 +378,7 @@ class Device:
                 gone = self.store.delete_items(flying)
                 shredded, legacy = self.store.shred_purpose(purge.purpose, purge.reason.value)
                 drops.setdefault(purge.reason, []).extend(gone + legacy)
-                self._shredded_now.append((purge.reason, shredded))
+                removed.shredded[purge.reason] = removed.shredded.get(purge.reason, 0) + shredded
             if plan.drop_captured_since is not None:
                 drops.setdefault(DropReason.SUSPENDED, []).extend(
                     self.store.purge_captured_since(plan.drop_captured_since)
@@ -392,7 +398,7 @@ class Device:
                 self.store.save_state(settings.to_json())
             if control or settings.control != self.settings.control:
                 self.store.save_control(settings.control.to_json())
-        return drops
+        return removed
 
     def _tell_sendable(self) -> None:
         for o in self._observers:
@@ -589,8 +595,7 @@ class Device:
         flight are deleted at once (their PUBACK, if it comes, is ledgered).
         """
         plan = rules.withdraw(self._decided_on(now), self.config, purpose, now=now, source=source)
-        removed = len(self._carry_out(plan, now).get(DropReason.WITHDRAWN, []))
-        removed += self.last_shredded
+        removed = self._carry_out(plan, now).count(DropReason.WITHDRAWN)
         log.info(
             "consent withdrawn",
             extra={"device": self.device_id, "purpose": purpose.value, "source": source,

@@ -224,45 +224,53 @@ class CrashDirCollector:
         return found
 
     def scan(self, now: float) -> int:
-        """Process every waiting crash file once; returns how many were captured."""
+        """Process every waiting crash file once; returns how many were captured. A file
+        that cannot be renamed or removed ends this scan, logged with its directory."""
         done = 0
         for path in self._candidates():
             try:
-                signature, stack, uptime = parse_crash_file(read_crash_file(path))
-            except (OSError, ValueError) as exc:
-                self.invalid += 1
-                log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
-                path.rename(path.with_name(path.name + ".invalid"))
-                continue
-            if self.device.decide(Purpose.DIAGNOSTICS).allowed:
-                report = with_network(signature, stack, uptime or max(0.0, now - self.started))
-                try:
-                    self.device.capture_crash(report, now=now)
-                except SchemaError as exc:
-                    self.invalid += 1
-                    log.warning(
-                        "crash report refused", extra={"file": path.name, "error": str(exc)}
-                    )
-                    path.rename(path.with_name(path.name + ".invalid"))
-                    continue
-                except StorageError as exc:
-                    # Dropped and counted by the device (never half-written); the file
-                    # goes, so a full disk does not fill with a backlog of crashes.
-                    log.warning(
-                        "crash dropped: the store refused it",
-                        extra={"file": path.name, "kind": exc.kind},
-                    )
-                except AgentError as exc:
-                    log.warning("crash not captured", extra={"error": str(exc)})
-                    continue  # left in place, tried again on the next scan
-                else:
-                    self.captured += 1
-                    done += 1
-                path.unlink(missing_ok=True)
-                continue
+                done += self._take(path, now)
+            except OSError as exc:
+                _unusable(path.parent, exc)
+                break
+        return done
+
+    def _take(self, path: Path, now: float) -> int:
+        """Capture, refuse or discard one crash file; 1 if it was captured."""
+        try:
+            signature, stack, uptime = parse_crash_file(read_crash_file(path))
+        except (OSError, ValueError) as exc:
+            self.invalid += 1
+            log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
+            path.rename(path.with_name(path.name + ".invalid"))
+            return 0
+        if not self.device.decide(Purpose.DIAGNOSTICS).allowed:
             self.discarded += 1  # P1: not collected without diagnostics consent
             path.unlink(missing_ok=True)
-        return done
+            return 0
+        report = with_network(signature, stack, uptime or max(0.0, now - self.started))
+        try:
+            self.device.capture_crash(report, now=now)
+        except SchemaError as exc:
+            self.invalid += 1
+            log.warning("crash report refused", extra={"file": path.name, "error": str(exc)})
+            path.rename(path.with_name(path.name + ".invalid"))
+            return 0
+        except StorageError as exc:
+            # Dropped and counted by the device (never half-written); the file goes, so
+            # a full disk does not fill with a backlog of crashes.
+            log.warning(
+                "crash dropped: the store refused it",
+                extra={"file": path.name, "kind": exc.kind},
+            )
+            path.unlink(missing_ok=True)
+            return 0
+        except AgentError as exc:
+            log.warning("crash not captured", extra={"error": str(exc)})
+            return 0  # left in place, tried again on the next scan
+        self.captured += 1
+        path.unlink(missing_ok=True)
+        return 1
 
     async def run(self, interval: float = 5.0) -> None:
         """Scan every ``interval`` seconds (a stat of one directory: no busy polling).
@@ -271,10 +279,7 @@ class CrashDirCollector:
         ends the daemon.
         """
         while True:
-            try:
-                self.scan(time.time())
-            except OSError as exc:
-                _unusable(Path(exc.filename or "?").parent, exc)
+            self.scan(time.time())  # logs what it cannot use, never raises OSError
             await asyncio.sleep(interval)
 
 
