@@ -126,18 +126,12 @@ class MetricsSection(_Section):
     @field_validator("listen")
     @classmethod
     def _local(cls, value: str) -> str:
-        if value.startswith("unix:"):
-            if not value.removeprefix("unix:"):
-                raise ValueError(
-                    "unix: needs a socket path, e.g. unix:/run/smartmi-agent/metrics.sock"
-                )
+        where = listen_address(value)
+        if isinstance(where, Path):
             return value
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
-        bare = host.strip("[]")
+        host = where[0]
         try:
-            loopback = bare == "localhost" or ipaddress.ip_address(bare).is_loopback
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
         if not loopback:
@@ -146,6 +140,19 @@ class MetricsSection(_Section):
                 "localhost) or a unix: socket only"
             )
         return value
+
+
+def listen_address(value: str) -> Path | tuple[str, int]:
+    """``unix:PATH`` as its path, or ``HOST:PORT`` as the host (IPv6 without its
+    brackets) and the port; ValueError naming the problem otherwise."""
+    if value.startswith("unix:"):
+        if not value.removeprefix("unix:"):
+            raise ValueError("unix: needs a socket path, e.g. unix:/run/smartmi-agent/metrics.sock")
+        return Path(value.removeprefix("unix:"))
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT with a port from 1 to 65535")
+    return host.strip("[]"), int(port)
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -280,7 +287,8 @@ def load_config(path: Path) -> AgentConfig:
             }
         )
     metrics = config.metrics
-    if metrics is not None and metrics.listen.startswith("unix:"):
-        where = Path(metrics.listen.removeprefix("unix:"))
-        metrics = MetricsSection(listen=f"unix:{where if where.is_absolute() else base / where}")
+    if metrics is not None:
+        where = listen_address(metrics.listen)
+        if isinstance(where, Path) and not where.is_absolute():
+            metrics = MetricsSection(listen=f"unix:{base / where}")
     return config.model_copy(update={"paths": paths, "broker": broker, "metrics": metrics})

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from agent.config import listen_address
 from agent.core.purposes import Purpose
 from agent.runtime.control import private_unix_server
 
@@ -170,12 +171,11 @@ async def serve(listen: str, registry: CollectorRegistry) -> asyncio.Server:
         finally:
             writer.close()
 
-    if listen.startswith("unix:"):
-        return await private_unix_server(
-            Path(listen.removeprefix("unix:")), client, limit=MAX_REQUEST_HEAD
-        )
-    host, _, port = listen.rpartition(":")
-    return await asyncio.start_server(client, host.strip("[]"), int(port), limit=MAX_REQUEST_HEAD)
+    where = listen_address(listen)
+    if isinstance(where, Path):
+        return await private_unix_server(where, client, limit=MAX_REQUEST_HEAD)
+    host, port = where
+    return await asyncio.start_server(client, host, port, limit=MAX_REQUEST_HEAD)
 
 
 def _answer(head: bytes, registry: CollectorRegistry) -> tuple[str, bytes, str]:
