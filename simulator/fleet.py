@@ -473,16 +473,13 @@ class Fleet:
             raise CommandRejected("not-a-cloud-command", e.action)
 
     # -- running ---------------------------------------------------------------------------
-    async def _report_progress(self, phase: list[str]) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            up = sum(d.transport.connected.is_set() for d in self.devices.values())
-            queued = sum(d.core.queued_count() for d in self.devices.values())
-            self._say(
-                f"[{time.time() - self._t0:6.1f}s] {phase[0]:<9} connected {up}/{len(self.devices)}"
-                f"  events {self._events_played}/{self._events_total}"
-                f"  queued {queued}  received {len(self.cloud.received)}"
-            )
+    def _report_progress(self, phase: str, up: int) -> None:
+        queued = sum(d.core.queued_count() for d in self.devices.values())
+        self._say(
+            f"[{time.time() - self._t0:6.1f}s] {phase:<9} connected {up}/{len(self.devices)}"
+            f"  events {self._events_played}/{self._events_total}"
+            f"  queued {queued}  received {len(self.cloud.received)}"
+        )
 
     def _note_pending(self) -> None:
         """What each device still holds at the end: never lost, never sent."""
@@ -492,18 +489,22 @@ class Fleet:
             dev.truth.deletion_requests_pending = len(requests)
             dev.truth.pending_at_end = set(dev.core.store.msg_ids()) | {r.msg_id for r in requests}
 
-    async def _sample(self, interval: float = 1.0) -> None:
-        """The fleet's state over time, for the HTML report's charts."""
+    async def _sample(self, phase: list[str], interval: float = 1.0) -> None:
+        """The fleet's state once a second, for the HTML report's charts, and the
+        progress line from the same figures."""
         while True:
             transports = [d.transport for d in self.devices.values()]
+            up = sum(t.connected.is_set() for t in transports)
             self.stats.samples.append(
                 (
                     round(time.time(), 3),
-                    sum(t.connected.is_set() for t in transports),
+                    up,
                     sum(t.stats.published for t in transports),
                     sum(t.stats.acknowledged for t in transports),
                 )
             )
+            if self.progress:
+                self._report_progress(phase[0], up)
             await asyncio.sleep(interval)
 
     async def run(self) -> None:
@@ -511,12 +512,7 @@ class Fleet:
         self.stats.rss_baseline_kib = rss_kib()
         self._t0 = self.stats.started_at = time.time()
         phase = ["building"]
-        ticker = (
-            asyncio.create_task(self._report_progress(phase), name="progress")
-            if self.progress
-            else None
-        )
-        sampler = asyncio.create_task(self._sample(), name="sampler")
+        sampler = asyncio.create_task(self._sample(phase), name="sampler")
         try:
             await self.build()
             async with self.cloud.connected():
@@ -552,11 +548,9 @@ class Fleet:
             # Whatever ended the run, the transports stop for good: a cancellation alone
             # may come back as an MQTT error and leave them reconnecting.
             await self.stop()
-            for task in (ticker, sampler):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             for proxy in self.proxies.values():
                 await proxy.close()
             if self.keep_status:
