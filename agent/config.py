@@ -161,6 +161,12 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname, parts.port or 8883
 
 
+def mqtts_host_port(url: str) -> tuple[str, int]:
+    """Host and port (8883 by default) of an ``mqtts://`` URL; ValueError naming the
+    problem if it is not one."""
+    return _host_port(_mqtts_url(url))
+
+
 def _mqtts_url(value: str) -> str:
     """``value`` if it is an ``mqtts://`` URL with a host and a valid port."""
     parts = urlsplit(value)

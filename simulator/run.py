@@ -18,8 +18,8 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit
 
+from agent.config import mqtts_host_port
 from agent.core.identity import MAX_BACKENDS, up_topic
 from agent.errors import ConfigError, TransportError
 from agent.runtime import metrics, mqtt
@@ -118,13 +118,10 @@ class ExternalBroker:
 
 
 def _host_port(option: str, url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "mqtts" or not parts.hostname:
-        raise ConfigError(f"{option} must be an mqtts:// URL, not {url!r}")
     try:
-        return parts.hostname, parts.port or 8883
+        return mqtts_host_port(url)
     except ValueError as exc:
-        raise ConfigError(f"{option} {url!r}: {exc}") from None
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
