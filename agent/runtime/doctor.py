@@ -30,8 +30,8 @@ from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, ConfigError
 from agent.runtime import control
 from agent.runtime.tls import check_identity, classify_tls_error, client_context
-from agent.store.fsutil import require_private_dir, require_private_file
-from agent.store.statedir import require_own_files
+from agent.store.fsutil import require_private_file
+from agent.store.statedir import require_usable
 
 OK: Final = "ok"
 WARN: Final = "warn"
@@ -163,8 +163,7 @@ def _state(config: AgentConfig) -> list[Finding]:
             )
         ]
     try:
-        require_private_dir(state, "the state directory")
-        require_own_files(state)
+        require_usable(state)
     except AgentError as exc:
         return [Finding("state", FAIL, str(exc), _fix_of(exc))]
     except OSError as exc:

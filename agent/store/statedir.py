@@ -22,10 +22,7 @@ def locked(state_dir: Path) -> Iterator[None]:
     """
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        require_private_dir(state_dir, "the state directory")
-        if (state_dir / "keys").exists():
-            require_private_dir(state_dir / "keys", "the data key directory")
-        require_own_files(state_dir)
+        require_usable(state_dir)
         fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise faults.mapped(exc, state_dir) from exc
@@ -41,7 +38,16 @@ def locked(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def require_own_files(state_dir: Path) -> None:
+def require_usable(state_dir: Path) -> None:
+    """UnsafePermissions, naming the fix, unless this user alone controls the state
+    directory and its key directory, and every file in them is this user's."""
+    require_private_dir(state_dir, "the state directory")
+    if (state_dir / "keys").exists():
+        require_private_dir(state_dir / "keys", "the data key directory")
+    _require_own_files(state_dir)
+
+
+def _require_own_files(state_dir: Path) -> None:
     """Refuse, with the fix, a state directory holding files another user made.
 
     Root may act on the service user's files, but not the other way round: a file

@@ -160,3 +160,17 @@ def test_a_state_directory_to_be_made_inside_missing_folders_is_fine(
     [state] = by_check(diagnose(conf))["state"]
     assert state.level == OK, state
     assert "does not exist yet; the agent makes it 0700" in state.detail
+
+
+def test_a_key_directory_others_can_write_is_named(
+    tmp_path: Path, broker: MosquittoBroker, pki: DevPki
+) -> None:
+    cert, key = own_files(tmp_path, pki)
+    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    (tmp_path / "state" / "keys").mkdir(parents=True, mode=0o700)
+    (tmp_path / "state").chmod(0o700)
+    (tmp_path / "state" / "keys").chmod(0o777)
+    [state] = by_check(diagnose(conf))["state"]
+    assert state.level == FAIL
+    assert "(the data key directory) has mode 0777" in state.detail
+    assert state.fix == f"chmod 700 {tmp_path / 'state' / 'keys'}"
