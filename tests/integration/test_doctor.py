@@ -55,6 +55,12 @@ def own_files(root: Path, pki: DevPki, device: str = DEVICE) -> tuple[Path, Path
     return cert, key
 
 
+def sound_install(root: Path, broker: MosquittoBroker, pki: DevPki) -> Path:
+    """A config that passes every check: the device's own files, the broker's CA."""
+    cert, key = own_files(root, pki)
+    return write_config(root, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+
+
 def by_check(findings: list[Finding]) -> dict[str, list[Finding]]:
     out: dict[str, list[Finding]] = {}
     for f in findings:
@@ -71,8 +77,7 @@ def free_port() -> int:
 def test_a_sound_install_passes_every_check(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cert, key = own_files(tmp_path, pki)
-    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    conf = sound_install(tmp_path, broker, pki)
     assert main(["doctor", "--config", str(conf)]) == 0
     out = capsys.readouterr().out
     assert "everything checked is fine" in out
@@ -130,8 +135,7 @@ def test_a_foreign_ca_and_a_foreign_client_certificate_are_told_apart(
 def test_a_clock_before_the_certificate_is_named(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki
 ) -> None:
-    cert, key = own_files(tmp_path, pki)
-    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    conf = sound_install(tmp_path, broker, pki)
     past = dt.datetime(2020, 1, 1, tzinfo=dt.UTC).timestamp()
     found = by_check(diagnose(conf, now=past))
     [leaf] = found["certificate"]
@@ -154,8 +158,7 @@ def test_an_unreadable_config_is_one_finding_not_a_traceback(
 def test_a_state_directory_to_be_made_inside_missing_folders_is_fine(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki
 ) -> None:
-    cert, key = own_files(tmp_path, pki)
-    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    conf = sound_install(tmp_path, broker, pki)
     conf.write_text(conf.read_text().replace('state_dir = "state"', 'state_dir = "a/b/state"'))
     [state] = by_check(diagnose(conf))["state"]
     assert state.level == OK, state
@@ -165,8 +168,7 @@ def test_a_state_directory_to_be_made_inside_missing_folders_is_fine(
 def test_a_key_directory_others_can_write_is_named(
     tmp_path: Path, broker: MosquittoBroker, pki: DevPki
 ) -> None:
-    cert, key = own_files(tmp_path, pki)
-    conf = write_config(tmp_path, url=broker.url, ca=pki.ca_cert, cert=cert, key=key)
+    conf = sound_install(tmp_path, broker, pki)
     (tmp_path / "state" / "keys").mkdir(parents=True, mode=0o700)
     (tmp_path / "state").chmod(0o700)
     (tmp_path / "state" / "keys").chmod(0o777)
