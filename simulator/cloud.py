@@ -88,6 +88,9 @@ class Cloud:
     # Answer the devices' command syncs (SPEC §3); a test turns this off to play a
     # bare broker with no cloud behind it.
     answer_syncs: bool = True
+    # The sync requests left unanswered while ``answer_syncs`` was off, in arrival
+    # order: (device_id, payload); ``answer_held`` answers one late.
+    held_syncs: list[tuple[str, bytes]] = field(default_factory=list)
     syncs_seen: int = 0
     delivered_to_us: int = 0  # every message the broker sent this consumer, kept or not
     syncs_answered: int = 0
@@ -207,6 +210,8 @@ class Cloud:
                 self.syncs_seen += 1
                 if self.answer_syncs:
                     self._answer(parts[2], payload)
+                else:
+                    self.held_syncs.append((parts[2], payload))
             elif len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
                 self.received.append(Received(parts[2], parts[4], payload, self.clock()))
             async with self._changed:
@@ -218,6 +223,10 @@ class Cloud:
         async with self._changed:
             await self._changed.wait_for(lambda: predicate(self.received))
         return self.received
+
+    def answer_held(self, index: int) -> None:
+        """Answer a sync request that was held (``answer_syncs`` off), late."""
+        self._answer(*self.held_syncs[index])
 
     def _answer(self, device_id: str, payload: bytes) -> None:
         """Answer a device's command sync behind every command issued to it before."""

@@ -168,7 +168,10 @@ class Transport:
         self._wake = asyncio.Event()
         self._conn: mqtt.Connection | None = None
         self._flying: dict[int, Outgoing] = {}  # paho mid -> item, on this connection
-        self._sync: tuple[str, float] | None = None  # (sync_id, sent at) awaiting its answer
+        # This connection's command sync requests awaiting an answer: sync_id -> sent at.
+        # Any of them answered is enough (each covers every command issued before this
+        # connection); a request from an earlier connection is not.
+        self._syncs: dict[str, float] = {}
         self._paused_until = 0.0
         self._refusals = 0
         self._stopping = False
@@ -309,7 +312,7 @@ class Transport:
         self.synced.clear()
         self.idle.clear()
         self._conn = None
-        self._sync = None
+        self._syncs.clear()
         self._flying.clear()
         self.device.connection_lost(now=self.clock())
 
@@ -320,7 +323,7 @@ class Transport:
         while not self.synced.is_set():
             sync_id = uuid.uuid4().hex
             sent = self.clock()
-            self._sync = (sync_id, sent)
+            self._syncs[sync_id] = sent
             body = {"sync_id": sync_id, "device_id": self.device_id, "sent_at": rfc3339(sent)}
             conn.publish_nowait(up_topic(self.device_id, "sync"), json.dumps(body).encode())
             conn.flush()
@@ -335,13 +338,13 @@ class Transport:
 
     def _sync_answered(self, payload: bytes, now: float) -> None:
         answer = commands.parse_sync(payload)
-        if self._sync is None or answer.sync_id != self._sync[0]:
-            return  # an answer to an earlier connection's request
-        sent = self._sync[1]
+        sent = self._syncs.get(answer.sync_id)
+        if sent is None:
+            return  # an answer to an earlier connection's request, or a repeated one
         clock = Clock.from_sync(sent, parse_rfc3339(answer.now), now)
         self.device.clock_compared(clock, now=now)
         self.stats.syncs += 1
-        self._sync = None
+        self._syncs.clear()
         self.synced.set()
         log.info(
             "commands synced",
