@@ -115,6 +115,8 @@ class LastErrorLog(logging.LoggerAdapter[logging.Logger]):
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level >= logging.ERROR:
             self.last_error = str(msg) % args if args else str(msg)
+        elif not self.logger.isEnabledFor(level):
+            return  # paho logs every packet at DEBUG: the cheapest way out
         super().log(level, msg, *args, **kwargs)
 
 
