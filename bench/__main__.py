@@ -39,7 +39,8 @@ def main() -> int:  # one local per figure
     args = parser.parse_args()
     # Thousands of devices log each reconnect; the table is the output here.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("smartmi.transport").setLevel(logging.CRITICAL)
+    for name in ("smartmi.transport", "smartmi.mqtt"):  # paho's lines on a broker restart
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if args.quick:
         args.devices, args.throughput_seconds, args.idle_seconds = 1000, 10.0, 10.0
     rows: list[dict[str, Any]] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import ssl
 import sys
@@ -45,6 +46,7 @@ from simulator.pki import DevPki
 from simulator.scenario import FAULTS, Event, Group, Scenario
 
 _T = TypeVar("_T")
+log = logging.getLogger("smartmi.sim")
 
 
 def rss_kib() -> int:
@@ -202,6 +204,7 @@ class Fleet:
         self.proxies: dict[str, FaultProxy] = {}
         self.stats = FleetStats()
         self.db: Database | None = None
+        self._keys: FileKeyStore | None = None  # the devices' keys, from build()
         # Every device's status at the end, for a metrics file (--metrics); only when
         # asked, as it reads every device's store once more.
         self.keep_status = False
@@ -298,6 +301,7 @@ class Fleet:
             done, _ = await asyncio.wait([dev.task], timeout=STOP_WAIT_S)
             if not done:
                 self.stats.stuck_stops += 1
+        assert self._keys is not None  # noqa: S101  # built
         self._power_on(dev, self._keys)
         dev.task = asyncio.create_task(dev.transport.run(), name=dev.device_id)
 
@@ -505,7 +509,18 @@ class Fleet:
             )
             if self.progress:
                 self._report_progress(phase[0], up)
+            self._flush_counters()
             await asyncio.sleep(interval)
+
+    def _flush_counters(self) -> None:
+        """Write the store's rollback counters advanced since the last time (the fleet's
+        key store keeps them in memory between flushes)."""
+        if self._keys is None:
+            return
+        try:
+            self._keys.flush()
+        except AgentError as exc:  # they lag, which is never a false alarm: try again later
+            log.warning("rollback counters not written", extra={"error": str(exc)})
 
     async def run(self) -> None:
         """Build, connect, play the timeline, drain; the truths and cloud hold the results."""
@@ -640,3 +655,4 @@ class Fleet:
             self.stats.stuck_stops += len(stuck)
         for dev in self.devices.values():
             dev.task = None
+        self._flush_counters()
