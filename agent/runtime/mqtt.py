@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -178,6 +179,25 @@ class _Client(aiomqtt.Client):
                 waiter.set_exception(TransportError("the connection ended before the PUBACK"))
 
 
+def _incoming(message: aiomqtt.Message) -> Incoming:
+    payload = message.payload
+    return Incoming(
+        message.topic.value,
+        bytes(payload) if isinstance(payload, bytes | bytearray) else None,
+        message.mid,
+        message.qos,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _connect_properties(session_expiry_s: int) -> Properties:
+    """CONNECT's properties, one object for every connection with the same expiry: paho
+    only reads them, and each Properties builds a table of its own (2 KiB a device)."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    return props
+
+
 def _more_to_read(sock: Any, fd: int) -> bool:
     """Whether the socket (still ``fd``) holds more bytes, decrypted or not, right now."""
     if not isinstance(sock, socket.socket) or sock.fileno() != fd:
@@ -259,16 +279,15 @@ class Connection:
         way, about 300 a second, and fell a minute behind its broker.
         """
         queue: asyncio.Queue[aiomqtt.Message] = self._client._queue  # aiomqtt 2.5.1
-        async for first in self._client.messages:
-            message: aiomqtt.Message | None = first
+        messages = self._client.messages
+        while True:
+            message: aiomqtt.Message | None = await anext(messages)
             while message is not None:
-                payload = message.payload
-                yield Incoming(
-                    message.topic.value,
-                    bytes(payload) if isinstance(payload, bytes | bytearray) else None,
-                    message.mid,
-                    message.qos,
-                )
+                incoming = _incoming(message)
+                # Nothing of paho's is held while the caller has the message (or waits
+                # for the next): its properties cost 2 KiB a device.
+                message = None
+                yield incoming
                 try:
                     message = queue.get_nowait()
                 except asyncio.QueueEmpty:
@@ -361,10 +380,7 @@ async def connect(
     """
     o = options
     v5 = o.protocol == "v5"
-    props = None
-    if v5 and o.persistent:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = o.session_expiry_s
+    props = _connect_properties(o.session_expiry_s) if v5 and o.persistent else None
     log = logger or LastErrorLog("smartmi.mqtt", {"client": o.client_id})
     kwargs: dict[str, Any] = {
         "identifier": o.client_id,
