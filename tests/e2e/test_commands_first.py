@@ -98,7 +98,8 @@ async def test_without_an_answer_to_the_sync_personal_data_waits(
         assert kinds(cloud, agent) == ["deletion-request"]  # it may leave at once
         assert not transport.status()["commands_synced"]
         assert agent.core.queued_count() == 1  # held, not dropped
-        cloud.answer_syncs = True  # the cloud is back: the next sync request is answered
+        cloud.answer_syncs = True  # the cloud is back and answers the request it held
+        cloud.answer_held(-1)
         await agent.synced()
         await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 2)
         assert sorted(kinds(cloud, agent)) == ["crash", "deletion-request"]
