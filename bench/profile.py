@@ -7,25 +7,33 @@ the TLS handshake, TLS record I/O, TCP connect, MQTT connect, subscribe, publish
 acknowledgement, store and key writes, the simulated backend (command syncs),
 executor hops, and the event loop itself. It prints CPU microseconds per device by
 phase. py-spy samples a thread only while it runs, so the samples are CPU time.
+
+``--memory`` runs the same start without py-spy and prints the memory per device after
+building and after the start: resident (from /proc) and Python objects (tracemalloc);
+the difference is C memory (OpenSSL, SQLite) and the allocator's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 from agent.core.purposes import Purpose
 from bench.fleet import _fleet, _until
 from simulator.broker import MosquittoBroker
+from simulator.fleet import rss_kib
 from simulator.pki import DevPki
 
 RATE_HZ: Final = 250
@@ -66,7 +74,15 @@ def attribute(collapsed: str) -> Counter[str]:
     return out
 
 
-async def _start(n: int, host: str, port: int, pki_dir: Path, workdir: Path) -> float:
+async def _start(
+    n: int,
+    host: str,
+    port: int,
+    pki_dir: Path,
+    workdir: Path,
+    *,
+    probe: Callable[[str], None] = lambda _stage: None,
+) -> float:
     class _Broker:  # what _fleet needs of a broker
         def __init__(self) -> None:
             self.host, self.port = host, port
@@ -75,6 +91,7 @@ async def _start(n: int, host: str, port: int, pki_dir: Path, workdir: Path) -> 
             raise RuntimeError("no restarts while profiling")
 
     fleet = _fleet(n, _Broker(), DevPki(pki_dir), workdir)  # type: ignore[arg-type]
+    probe("empty")
     await fleet.build()
     devs = list(fleet.devices.values())
     now = time.time()
@@ -83,14 +100,47 @@ async def _start(n: int, host: str, port: int, pki_dir: Path, workdir: Path) -> 
         for d in devs:
             d.core.bind(f"{d.device_id}-b", now=now)
             d.core.grant(Purpose.ACTIVATION, now=now)
+    probe("built")
     async with fleet.cloud.connected():
         t0 = time.monotonic()
         fleet.start()
         await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
         took = time.monotonic() - t0
+        probe("connected")
         await fleet.stop()
     fleet.db.close()
     return took
+
+
+def memory(n: int) -> int:
+    """Where a fleet's memory goes: resident and Python-allocated KiB per device, after
+    building (stores, keys, TLS contexts) and after the start (connections, tasks)."""
+    rss: dict[str, int] = {}
+    snaps: dict[str, tracemalloc.Snapshot] = {}
+
+    def probe(stage: str) -> None:
+        gc.collect()
+        rss[stage] = rss_kib()
+        snaps[stage] = tracemalloc.take_snapshot()
+
+    tracemalloc.start()
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        pki = DevPki(root / "pki").ensure()
+        with MosquittoBroker(pki) as broker:
+            start = _start(n, broker.host, broker.port, pki.root, root / "f", probe=probe)
+            took = asyncio.run(start)
+    print(f"{n} agents up, each activation acknowledged, in {took:.1f} s")
+    print(f"{'stage':<11} {'resident KiB/dev':>17} {'Python objects':>15}   largest Python sources")
+    for before, after in (("empty", "built"), ("built", "connected")):
+        diff = snaps[after].compare_to(snaps[before], "filename")
+        python = sum(st.size_diff for st in diff) / 1024 / n
+        top = ", ".join(
+            f"{Path(st.traceback[0].filename).name} {st.size_diff / 1024 / n:.1f}"
+            for st in diff[:4]
+        )
+        print(f"{after:<11} {(rss[after] - rss[before]) / n:>17.1f} {python:>15.1f}   {top}")
+    return 0
 
 
 def main() -> int:
@@ -99,9 +149,14 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--out", default="bench/results/profile-start.txt", help="py-spy output")
     parser.add_argument(
+        "--memory", action="store_true", help="memory per device by stage instead of CPU"
+    )
+    parser.add_argument(
         "--child", nargs=4, metavar=("HOST", "PORT", "PKI", "WORKDIR"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.memory:
+        return memory(args.devices)
     if args.child:
         host, port, pki_dir, workdir = args.child
         took = asyncio.run(_start(args.devices, host, int(port), Path(pki_dir), Path(workdir)))
