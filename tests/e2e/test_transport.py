@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import random
@@ -13,8 +14,9 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
+from agent.core.identity import up_topic
 from agent.core.purposes import Purpose, rfc3339
-from agent.errors import CommandRejected, TransportError
+from agent.errors import CommandRejected, PublishRefused, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
@@ -242,3 +244,41 @@ async def test_errors_raised_together_leave_the_adapter_as_one(
                 [aiomqtt.MqttCodeError(4, "not connected"), TransportError("could not publish")],
             )
     assert not isinstance(caught.value, ExceptionGroup)
+
+
+def _options(broker: MosquittoBroker, pki: DevPki, device_id: str) -> mqtt.Options:
+    ident = pki.ensure_devices([device_id])[device_id]
+    return mqtt.Options(
+        host=broker.host,
+        port=broker.port,
+        tls=client_context(pki.ca_cert, ident.cert, ident.key),
+        client_id=device_id,
+        persistent=False,
+    )
+
+
+async def test_a_publish_waits_for_its_puback_and_a_refusal_is_an_error(
+    broker: MosquittoBroker, pki: DevPki
+) -> None:
+    async with mqtt.connect(_options(broker, pki, "adapter-pub-1")) as conn:
+        await conn.publish(up_topic("adapter-pub-1", "crash"), b"{}", ack_within=10)
+        with pytest.raises(PublishRefused) as refused:  # another device's topic (ACL)
+            await conn.publish(up_topic("adapter-pub-2", "crash"), b"{}", ack_within=10)
+        assert refused.value.reason_code == 0x87
+
+
+async def test_a_connection_that_ends_fails_the_publishes_waiting_at_once(
+    broker: MosquittoBroker, pki: DevPki
+) -> None:
+    """Not after their own time limit: the backend's sync answers wait up to 120 s."""
+    failed: list[TransportError] = []
+    t0 = time.monotonic()
+    with contextlib.suppress(TransportError):  # the connection's own end, as it is left
+        async with mqtt.connect(_options(broker, pki, "adapter-pub-3")) as conn:
+            conn.abort()
+            try:
+                await conn.publish(up_topic("adapter-pub-3", "crash"), b"{}", ack_within=60)
+            except TransportError as exc:
+                failed.append(exc)
+    assert time.monotonic() - t0 < 10
+    assert [str(e) for e in failed] == ["the connection ended before the PUBACK"]
