@@ -159,9 +159,6 @@ class Cloud:
             # The cloud issues commands to a whole fleet at once: with paho's default of
             # 20 in flight they queued behind each other's PUBACKs for many seconds.
             max_inflight=1000,
-            # One socket for every device's uplink and sync answers: in a loop shared
-            # with 10,000 agents, 64 packets a round held the answers back for seconds.
-            read_burst=4096,
         )
 
     async def _run(self, ctx: ssl.SSLContext) -> None:

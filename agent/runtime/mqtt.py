@@ -73,8 +73,8 @@ class Options:
     # effect is durable, not by paho on receipt (SPEC §3).
     manual_ack: bool = False
     # Packets read per wake-up of the socket, at most (aiomqtt's reader took one TLS
-    # record, often one packet, per round of the event loop). A backend consumer that
-    # serves thousands of devices from one socket takes more per round than a device.
+    # record, often one packet, per round of the event loop). 4,096 for the simulated
+    # backend's one socket was no faster at 10,000 devices and slower in throughput.
     read_burst: int = 64
 
 
