@@ -12,7 +12,7 @@ internals it says so at the line, and these are the only such places:
   ``_disconnected`` future says why a connection broke and ends the waits for
   PUBACKs, its ``_queue`` of incoming messages is drained at once after each
   one its iterator gives, and its reader of the socket (``_on_socket_open``) is
-  replaced by one that reads up to ``Options.read_burst`` packets while bytes wait;
+  replaced by one that reads up to ``READ_BURST`` packets while bytes wait;
 * paho's ``_reset_sockets`` closes a socket that a failed handshake left open
   (paho has no public close);
 * paho's public ``on_socket_register_write`` hook, which aiomqtt sets, is replaced
@@ -52,6 +52,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.errors import PublishRefused, TransportError
 from agent.runtime.tls import classify_tls_error
 
+# Packets read per wake-up of a socket, at most (aiomqtt's reader took one TLS record,
+# often one packet, per round of the event loop). 4,096 for the simulated backend's one
+# socket was no faster at 10,000 devices and slower in throughput.
+READ_BURST = 64
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -72,10 +77,6 @@ class Options:
     # Incoming QoS 1 messages are acknowledged by ``Connection.ack``, once their
     # effect is durable, not by paho on receipt (SPEC §3).
     manual_ack: bool = False
-    # Packets read per wake-up of the socket, at most (aiomqtt's reader took one TLS
-    # record, often one packet, per round of the event loop). 4,096 for the simulated
-    # backend's one socket was no faster at 10,000 devices and slower in throughput.
-    read_burst: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +131,8 @@ class _Client(aiomqtt.Client):
     or else to ``on_puback``.
     """
 
-    def __init__(
-        self,
-        *args: Any,
-        on_puback: Callable[[PubAck], None] | None,
-        read_burst: int,
-        **kw: Any,
-    ) -> None:
+    def __init__(self, *args: Any, on_puback: Callable[[PubAck], None] | None, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._read_burst = read_burst
         self._on_puback = on_puback
         self.waiting: dict[int, asyncio.Future[PubAck]] = {}
 
@@ -167,7 +161,7 @@ class _Client(aiomqtt.Client):
 
         def read() -> None:
             try:
-                for _ in range(self._read_burst):
+                for _ in range(READ_BURST):
                     client.loop_read()
                     if not _more_to_read(client.socket(), fd):
                         return
@@ -403,7 +397,7 @@ async def connect(
         "timeout": o.connect_timeout,
         "max_inflight_messages": o.max_inflight,
     }
-    client = _Client(o.host, o.port, on_puback=on_puback, read_burst=o.read_burst, **kwargs)
+    client = _Client(o.host, o.port, on_puback=on_puback, **kwargs)
     _register_write_safely(client)
     if o.manual_ack:
         # paho's public setter, reached through aiomqtt 2.5.1's private client attribute.
