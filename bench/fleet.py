@@ -111,6 +111,21 @@ def _fleet(n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path) -> Fleet
     )
 
 
+async def _built(fleet: Fleet, *purposes: Purpose) -> list[Any]:
+    """Build the fleet; every device bound and ``purposes`` granted, before connecting
+    (so what they allow waits in each: an activation, or room for crashes)."""
+    await fleet.build()
+    devs = list(fleet.devices.values())
+    now = time.time()
+    assert fleet.db is not None  # noqa: S101  # built
+    with fleet.db.transaction():
+        for d in devs:
+            d.core.bind(f"{d.device_id}-b", now=now)
+            for purpose in purposes:
+                d.core.grant(purpose, now=now)
+    return devs
+
+
 async def _until(predicate: Any, limit_s: float, step: float = 0.05) -> float:
     """Poll a condition (benchmarks measure, they do not assert); returns the wait."""
     t0 = time.monotonic()
@@ -127,14 +142,7 @@ async def fleet_start_and_storm(
     """N agents connect, each with its activation acknowledged; then a broker restart."""
     fleet = _fleet(n, broker, pki, workdir)
     baseline = rss_kib()
-    await fleet.build()
-    devs = list(fleet.devices.values())
-    now = time.time()
-    with fleet.db.transaction():  # type: ignore[union-attr]
-        for d in devs:  # bound and granted before connecting: an activation waits in each
-            d.core.bind(f"{d.device_id}-b", now=now)
-            d.core.grant(Purpose.ACTIVATION, now=now)
-            d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    devs = await _built(fleet, Purpose.ACTIVATION, Purpose.DIAGNOSTICS)
     async with fleet.cloud.connected():  # answers the command syncs (SPEC §3)
         return await _start_and_storm(fleet, devs, broker, baseline)
 
@@ -184,13 +192,7 @@ async def throughput(
 ) -> dict[str, Any]:
     """Captured → gated → sealed → stored → published → acknowledged → ledgered, sustained."""
     fleet = _fleet(n, broker, pki, workdir)
-    await fleet.build()
-    devs = list(fleet.devices.values())
-    now = time.time()
-    with fleet.db.transaction():  # type: ignore[union-attr]
-        for d in devs:
-            d.core.bind(f"{d.device_id}-b", now=now)
-            d.core.grant(Purpose.DIAGNOSTICS, now=now)
+    devs = await _built(fleet, Purpose.DIAGNOSTICS)
     async with fleet.cloud.connected():  # answers the command syncs (SPEC §3)
         return await _sustain(fleet, devs, seconds)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.core.purposes import Purpose
-from bench.fleet import _fleet, _until
+from bench.fleet import _built, _fleet, _until
 from simulator.broker import MosquittoBroker
 from simulator.fleet import rss_kib
 from simulator.pki import DevPki
@@ -92,14 +92,7 @@ async def _start(
 
     fleet = _fleet(n, _Broker(), DevPki(pki_dir), workdir)  # type: ignore[arg-type]
     probe("empty")
-    await fleet.build()
-    devs = list(fleet.devices.values())
-    now = time.time()
-    assert fleet.db is not None  # noqa: S101
-    with fleet.db.transaction():
-        for d in devs:
-            d.core.bind(f"{d.device_id}-b", now=now)
-            d.core.grant(Purpose.ACTIVATION, now=now)
+    devs = await _built(fleet, Purpose.ACTIVATION)
     probe("built")
     async with fleet.cloud.connected():
         t0 = time.monotonic()
@@ -108,6 +101,7 @@ async def _start(
         took = time.monotonic() - t0
         probe("connected")
         await fleet.stop()
+    assert fleet.db is not None  # noqa: S101
     fleet.db.close()
     return took
 
