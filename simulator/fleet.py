@@ -495,7 +495,8 @@ class Fleet:
 
     async def _sample(self, phase: list[str], interval: float = 1.0) -> None:
         """The fleet's state once a second, for the HTML report's charts, and the
-        progress line from the same figures."""
+        progress line from the same figures; the key store's rollback counters are
+        written on the same tick."""
         while True:
             transports = [d.transport for d in self.devices.values()]
             up = sum(t.connected.is_set() for t in transports)
