@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import core, fleet
+from bench import core, fleet, positive_int
 
 
 def _row(name: str, figure: str, target: str, *, met: bool | None) -> dict[str, Any]:
@@ -29,8 +29,8 @@ def main() -> int:  # one local per figure
     """Run every benchmark, print a table, write JSON."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--json", default="bench/results/latest.json", help="where to write JSON")
-    parser.add_argument("--devices", type=int, default=10_000, help="fleet start size")
-    parser.add_argument("--throughput-devices", type=int, default=1000)
+    parser.add_argument("--devices", type=positive_int, default=10_000, help="fleet start size")
+    parser.add_argument("--throughput-devices", type=positive_int, default=1000)
     parser.add_argument("--throughput-seconds", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument(

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.core.purposes import Purpose, parse_rfc3339
+from bench import positive_int
 from simulator.broker import LocalBroker, MosquittoBroker, repo_broker_config
 from simulator.cloud import Cloud
 from simulator.nats import NatsCluster
@@ -143,7 +144,7 @@ def brokers(pki: DevPki, root: Path) -> dict[str, Callable[[], LocalBroker]]:
 def main() -> int:
     """Run the loops and print the figures."""
     parser = argparse.ArgumentParser(prog="python -m bench.kill9", description=__doc__)
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kills", type=positive_int, default=20)
     parser.add_argument("--only", help="run only the brokers whose name contains this")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.core.purposes import Purpose
+from bench import positive_int
 from bench.fleet import _built, _fleet, _until
 from simulator.broker import MosquittoBroker
 from simulator.fleet import rss_kib
@@ -140,7 +141,7 @@ def memory(n: int) -> int:
 def main() -> int:
     """Profile a fleet start and print CPU microseconds per device by phase."""
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
-    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--devices", type=positive_int, default=2000)
     parser.add_argument("--out", default="bench/results/profile-start.txt", help="py-spy output")
     parser.add_argument(
         "--memory", action="store_true", help="memory per device by stage instead of CPU"
