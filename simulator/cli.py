@@ -225,6 +225,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simulator.run import ExternalBroker, Outputs, parse_shard, run
     from simulator.scenario import find_scenario
 
+    # SIGTERM (a CI time limit, `kill`, a service manager) stops the run as Ctrl-C does:
+    # the devices stop, what arrived is judged, and the brokers and workers it started
+    # are stopped, instead of being left running without it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
@@ -516,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return quiet_pipe()
+    except KeyboardInterrupt:  # outside a fleet's own handling, e.g. while issuing the PKI
+        print("smartmi-sim: interrupted", file=sys.stderr)
+        return 130
     return rc
 
 

@@ -138,6 +138,7 @@ def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
         "scenario": shards[0]["scenario"],
         "seed": shards[0]["seed"],
         "shards": len(shards),
+        "complete": all(d.get("complete", True) for d in shards),
         "devices": n,
         "groups": dict(sum((Counter(d["groups"]) for d in shards), Counter())),
         "machine": shards[0]["machine"],

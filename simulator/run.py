@@ -125,6 +125,7 @@ def _host_port(option: str, url: str) -> tuple[str, int]:
 
 
 INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
+SHARD_STOP_S: Final = 60.0  # how long an interrupted worker may take to write what it has
 KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
 
 
@@ -323,20 +324,19 @@ def _run_workers(
             )
             for k in range(1, workers + 1)
         ]
-        started = time.monotonic()
-        shown = started
-        while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
-            if time.monotonic() - shown >= 5:  # a line every 5 s
-                shown = time.monotonic()
-                running = sum(p.poll() is None for p in procs)
-                print(
-                    f"[{shown - started:6.1f}s] workers running {running}/{workers} "
-                    f"(each one's progress: {workdir}/shard*.log)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    failed = [k for k, p in enumerate(procs, 1) if p.returncode not in (0, 1)]
+        interrupted = False
+        try:
+            _wait_for_shards(procs, workdir)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cmd_run maps it to the same)
+            interrupted = True
+            print(
+                "smartmi-sim: interrupted; stopping the workers, then judging what arrived so far",
+                file=sys.stderr,
+                flush=True,
+            )
+            _interrupt_shards(procs)
+    done = (0, 1, INTERRUPTED) if interrupted else (0, 1)
+    failed = [k for k, p in enumerate(procs, 1) if p.returncode not in done]
     if failed:
         logs = ", ".join(str(workdir / f"shard{k}.log") for k in failed)
         raise ConfigError(f"worker(s) {failed} failed; their logs: {logs}")
@@ -344,12 +344,46 @@ def _run_workers(
         metrics.merge_files(
             [workdir / f"shard{k}.prom" for k in range(1, workers + 1)], outputs.metrics
         )
-    return judge_shards(
+    rc = judge_shards(
         [workdir / f"shard{k}.timeline.json" for k in range(1, workers + 1)],
         [workdir / f"shard{k}.received.txt" for k in range(1, workers + 1)],
         [workdir / f"shard{k}.json" for k in range(1, workers + 1)],
         outputs,
     )
+    return INTERRUPTED if interrupted else rc
+
+
+def _wait_for_shards(procs: list[subprocess.Popen[bytes]], workdir: Path) -> None:
+    """Wait for every shard to end, with a progress line every 5 s."""
+    started = time.monotonic()
+    shown = started
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+        if time.monotonic() - shown >= 5:
+            shown = time.monotonic()
+            running = sum(p.poll() is None for p in procs)
+            print(
+                f"[{shown - started:6.1f}s] workers running {running}/{len(procs)} "
+                f"(each one's progress: {workdir}/shard*.log)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _interrupt_shards(procs: list[subprocess.Popen[bytes]], wait_s: float = SHARD_STOP_S) -> None:
+    """Interrupt every shard still running, as Ctrl-C would: each stops its devices and
+    writes what it has (its report is marked incomplete). One that has not ended within
+    ``wait_s`` is killed, so no worker outlives the run (nor the broker it uses)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _spawn_shard(

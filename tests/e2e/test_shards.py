@@ -160,3 +160,72 @@ def publish_as(broker: MosquittoBroker, pki: DevPki, device_id: str) -> None:
     client.connect()
     client.publish(f"smartmi/v1/{device_id}/up/crash", b'{"msg_id": "m"}')
     client.close()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from /proc (the workers, the broker)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it ended while we looked
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        children = {p for p, pp in parents.items() if pp == parent}
+        found |= children
+        todo.extend(children)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left
+
+
+def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
+    tmp_path: Path,
+) -> None:
+    """``kill`` (SIGTERM) on ``smartmi-sim run --workers``, as a CI time limit sends it:
+    the run ends like a Ctrl-C, with a report marked incomplete and no worker or broker
+    left running without it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    report = tmp_path / "r.json"
+    cmd = [
+        sys.executable, "-m", "simulator.cli", "--dir", str(tmp_path / "dev"), "run",
+        "--devices", "40", "--workers", "2", "--scenario", "consent-churn",
+        "--report", str(report),
+    ]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        line = b""
+        while b"workers running" not in line:  # both shards started, 16 s to play
+            line = proc.stderr.readline()
+            assert line, "the run ended before its workers were running"
+            assert time.monotonic() < deadline
+        below = _descendants(proc.pid)
+        assert len(below) >= 3  # two workers and the broker
+        proc.send_signal(signal.SIGTERM)
+        err = proc.stderr.read()
+        out = proc.stdout.read()
+        assert proc.wait(90) == 130
+    assert b"Traceback" not in err
+    assert b"interrupted; stopping the workers" in err
+    assert b"INCOMPLETE" in out
+    assert [pid for pid in below if _alive(pid)] == []
+    doc = json.loads(report.read_text())
+    assert doc["complete"] is False
+    assert doc["shards"] == 2
