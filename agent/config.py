@@ -23,7 +23,6 @@ Example (see ``agent.example.toml``)::
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import tomllib
 import typing
@@ -250,6 +249,8 @@ def load_toml(path: Path, model: type[M], *, what: str = "file") -> M:
             key = ".".join(str(p) for p in err["loc"]) or "<file>"
             problem = f"{key}: {err['msg'].removeprefix('Value error, ')}"
             if err["type"] == "extra_forbidden" and err["loc"]:
+                import difflib  # only for a config with a mistake in it (daemon memory)
+
                 close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(model), n=1)
                 if close:
                     problem += f" (did you mean {close[0]!r}?)"
