@@ -206,8 +206,8 @@ def test_damaged_certificates_are_a_value_error_never_a_crash() -> None:
 
 
 def test_the_daemon_does_not_load_an_x509_parser() -> None:
-    """Its resident memory is a target (SPEC §5): cryptography's X.509 module costs the
-    daemon several MB, and only ``doctor`` needs it."""
+    """Its resident memory has a target (50 MB in bench/): cryptography's X.509 module
+    costs the daemon megabytes, and only ``doctor`` needs it."""
     import subprocess
     import sys
 
