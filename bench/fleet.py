@@ -267,37 +267,63 @@ def daemon(
     }
 
 
-def workers_start(devices: int, workers: int, root: Path) -> dict[str, Any]:
-    """``smartmi-sim run --workers N`` on the smoke scenario: the merged report's connect
-    rate (devices over the slowest shard's time to all connected) and memory."""
-    out = root / f"workers-{workers}.json"
+def workers_start(
+    devices: int, workers: int, root: Path, *, cluster: int = 0, limit_s: float = 1800.0
+) -> dict[str, Any]:
+    """``smartmi-sim run --workers N`` on the smoke scenario (with ``cluster``, against a
+    local NATS cluster of that many nodes): the merged report's connect rate (devices
+    over the slowest shard's time to all connected), memory of the fleet and of the
+    broker, violations, and the wall time. A run past ``limit_s`` is stopped with
+    SIGTERM, which judges what arrived (its report says incomplete)."""
+    out = root / f"workers-{workers}-cluster-{cluster}.json"
     cmd = [
-        sys.executable, "-m", "simulator.cli", "--dir", str(root / "dev"), "run",
+        sys.executable, "-m", "simulator.cli", "--dir", str(root / f"dev-{cluster}"), "run",
         "--devices", str(devices), "--scenario", str(SCENARIOS / "smoke.toml"),
         "--report", str(out), "--grace", "10",
     ]  # fmt: skip
     if workers > 1:
         cmd += ["--workers", str(workers)]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, check=False, timeout=1800
-    )  # our own CLI
+    if cluster:
+        cmd += ["--cluster", str(cluster)]
+    t0 = time.monotonic()
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        try:
+            _, err = proc.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # as Ctrl-C: the workers stop and what arrived is judged
+            _, err = proc.communicate(timeout=300)
+    wall = time.monotonic() - t0
     if not out.exists():
-        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no report"]
-        return {"workers": workers, "error": f"failed: {last[0]}"}
+        lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+        return {"workers": workers, "cluster": cluster, "error": f"failed: {lines[-1:]}"}
     doc = json.loads(out.read_text())
+    memory = doc["memory"]
     return {
         "workers": workers,
+        "cluster": cluster,
         "devices": doc["devices"],
         "connected": doc["connect"]["connected"],
         "connect_s": doc["connect"]["seconds"],
         "devices_per_s": doc["connect"]["devices_per_s"] or 0.0,
-        "per_device_kib": doc["memory"]["per_device_kib"],
+        "per_device_kib": memory["per_device_kib"],
+        "fleet_mib": (memory["rss_fleet_kib"] - memory["rss_baseline_kib"]) / 1024,
+        "broker_peak_mib": memory.get("broker_peak_kib", 0) / 1024,
         "violations": len(doc["violations"]),
+        "violation_counts": {k: v for k, v in doc["violation_counts"].items() if v},
+        "complete": doc.get("complete", True),
+        "drained": doc["delivery"]["drained"],
+        "wall_s": wall,
     }
 
 
 def run_all(
-    devices: int, throughput_devices: int, throughput_s: float, idle_s: float
+    devices: int,
+    throughput_devices: int,
+    throughput_s: float,
+    idle_s: float,
+    *,
+    cluster_devices: int = 0,
+    cluster_limit_s: float = 1800.0,
 ) -> dict[str, Any]:
     """Every fleet and daemon benchmark with its ceilings, on one broker of their own."""
     with tempfile.TemporaryDirectory() as d:
@@ -314,4 +340,8 @@ def run_all(
             out["daemon"] = daemon(broker, pki, root, idle_s)
         workers = os.cpu_count() or 1
         out["sharded"] = [workers_start(devices, n, root) for n in sorted({1, workers})]
+        if cluster_devices:
+            out["cluster"] = workers_start(
+                cluster_devices, workers, root, cluster=3, limit_s=cluster_limit_s
+            )
     return out

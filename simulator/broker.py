@@ -105,6 +105,17 @@ def end_process(
         os.close(log)
 
 
+def peak_rss_kib(pid: int) -> int:
+    """A process's peak resident memory (VmHWM, KiB) from /proc; 0 where unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class LocalBroker(Protocol):
     """What the simulator needs of a broker it started: Mosquitto or a NATS cluster."""
 
@@ -124,6 +135,7 @@ class LocalBroker(Protocol):
     @property
     def running(self) -> bool: ...
     def authorize(self, device_ids: Iterable[str]) -> None: ...
+    def peak_rss_kib(self) -> int: ...
     def start(self) -> Self: ...
     def restart(self, *, kill: bool = False) -> Self: ...
     def cleanup(self) -> None: ...
@@ -177,6 +189,10 @@ class MosquittoBroker:
     def authorize(self, device_ids: Iterable[str]) -> None:
         """Nothing to do: the ACL's patterns cover every device by its certificate."""
         del device_ids
+
+    def peak_rss_kib(self) -> int:
+        """The broker process's peak resident memory so far (KiB); 0 if it is not running."""
+        return peak_rss_kib(self._proc.pid) if self.running and self._proc else 0
 
     @property
     def url(self) -> str:

@@ -122,6 +122,7 @@ class FleetStats:
     connected: int = 0
     rss_baseline_kib: int = 0
     rss_fleet_kib: int = 0
+    broker_peak_kib: int = 0  # the local broker's processes (VmHWM, summed); 0: not ours
     events_applied: int = 0
     events_refused: Counter[str] = field(default_factory=Counter)
     broker_restarts: list[float] = field(default_factory=list)

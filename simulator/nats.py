@@ -53,6 +53,7 @@ from simulator.broker import (
     end_process,
     find_binary,
     free_port,
+    peak_rss_kib,
     repo_broker_config,
     require_free,
 )
@@ -239,6 +240,11 @@ class NatsCluster:
     def ports(self) -> list[int]:
         """Every node's MQTT port, in node order."""
         return [n.port for n in self.nodes]
+
+    def peak_rss_kib(self) -> int:
+        """The running nodes' peak resident memory so far, summed (KiB). A node started
+        again counts from its restart."""
+        return sum(peak_rss_kib(n.proc.pid) for n in self.nodes if n.running and n.proc)
 
     @property
     def url(self) -> str:

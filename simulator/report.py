@@ -85,6 +85,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "rss_baseline_kib": s.rss_baseline_kib,
             "rss_fleet_kib": s.rss_fleet_kib,
             "per_device_kib": round(per_device, 1),
+            "broker_peak_kib": s.broker_peak_kib,
         },
         "events": {"applied": s.events_applied, "refused": dict(s.events_refused)},
         "delivery": {
@@ -115,9 +116,12 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
+def merged(
+    shards: list[dict[str, Any]], verdict: Verdict, *, broker_peak_kib: int = 0
+) -> dict[str, Any]:
     """One report from the reports of a fleet's shards and the checker's verdict over
-    all of them (their timelines and what their backend consumers received)."""
+    all of them (their timelines and what their backend consumers received), with the
+    peak memory of the broker they shared when it was ours (0: not known)."""
     n = sum(d["devices"] for d in shards)
     connect_s = max((d["connect"]["seconds"] or 0.0) for d in shards)
     base = sum(d["memory"]["rss_baseline_kib"] for d in shards)
@@ -154,6 +158,7 @@ def merged(shards: list[dict[str, Any]], verdict: Verdict) -> dict[str, Any]:
             "rss_baseline_kib": base,
             "rss_fleet_kib": fleet,
             "per_device_kib": round((fleet - base) / n, 1) if n else 0.0,
+            "broker_peak_kib": broker_peak_kib,
         },
         "events": {
             "applied": total("events", "applied"),
@@ -218,7 +223,12 @@ def summary(doc: dict[str, Any]) -> str:
         f"  connected   {c['connected']} in {c['seconds']} s ({c['devices_per_s']} devices/s), "
         f"{c['reconnects']} reconnects",
         f"  memory      {m['per_device_kib']} KiB per device above a "
-        f"{m['rss_baseline_kib'] // 1024} MiB baseline",
+        f"{m['rss_baseline_kib'] // 1024} MiB baseline"
+        + (
+            f"; the broker's processes peaked at {m['broker_peak_kib'] // 1024} MiB"
+            if m.get("broker_peak_kib")
+            else ""
+        ),
         f"  delivered   {d['unique']} unique ({d['duplicates']} duplicates by msg_id), "
         + ", ".join(f"{k} {v}" for k, v in sorted(d["by_kind"].items())),
         f"  latency     capture to backend p50 {lat.get('p50')} s, p99 {lat.get('p99')} s",

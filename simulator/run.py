@@ -261,18 +261,21 @@ def run(
         )
         fleet.observer_back = observer_back
         fleet.keep_status = outputs.metrics is not None
-        _play(fleet)
+        _play(fleet, local)
     rc = _judge(fleet, outputs)
     return INTERRUPTED if fleet.was_interrupted else rc
 
 
-def _play(fleet: Fleet) -> None:
-    """Run the fleet; on Ctrl-C, stop it and keep what arrived for the checker."""
+def _play(fleet: Fleet, local: LocalBroker | None) -> None:
+    """Run the fleet; on Ctrl-C, stop it and keep what arrived for the checker. Then
+    note the peak memory of the broker, if this process started it."""
     try:
         asyncio.run(_with_task_dump(fleet.run()))
     except KeyboardInterrupt:
         print("smartmi-sim: interrupted; judging what arrived so far", file=sys.stderr)
         fleet.interrupted()
+    if local is not None:
+        fleet.stats.broker_peak_kib = local.peak_rss_kib()
 
 
 def _run_workers(
@@ -335,6 +338,7 @@ def _run_workers(
                 flush=True,
             )
             _interrupt_shards(procs)
+        broker_peak_kib = local.peak_rss_kib()
     done = (0, 1, INTERRUPTED) if interrupted else (0, 1)
     failed = [k for k, p in enumerate(procs, 1) if p.returncode not in done]
     if failed:
@@ -349,6 +353,7 @@ def _run_workers(
         [workdir / f"shard{k}.received.txt" for k in range(1, workers + 1)],
         [workdir / f"shard{k}.json" for k in range(1, workers + 1)],
         outputs,
+        broker_peak_kib=broker_peak_kib,
     )
     return INTERRUPTED if interrupted else rc
 
@@ -444,10 +449,16 @@ def read_shards(
 
 
 def judge_shards(
-    timelines: list[Path], captures: list[Path], reports: list[Path], outputs: Outputs
+    timelines: list[Path],
+    captures: list[Path],
+    reports: list[Path],
+    outputs: Outputs,
+    *,
+    broker_peak_kib: int = 0,
 ) -> int:
     """Judge the shards of one fleet together: their timelines, what their backend
-    consumers received, and their reports, merged into one report."""
+    consumers received, and their reports, merged into one report (with the peak
+    memory of the broker they shared, when this process started it)."""
     truths, outages, received = read_shards(timelines, captures)
     docs = []
     for path in reports:
@@ -456,7 +467,7 @@ def judge_shards(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
     verdict = check(truths, received, outages=outages)
-    doc = report.merged(docs, verdict)
+    doc = report.merged(docs, verdict, broker_peak_kib=broker_peak_kib)
     outputs.write(doc, received, verdict)
     if outputs.timeline is not None:
         timeline.write(outputs.timeline, truths, outages)

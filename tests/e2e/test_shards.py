@@ -37,6 +37,7 @@ def test_workers_are_judged_together_as_one_fleet(
     assert rc == 0, printed.out + printed.err
     doc = json.loads(out.read_text())
     assert doc["shards"] == 2
+    assert doc["memory"]["broker_peak_kib"] > 1024  # the Mosquitto the workers shared
     figures = prometheus_samples(tmp_path / "fleet.prom")  # the shards' files, summed
     assert figures["smartmi_agent_agents"] == 300
     assert figures["smartmi_agent_acknowledged_total"] == doc["delivery"]["unique"] == 945

@@ -43,6 +43,8 @@ def test_smoke_scenario_with_300_devices_passes(
     assert doc["delivery"]["by_kind"]["activation"] == 285
     assert doc["delivery"]["by_kind"]["deletion-request"] == 45
     assert doc["memory"]["per_device_kib"] > 0
+    assert doc["memory"]["broker_peak_kib"] > 1024  # the Mosquitto it started: over 1 MiB
+    assert "the broker's processes peaked at" in printed.out
     assert "violations  none" in printed.out
     assert "connected 300/300" in printed.err  # the progress display
     played = re.findall(r"events (\d+)/(\d+)", printed.err)
