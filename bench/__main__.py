@@ -34,7 +34,12 @@ def _cluster_row(cl: dict[str, Any]) -> dict[str, Any]:
     ended = "" if cl["complete"] else ", stopped at its time limit"
     return _row(
         f"{name}, {cl['devices']:,} (smoke)",
-        f"{cl['connected']:,} up in {cl['connect_s']} s, wall {cl['wall_s']:.0f} s{ended}; "
+        (
+            f"all up in {cl['connect_s']} s"
+            if cl["connected"] == cl["devices"] and cl["connect_s"] is not None
+            else f"{cl['connected']:,} of {cl['devices']:,} up"
+        )
+        + f", wall {cl['wall_s']:.0f} s{ended}; "
         f"fleet {cl['fleet_mib']:.0f} MiB, brokers' peak {cl['broker_peak_mib']:.0f} MiB; "
         f"{cl['violations']} violations ({counts})",
         "50,000 up, acknowledged, 0 violations",

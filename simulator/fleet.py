@@ -588,8 +588,12 @@ class Fleet:
 
     def interrupted(self) -> None:
         """The run was stopped early (Ctrl-C): nothing it still held counts as lost, and
-        no wipe as missing its deletion request; what arrived is judged as usual."""
+        no wipe as missing its deletion request; what arrived is judged as usual. Stopped
+        while connecting, the report gives how many had connected and the memory then."""
         self.was_interrupted = True
+        if self.stats.connect_s is None:  # stopped before every device had connected
+            self.stats.connected = self.stats.samples[-1][1] if self.stats.samples else 0
+            self.stats.rss_fleet_kib = rss_kib()
         for dev in self.devices.values():
             truth = dev.truth
             truth.pending_at_end |= set(truth.queued_items) - truth.dropped_items

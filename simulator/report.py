@@ -123,7 +123,9 @@ def merged(
     all of them (their timelines and what their backend consumers received), with the
     peak memory of the broker they shared when it was ours (0: not known)."""
     n = sum(d["devices"] for d in shards)
-    connect_s = max((d["connect"]["seconds"] or 0.0) for d in shards)
+    seconds = [d["connect"]["seconds"] for d in shards]
+    # None: a shard was stopped before all its devices had connected.
+    connect_s = None if None in seconds else max(seconds)
     base = sum(d["memory"]["rss_baseline_kib"] for d in shards)
     fleet = sum(d["memory"]["rss_fleet_kib"] for d in shards)
     grace: dict[str, float] = {}
@@ -149,7 +151,7 @@ def merged(
         "elapsed_s": max(d["elapsed_s"] for d in shards),
         "connect": {
             "connected": total("connect", "connected"),
-            "seconds": round(connect_s, 2),
+            "seconds": None if connect_s is None else round(connect_s, 2),
             "devices_per_s": round(n / connect_s, 1) if connect_s else None,
             "reconnects": total("connect", "reconnects"),
             "stuck_stops": total("connect", "stuck_stops"),

@@ -230,3 +230,40 @@ def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     doc = json.loads(report.read_text())
     assert doc["complete"] is False
     assert doc["shards"] == 2
+
+
+def test_a_run_stopped_while_connecting_reports_how_many_had_connected(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C (or SIGTERM) before every device has connected: the report gives how
+    many had, the memory at that point, and no connect time; merged shards too."""
+    import time
+
+    from simulator import report
+    from simulator.checker import check
+    from simulator.fleet import Fleet
+    from simulator.scenario import load_scenario
+
+    fleet = Fleet(
+        load_scenario(SMOKE),
+        20,
+        workdir=tmp_path / "run",
+        pki=DevPki(tmp_path / "pki").ensure(),
+        broker_host="127.0.0.1",
+        broker_port=1,
+        progress=False,
+    )
+    # As run() leaves them when stopped while connecting.
+    fleet.stats.rss_baseline_kib = 1024
+    fleet.stats.started_at = time.time() - 3
+    fleet.stats.samples.append((time.time(), 7, 0, 0))  # the sampler's last second
+    fleet.interrupted()
+    doc = report.build(fleet, check({}, []))
+    assert doc["complete"] is False
+    assert doc["connect"]["connected"] == 7
+    assert doc["connect"]["seconds"] is None
+    assert doc["memory"]["rss_fleet_kib"] > doc["memory"]["rss_baseline_kib"]
+    both = report.merged([doc, doc], check({}, []))
+    assert both["connect"]["connected"] == 14
+    assert both["connect"]["seconds"] is None
+    assert both["complete"] is False
