@@ -17,6 +17,7 @@ from simulator.cloud import Cloud
 from simulator.pki import DevPki
 from tests.mqtt_probe import PahoClient
 from tests.prometheus import prometheus_samples
+from tests.sim_process import interrupted_run
 
 SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
 SMOKE = SCENARIOS / "smoke.toml"
@@ -198,31 +199,26 @@ def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     the run ends like a Ctrl-C, with a report marked incomplete and no worker or broker
     left running without it."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     report = tmp_path / "r.json"
-    cmd = [
-        sys.executable, "-m", "simulator.cli", "--dir", str(tmp_path / "dev"), "run",
-        "--devices", "40", "--workers", "2", "--scenario", "consent-churn",
-        "--report", str(report),
-    ]  # fmt: skip
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stderr is not None
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 90
-        line = b""
-        while b"workers running" not in line:  # both shards started, 16 s to play
-            line = proc.stderr.readline()
-            assert line, "the run ended before its workers were running"
-            assert time.monotonic() < deadline
-        below = _descendants(proc.pid)
+    below: set[int] = set()
+
+    def note_children(pid: int) -> None:
+        below.update(_descendants(pid))
         assert len(below) >= 3  # two workers and the broker
-        proc.send_signal(signal.SIGTERM)
-        err = proc.stderr.read()
-        out = proc.stdout.read()
-        assert proc.wait(90) == 130
+
+    args = [
+        "--dir", str(tmp_path / "dev"), "run", "--devices", "40", "--workers", "2",
+        "--scenario", "consent-churn", "--report", str(report),
+    ]  # fmt: skip
+    rc, out, err = interrupted_run(
+        args,
+        after=b"workers running",  # both shards started, 16 s to play
+        sig=signal.SIGTERM,
+        within_s=90,
+        before_signal=note_children,
+    )
+    assert rc == 130
     assert b"Traceback" not in err
     assert b"interrupted; stopping the workers" in err
     assert b"INCOMPLETE" in out

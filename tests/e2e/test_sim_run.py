@@ -13,6 +13,7 @@ from simulator.cli import main
 from simulator.report import RULES, write_junit
 from tests.core.test_html import fetched
 from tests.prometheus import prometheus_samples
+from tests.sim_process import interrupted_run
 
 SMOKE = Path(__file__).parents[2] / "simulator" / "scenarios" / "smoke.toml"
 
@@ -205,25 +206,19 @@ def test_an_unreachable_broker_is_named_not_a_traceback(
 
 def test_ctrl_c_writes_a_report_marked_incomplete(tmp_path: Path) -> None:
     import signal
-    import subprocess
-    import sys
-    import time
 
     report = tmp_path / "r.json"
-    cmd = [
-        sys.executable, "-m", "simulator.cli", "--dir", str(tmp_path / "dev"), "run",
-        "--devices", "30", "--scenario", "mixed", "--report", str(report),
+    args = [
+        "--dir", str(tmp_path / "dev"), "run", "--devices", "30", "--scenario", "mixed",
+        "--report", str(report),
     ]  # fmt: skip
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stderr is not None
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while b"] scenario " not in proc.stderr.readline():  # the timeline is playing
-            assert time.monotonic() < deadline
-        proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()
-        out = proc.stdout.read()
-        assert proc.wait(60) == 130
+    rc, out, err = interrupted_run(
+        args,
+        after=b"] scenario ",  # the timeline is playing
+        sig=signal.SIGINT,
+        within_s=60,
+    )
+    assert rc == 130
     assert b"Traceback" not in err
     assert b"interrupted; judging what arrived so far" in err
     assert b"INCOMPLETE" in out
