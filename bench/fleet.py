@@ -291,11 +291,16 @@ def workers_start(
             _, err = proc.communicate(timeout=limit_s)
         except subprocess.TimeoutExpired:
             proc.terminate()  # as Ctrl-C: the workers stop and what arrived is judged
-            _, err = proc.communicate(timeout=300)
+            try:
+                _, err = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:  # it did not stop: no report, said below
+                proc.kill()
+                _, err = proc.communicate()
     wall = time.monotonic() - t0
     if not out.exists():
         lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-        return {"workers": workers, "cluster": cluster, "error": f"failed: {lines[-1:]}"}
+        last = lines[-1] if lines else "no report"
+        return {"workers": workers, "cluster": cluster, "error": f"failed: {last}"}
     doc = json.loads(out.read_text())
     memory = doc["memory"]
     return {
