@@ -34,6 +34,8 @@ from simulator.scenario import Scenario
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulator" / "scenarios"
 
+AGENTS_PER_WORKER = 15_000  # the most one cluster worker takes (its open files)
+
 CRASH = CrashReport(
     "SIGSEGV in bench", "Traceback (most recent call last):\n  File x", uptime_s=1.0
 )
@@ -346,7 +348,9 @@ def run_all(
         workers = os.cpu_count() or 1
         out["sharded"] = [workers_start(devices, n, root) for n in sorted({1, workers})]
         if cluster_devices:
+            # A process may hold 20,000 open files here, and each agent holds a socket.
+            shards = max(workers, -(-cluster_devices // AGENTS_PER_WORKER))
             out["cluster"] = workers_start(
-                cluster_devices, workers, root, cluster=3, limit_s=cluster_limit_s
+                cluster_devices, shards, root, cluster=3, limit_s=cluster_limit_s
             )
     return out
