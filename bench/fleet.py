@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.runtime.tls import client_context
-from simulator.broker import MosquittoBroker
+from simulator.broker import MosquittoBroker, memory_kib
 from simulator.fleet import Fleet, rss_kib
 from simulator.pki import DevPki
 from simulator.scenario import Scenario
@@ -250,16 +250,10 @@ def daemon(
         fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def rss() -> int:
-        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
     c0, w0 = cpu(), time.monotonic()
     time.sleep(idle_s)
     c1, w1 = cpu(), time.monotonic()
-    resident = rss()
+    resident = memory_kib(proc.pid)
     proc.terminate()
     proc.wait(timeout=30)
     return {

@@ -105,11 +105,12 @@ def end_process(
         os.close(log)
 
 
-def peak_rss_kib(pid: int) -> int:
-    """A process's peak resident memory (VmHWM, KiB) from /proc; 0 where unavailable."""
+def memory_kib(pid: int | str = "self", field: str = "VmRSS") -> int:
+    """A memory figure (KiB) of a process from ``/proc/PID/status``: ``VmRSS`` (resident
+    now) or ``VmHWM`` (its peak); 0 where unavailable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except (OSError, ValueError):
         pass
@@ -192,7 +193,7 @@ class MosquittoBroker:
 
     def peak_rss_kib(self) -> int:
         """The broker process's peak resident memory so far (KiB); 0 if it is not running."""
-        return peak_rss_kib(self._proc.pid) if self.running and self._proc else 0
+        return memory_kib(self._proc.pid, "VmHWM") if self.running and self._proc else 0
 
     @property
     def url(self) -> str:

@@ -39,6 +39,7 @@ from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
 from simulator.acks import AckBatch
+from simulator.broker import memory_kib
 from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
@@ -51,13 +52,7 @@ log = logging.getLogger("smartmi.sim")
 
 def rss_kib() -> int:
     """This process's resident memory (KiB), from /proc; 0 where unavailable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return memory_kib()
 
 
 def _crash_report(text: str | None, k: int) -> CrashReport:

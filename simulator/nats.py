@@ -53,7 +53,7 @@ from simulator.broker import (
     end_process,
     find_binary,
     free_port,
-    peak_rss_kib,
+    memory_kib,
     repo_broker_config,
     require_free,
 )
@@ -244,7 +244,7 @@ class NatsCluster:
     def peak_rss_kib(self) -> int:
         """The running nodes' peak resident memory so far, summed (KiB). A node started
         again counts from its restart."""
-        return sum(peak_rss_kib(n.proc.pid) for n in self.nodes if n.running and n.proc)
+        return sum(memory_kib(n.proc.pid, "VmHWM") for n in self.nodes if n.running and n.proc)
 
     @property
     def url(self) -> str:
