@@ -383,12 +383,15 @@ def _interrupt_shards(procs: list[subprocess.Popen[bytes]], wait_s: float = SHAR
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
     deadline = time.monotonic() + wait_s
-    for p in procs:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    try:
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.0, deadline - time.monotonic()))
+    finally:  # also when a second Ctrl-C cuts the wait short
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _spawn_shard(
