@@ -26,6 +26,17 @@ def test_a_fleets_counters_are_written_at_flush_and_read_back(tmp_path: Path) ->
     assert FileKeyStore(tmp_path / "keys").counter("d.state") == 3  # as the next run reads it
 
 
+def test_a_fleet_reads_each_counter_file_once(tmp_path: Path) -> None:
+    FileKeyStore(tmp_path / "keys").advance("d.state", 4)
+    keys = FileKeyStore(tmp_path / "keys", durable=False)
+    assert keys.counter("d.state") == 4
+    assert keys.counter("d.never") == 0
+    (tmp_path / "keys" / "d.state.counter").unlink()
+    (tmp_path / "keys" / "d.never.counter").write_text("9")
+    assert (keys.counter("d.state"), keys.counter("d.never")) == (4, 0)  # not read again
+    assert keys.flush() == 0  # nothing advanced: nothing to write
+
+
 def test_a_device_keeps_its_counters_written_at_once(tmp_path: Path) -> None:
     keys = FileKeyStore(tmp_path / "keys")
     keys.advance("d.state", 5)
