@@ -100,12 +100,13 @@ class FileKeyStore:
             raise StorageError(
                 f"counter file {self._counter_path(name)} is corrupt", kind="corrupt"
             )
+        value = int(text)
         if not self.durable:
             # A fleet's store is the only writer of its counters: read each file once
-            # (a file read per device and state save was about 4 % of the event loop's CPU in
-            # a fleet start).
-            self._counters[name] = int(text)
-        return int(text)
+            # (a file read per device and state save was about 4 % of the event loop's
+            # CPU in a fleet start).
+            self._counters[name] = value
+        return value
 
     def advance(self, name: str, value: int) -> None:
         """Write the new value durably, or, for a simulated fleet, at the next ``flush``."""
