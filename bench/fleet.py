@@ -28,6 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.runtime.tls import client_context
+from bench import cpu_seconds
 from simulator.broker import MosquittoBroker, memory_kib
 from simulator.fleet import Fleet, rss_kib
 from simulator.pki import DevPki
@@ -73,7 +74,7 @@ def s_time_ceiling(
             raise RuntimeError(f"openssl s_time printed no rate:\n{out[-500:]}")
         connections += int(m.group(1))
         per_user_s += int(m.group(1)) / float(m.group(2))
-    return {"per_s": connections / seconds, "per_user_s": per_user_s, "procs": procs}
+    return {"per_s": connections / seconds, "per_user_s": per_user_s}
 
 
 def paho_ceiling(broker: MosquittoBroker, pki: DevPki, seconds: float = 5.0) -> float:
@@ -259,13 +260,10 @@ def daemon(
             break
     start = time.monotonic() - t0
 
-    def cpu() -> float:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    c0, w0 = cpu(), time.monotonic()
+    stat = Path(f"/proc/{proc.pid}/stat")
+    c0, w0 = cpu_seconds(stat), time.monotonic()
     time.sleep(idle_s)
-    c1, w1 = cpu(), time.monotonic()
+    c1, w1 = cpu_seconds(stat), time.monotonic()
     resident = memory_kib(proc.pid)
     proc.terminate()
     proc.wait(timeout=30)

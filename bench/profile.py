@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.core.purposes import Purpose
-from bench import positive_int
+from bench import cpu_seconds, positive_int
 from bench.fleet import _built, _fleet, _until
 from simulator.broker import MosquittoBroker
 from simulator.fleet import rss_kib
@@ -85,15 +85,12 @@ def attribute(collapsed: str) -> Counter[str]:
 
 def thread_cpu() -> tuple[float, float]:
     """CPU seconds (user + system) of this process's main thread and of all its others."""
-    tick = os.sysconf("SC_CLK_TCK")
     main = others = 0.0
     for tid in os.listdir("/proc/self/task"):
         try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            cpu = cpu_seconds(Path(f"/proc/self/task/{tid}/stat"))
         except FileNotFoundError:
             continue  # a thread that just ended
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (proc(5))
         if int(tid) == os.getpid():
             main += cpu
         else:
