@@ -1,4 +1,5 @@
-"""Acknowledgements batched across devices: one transaction, a failure undoes only itself."""
+"""Acknowledgements batched across devices: one transaction, a failure undoes only itself,
+and a PUBACK for an item the device forgot is still heard of."""
 
 from __future__ import annotations
 
@@ -53,3 +54,25 @@ async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
     sent = [e["msg_id"] for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"]
     assert sent == [ids[0], ids[2], ids[1]]
     assert core.storage_status()["ok"]
+
+
+async def test_a_puback_for_an_item_a_wipe_forgot_is_passed_on(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    core = rig.open()
+    core.bind("b", now=rig.now)
+    core.grant(Purpose.DIAGNOSTICS, now=rig.now)
+    ids = [core.capture_crash(CrashReport(f"s{n}", "x"), now=rig.now) for n in range(3)]
+    assert [o.msg_id for o in core.next_batch(now=rig.now)] == ids
+    forgotten: list[tuple[str, float]] = []
+    batch = AckBatch(core.store.db, forgotten=lambda _t, m, at: forgotten.append((m, at)))
+    transport = Transport(
+        core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), ack_sink=batch.add
+    )
+    batch.add(transport, ids[0], rig.now + 1)
+    await asyncio.sleep(0)  # the batch is written on the next loop iteration
+    assert forgotten == []  # the device knew it: its own record, not this one
+    batch.add(transport, ids[1], rig.now + 2)  # the PUBACK came before the wipe ...
+    core.unbind(now=rig.now + 2.5)  # ... which forgets both in flight before the batch
+    batch.add(transport, ids[2], rig.now + 3)
+    await asyncio.sleep(0)
+    assert forgotten == [(ids[1], rig.now + 2), (ids[2], rig.now + 3)]
