@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -372,6 +373,13 @@ class Device:
         drops = removed.deleted
         with self.store.db.transaction():
             for purge in plan.purge:
+                if purge.before is not None:
+                    # Only what was captured before a later change (SPEC §3): the rows go,
+                    # in flight or not (a PUBACK may still come for those; it is ledgered).
+                    drops.setdefault(purge.reason, []).extend(
+                        self.store.purge_older_than(purge.purpose, purge.before)
+                    )
+                    continue
                 # In flight: deleted now (a PUBACK may still come; it is ledgered). The
                 # rest: their item key is destroyed, whatever their number (P2).
                 flying = [m for m, o in self._in_flight.items() if o.purpose is purge.purpose]
@@ -379,13 +387,12 @@ class Device:
                 shredded, legacy = self.store.shred_purpose(purge.purpose, purge.reason.value)
                 drops.setdefault(purge.reason, []).extend(gone + legacy)
                 removed.shredded[purge.reason] = removed.shredded.get(purge.reason, 0) + shredded
-            if plan.drop_captured_since is not None:
-                drops.setdefault(DropReason.SUSPENDED, []).extend(
-                    self.store.purge_captured_since(plan.drop_captured_since)
+            for change in plan.recoarsen:
+                self.store.rewrite(
+                    Purpose.ACTIVATION,
+                    functools.partial(rules.recoarsened, precision=change.precision),
+                    before=change.before,
                 )
-            if plan.recoarsen is not None:
-                level = plan.recoarsen
-                self.store.rewrite(Purpose.ACTIVATION, lambda p: rules.recoarsened(p, level))
             if plan.capture is not None:
                 c = plan.capture
                 self.store.enqueue(c.msg_id, c.purpose, c.captured_at, c.payload)

@@ -11,6 +11,10 @@ returns the plan to carry out and a result per setting (no values):
   change; a widening one (grant, resume, a finer precision) must be fresh (not
   stale, not from the future) and certainly newer than the latest change
   (``agent.core.ordering``);
+* a narrowing command certainly older than the setting's latest change leaves the
+  setting's value alone but still covers the data that existed when it was made:
+  every item captured before that latest change (on the device's clock, with every
+  error the conversion may carry) is deleted, or its location coarsened (SPEC §3);
 * a command that was taken, applied or ignored, is remembered in the same plan, so
   it is applied exactly once even if its acknowledgement never reached the broker.
 """
@@ -98,6 +102,16 @@ class _Taking:
             return latest
         return self.stamp
 
+    def earlier(self, key: str, direction: Direction, latest: Stamp | None) -> float | None:
+        """For a narrowing command that ``admitted`` refused as older than the setting's
+        latest change: the device time before which the items it covers were captured
+        (SPEC §3: a narrowing choice covers the data that existed when it was made).
+        None for a widening command, which covers nothing."""
+        if direction != "narrowing" or latest is None:
+            return None
+        self.result[key] = "applied to earlier data: older than the latest change"
+        return rules.captured_before(self.s, latest, self.now)
+
     def add(self, nxt: Plan) -> None:
         self.plan = self.plan.then(nxt)
 
@@ -115,24 +129,28 @@ def take(s: Settings, cfg: CoreConfig, command: Command, *, now: float, msg_id: 
         case PrecisionCommand():
             level = Precision(command.precision)
             coarser = rules.is_coarser(level, s.precision) or level is s.precision
-            if stamp := t.admitted(
-                "precision", "narrowing" if coarser else "widening", s.stamps.get("precision")
-            ):
+            direction: Direction = "narrowing" if coarser else "widening"
+            latest = s.stamps.get("precision")
+            if stamp := t.admitted("precision", direction, latest):
                 t.add(rules.set_precision(t.s, level, now=now, stamp=stamp))
+            elif (before := t.earlier("precision", direction, latest)) is not None:
+                t.add(rules.coarsened_earlier(t.s, level, before=before))
         case UnbindCommand() | AccountCancelledCommand():
             event = Event.UNBIND if isinstance(command, UnbindCommand) else Event.ACCOUNT_CANCELLED
             t.result["binding"] = "applied"
             t.add(rules.wipe(t.s, cfg, event, now=now, msg_id=msg_id))
         case SuspendCommand() | ResumeCommand():
             value = isinstance(command, SuspendCommand)
-            if stamp := t.admitted(
-                "suspension", "narrowing" if value else "widening", s.control.suspension
-            ):
+            direction = "narrowing" if value else "widening"
+            latest = s.control.suspension
+            if stamp := t.admitted("suspension", direction, latest):
                 t.add(
                     rules.suspension(
                         t.s, cfg, value, now=now, source="cloud", msg_id=msg_id, stamp=stamp
                     )
                 )
+            elif (before := t.earlier("suspension", direction, latest)) is not None:
+                t.add(rules.suspended_earlier(t.s, before=before))
     memory = t.s.control.memory.remember(command.command_id, t.issued, now)
     settings = t.s.with_control(dataclasses.replace(t.s.control, memory=memory))
     return Taken(dataclasses.replace(t.plan, settings=settings), t.result)
@@ -148,8 +166,12 @@ def _consent(t: _Taking, command: ConsentCommand, msg_id: str) -> None:
                 command_id=command.command_id,
             )
         key = f"consent:{purpose.value}"
-        stamp = t.admitted(key, "widening" if granted else "narrowing", t.s.stamps.get(key))
+        direction: Direction = "widening" if granted else "narrowing"
+        latest = t.s.stamps.get(key)
+        stamp = t.admitted(key, direction, latest)
         if stamp is None:
+            if (before := t.earlier(key, direction, latest)) is not None:
+                t.add(rules.withdrawn_earlier(t.s, purpose, before=before))
             continue
         if granted:
             t.add(

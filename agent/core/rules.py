@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core import consent, crashes, ledger, lifecycle
-from agent.core.commands import FUTURE_SKEW_S
 from agent.core.consent import Decision, Grant, Source
 from agent.core.identity import safe_binding_id, validate_binding_id
 from agent.core.items import DropReason, expired
@@ -38,10 +37,21 @@ __all__ = ["CoreConfig", "CrashReport", "Plan", "Settings"]
 
 @dataclass(frozen=True, slots=True)
 class Purge:
-    """Delete every queued item of ``purpose``, for ``reason``."""
+    """Delete the queued items of ``purpose``, for ``reason``: every one, or only those
+    captured before the device time ``before`` (a narrowing heard late, SPEC §3)."""
 
     purpose: Purpose
     reason: DropReason
+    before: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recoarsen:
+    """Re-coarsen the location of queued activations to ``precision`` (P3): every one,
+    or only those captured before the device time ``before``."""
+
+    precision: Precision
+    before: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +84,13 @@ class Plan:
     settings: Settings
     save: bool = True  # the settings changed: seal and write the record
     purge: tuple[Purge, ...] = ()
-    # Queued activations whose location must be re-coarsened to this precision (P3).
-    recoarsen: Precision | None = None
+    # Queued activations whose location must be re-coarsened (P3).
+    recoarsen: tuple[Recoarsen, ...] = ()
     capture: Capture | None = None
     ledger: tuple[dict[str, Any], ...] = ()
     wipe: Wipe | None = None
     # Purposes that must stop leaving before the event returns (P2, P3, P9, P13).
     stop: frozenset[Purpose] = field(default_factory=frozenset)
-    # Delete what was captured at or after this device time: collected after the
-    # service stopped, while the device could not know (P13).
-    drop_captured_since: float | None = None
 
     @property
     def noop(self) -> bool:
@@ -95,20 +102,14 @@ class Plan:
             or self.ledger
             or self.wipe
             or self.stop
-            or self.drop_captured_since is not None
+            or self.recoarsen
         )
 
     @property
     def narrows(self) -> bool:
         """Whether the plan reduces what is collected or kept: it must take effect in
         memory even when its write fails, and its write is retried (fail closed)."""
-        return bool(
-            self.stop
-            or self.purge
-            or self.wipe is not None
-            or self.recoarsen is not None
-            or self.drop_captured_since is not None
-        )
+        return bool(self.stop or self.purge or self.wipe is not None or self.recoarsen)
 
     def then(self, nxt: Plan) -> Plan:
         """This plan followed by ``nxt``, which was decided on this plan's settings."""
@@ -118,12 +119,11 @@ class Plan:
             nxt.settings,
             save=self.save or nxt.save,
             purge=self.purge + nxt.purge,
-            recoarsen=_coarser(self.recoarsen, nxt.recoarsen),
+            recoarsen=self.recoarsen + nxt.recoarsen,
             capture=self.capture or nxt.capture,
             ledger=self.ledger + nxt.ledger,
             wipe=nxt.wipe or self.wipe,
             stop=self.stop | nxt.stop,
-            drop_captured_since=nxt.drop_captured_since or self.drop_captured_since,
         )
 
 
@@ -339,9 +339,9 @@ def suspension(
     """Suspend (P13) or resume all personal-data collection, bound or not.
 
     The suspension lives in the control record, so it outlasts wipes and rebinds. A
-    cloud suspension also deletes what the device captured after the service stopped
-    (an offline device keeps collecting until it hears of it): from its issue time on
-    the device's clock, less that clock's error (or five minutes if never compared).
+    suspension covers the data that exists when it is made (SPEC §3): every queued
+    personal item goes, whenever it was captured (before the suspension, or after it
+    by an offline device that had not heard of it), and none of it ever leaves.
     """
     control = dataclasses.replace(s.control, suspended=value, suspension=stamp)
     after = s.with_control(control)
@@ -349,22 +349,66 @@ def suspension(
         return Plan(after, save=False)
     bound = s.lifecycle is not State.FACTORY_NEW
     action = "suspend" if value else "resume"
-    since = None
-    if value and stamp.source == "cloud":
-        clock = s.control.clock
-        since = (
-            stamp.at - FUTURE_SKEW_S
-            if clock is None
-            else clock.to_device(stamp.at) - clock.error_at(now)
-        )
     plan = Plan(
         after,
         save=False,  # the control record holds it, and the shell writes it when it changed
+        purge=tuple(Purge(p, DropReason.SUSPENDED) for p in Purpose) if value else (),
         ledger=(_consent_entry(cfg, action, None, now, source),) if bound else (),
         stop=ALL if value else frozenset(),
-        drop_captured_since=since,
     )
     return plan if value else _then_activate(plan, cfg, now=now, msg_id=msg_id)
+
+
+# -- a narrowing heard after a later widening (SPEC §3) ------------------------------
+def captured_before(s: Settings, latest: Stamp, now: float) -> float:
+    """The device time before which an item may have been captured before ``latest``
+    (a later change of a setting) was made: ``latest`` on the device's clock, plus
+    every error that conversion may carry. Where the clock was never compared, the
+    order of anything captured until ``now`` is unknown: all of it (fail closed)."""
+    clock = s.control.clock
+    if clock is None or latest.error is None:
+        return now
+    return clock.to_device(latest.at) + latest.error + clock.error_at(now)
+
+
+def withdrawn_earlier(s: Settings, purpose: Purpose, *, before: float) -> Plan:
+    """A withdrawal made before the latest grant, heard only now: the grant stays, but
+    nothing of ``purpose`` captured before that grant may leave (P2, SPEC §3)."""
+    if s.lifecycle is State.FACTORY_NEW:
+        return unchanged(s)
+    return Plan(
+        s,
+        save=False,
+        purge=(Purge(purpose, DropReason.WITHDRAWN, before),),
+        stop=frozenset({purpose}),
+    )
+
+
+def suspended_earlier(s: Settings, *, before: float) -> Plan:
+    """A suspension made before the latest resume, heard only now: collection stays
+    resumed, but nothing captured before that resume may leave (P13, SPEC §3)."""
+    return Plan(
+        s,
+        save=False,
+        purge=tuple(Purge(p, DropReason.SUSPENDED, before) for p in Purpose),
+        stop=ALL,
+    )
+
+
+def coarsened_earlier(s: Settings, precision: Precision, *, before: float) -> Plan:
+    """A coarser precision (or ``off``) chosen before the latest precision change, heard
+    only now: the precision stays, but the queued activations captured before that
+    change and the stored location get no finer than ``precision`` (P3, SPEC §3).
+
+    The stored location is coarsened whenever it was taken: when it was taken is not
+    kept, so it may predate the choice (fail closed)."""
+    after = dataclasses.replace(s, location=recoarsen(s.location, precision))
+    return Plan(
+        after,
+        save=after.location != s.location,
+        recoarsen=(Recoarsen(precision, before),),
+        stop=frozenset({Purpose.ACTIVATION}),
+    )
 
 
 # -- location ---------------------------------------------------------------------
@@ -372,12 +416,6 @@ def is_coarser(new: Precision, old: Precision) -> bool:
     """Whether ``new`` allows less location than ``old`` (``off`` allows none)."""
     rank = {Precision.OFF: -1, **DECIMALS}
     return rank[new] < rank[old]
-
-
-def _coarser(a: Precision | None, b: Precision | None) -> Precision | None:
-    if a is None or b is None:
-        return a or b
-    return b if is_coarser(b, a) else a
 
 
 def set_precision(
@@ -394,7 +432,7 @@ def set_precision(
     ).stamped("precision", stamp or local_stamp(s, now))
     if not is_coarser(precision, s.precision):
         return Plan(after)
-    return Plan(after, recoarsen=precision, stop=frozenset({Purpose.ACTIVATION}))
+    return Plan(after, recoarsen=(Recoarsen(precision),), stop=frozenset({Purpose.ACTIVATION}))
 
 
 def set_location(s: Settings, lat: float, lon: float) -> Plan:

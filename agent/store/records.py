@@ -519,13 +519,17 @@ class DeviceStore:
         )
         return None
 
-    def rewrite(self, purpose: Purpose, change: Callable[[bytes], bytes]) -> int:
-        """Re-seal every queued item of ``purpose`` with ``change(payload)``, under the
-        key that sealed it; how many. Rows of shredded keys are gone already."""
+    def rewrite(
+        self, purpose: Purpose, change: Callable[[bytes], bytes], *, before: float | None = None
+    ) -> int:
+        """Re-seal every queued item of ``purpose`` (or only those captured before
+        ``before``) with ``change(payload)``, under the key that sealed it; how many.
+        Rows of shredded keys are gone already."""
+        cutoff = _ms(before) if before is not None else None
         rows = self.db.conn.execute(
             "SELECT seq, msg_id, captured_ms, blob, key_id FROM outbox WHERE device_id = ? "  # noqa: S608
-            f"AND purpose = ? AND {_LIVE}",
-            (self.device_id, purpose.value, self.device_id),
+            f"AND purpose = ? AND {_LIVE} AND (? IS NULL OR captured_ms < ?)",
+            (self.device_id, purpose.value, self.device_id, cutoff, cutoff),
         ).fetchall()
         with self.db.transaction() as c:
             for seq, msg_id, cms, blob, key_id in rows:
@@ -564,10 +568,6 @@ class DeviceStore:
         return self._delete_returning(
             "purpose = ? AND captured_ms < ?", (purpose.value, _ms(cutoff))
         )
-
-    def purge_captured_since(self, cutoff: float) -> list[str]:
-        """Delete every item captured at or after ``cutoff`` (collected while suspended)."""
-        return self._delete_returning("captured_ms >= ?", (_ms(cutoff),))
 
     def purge_oldest(self, n: int) -> list[str]:
         """Delete the ``n`` oldest items (P7 cap)."""

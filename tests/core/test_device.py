@@ -161,18 +161,22 @@ def test_minor_blocks_everything(rig: Rig) -> None:
     assert rig.deliver_all() == []
 
 
-def test_suspend_holds_and_resume_releases(rig: Rig) -> None:
+def test_suspend_covers_what_was_queued_and_resume_sends_only_new(rig: Rig) -> None:
+    """SPEC §3: a suspension covers the data that exists when it is made (P13)."""
     bound(rig, D)
     core = rig.core
     assert core is not None
-    msg = core.capture_crash(CRASH, now=rig.tick())
+    core.capture_crash(CRASH, now=rig.tick())
     core.set_suspended(True, now=rig.tick())
+    assert core.queued_count() == 0
     with pytest.raises(ConsentNotInForce, match="suspended"):
         core.capture_crash(CRASH, now=rig.tick())
     assert rig.deliver_all() == []
     core = rig.open()
     assert core.status()["suspended"] is True  # survives a reboot
     core.set_suspended(False, now=rig.tick())
+    assert rig.deliver_all() == []  # what existed when it was suspended never leaves
+    msg = core.capture_crash(CRASH, now=rig.tick())
     assert [o.msg_id for o in rig.deliver_all()] == [msg]
 
 
@@ -290,7 +294,7 @@ def test_deletion_requests_beyond_the_batch_limit_wait_their_turn(rig: Rig) -> N
     assert [o.msg_id for o in core.next_batch(now=rig.tick(), limit=2)] == requests[2:]
 
 
-def test_suspension_keeps_what_is_on_the_wire_and_holds_the_rest(rig: Rig) -> None:
+def test_suspension_keeps_what_is_on_the_wire_and_deletes_the_rest(rig: Rig) -> None:
     bound(rig, D)
     core = rig.core
     assert core is not None
@@ -304,11 +308,11 @@ def test_suspension_keeps_what_is_on_the_wire_and_holds_the_rest(rig: Rig) -> No
         core.acknowledged(out.msg_id, now=rig.tick())
     sent = {e["msg_id"] for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"}
     assert sent == set(ids[:2])  # in the user's record (P11), not lost from it
-    assert core.next_batch(now=rig.tick()) == []  # held while suspended (P13)
+    assert core.next_batch(now=rig.tick()) == []  # deleted by the suspension (P13)
     core.connection_lost(now=rig.now)
     assert core.next_batch(now=rig.tick()) == []
     core.set_suspended(False, now=rig.tick())
-    assert [o.msg_id for o in core.next_batch(now=rig.now)] == [ids[2]]  # only the held one
+    assert core.next_batch(now=rig.now) == []  # the suspension covered the queued one (§3)
 
 
 def test_a_suspension_applies_unbound_and_lasts_across_unbind_rebind_and_restart(
