@@ -3,9 +3,13 @@
 Devices of a group connect to their proxy instead of the broker; the TLS session
 runs end to end through it (the proxy sees only ciphertext). Faults:
 
-* latency: every chunk waits ``latency_s`` before it is forwarded, both ways;
+* latency: every chunk is forwarded ``latency_s`` after it was read, both ways. The
+  delay is a pipeline, as on a long link: chunks are read as they come and each one
+  waits out its own delay beside the others, so a trip takes ``latency_s``, not that
+  times the number of chunks ahead of it;
 * loss: a chunk is late by a retransmission timeout with probability ``loss``
-  (TCP does not lose bytes; a lossy path makes them late);
+  (TCP does not lose bytes; a lossy path makes them late), and holds up the chunks
+  behind it (TCP delivers in order);
 * partition: open connections are cut and new ones refused until it heals.
 """
 
@@ -20,6 +24,9 @@ class FaultProxy:
     """One group's path to the broker."""
 
     RETRANSMIT_S = 0.2
+    # Chunks read but not yet forwarded, per direction of a connection: a full pipeline
+    # stops reading, as a full TCP window would (at most 16 MiB of 64 KiB reads).
+    PIPELINE_CHUNKS = 256
 
     def __init__(self, target_host: str, target_port: int, rng: random.Random) -> None:
         self.target = (target_host, target_port)
@@ -78,13 +85,39 @@ class FaultProxy:
             task.add_done_callback(self._tasks.discard)
 
     async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        """Read ``src`` as it comes; ``_deliver`` writes each chunk to ``dst`` when due."""
+        loop = asyncio.get_running_loop()
+        line: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(self.PIPELINE_CHUNKS)
+        deliver = asyncio.create_task(self._deliver(line, dst))
+        due = 0.0
         try:
-            while data := await src.read(65536):
+            while (data := await src.read(65536)) and not deliver.done():
                 delay = self.latency_s
                 if self.loss and self.rng.random() < self.loss:
                     delay += self.RETRANSMIT_S
-                if delay:
-                    await asyncio.sleep(delay)
+                # In order: never before the chunk ahead of it.
+                due = max(due, loop.time() + delay)
+                await line.put((due, data))
+            await line.put(None)  # the end: what is on its way still arrives, then close
+            await deliver
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            deliver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deliver
+
+    async def _deliver(
+        self, line: asyncio.Queue[tuple[float, bytes] | None], dst: asyncio.StreamWriter
+    ) -> None:
+        """Write each chunk from ``line`` at its due time, in order; close ``dst`` at the
+        end, on a partition or when it fails (the other direction then ends too)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while (item := await line.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 if self.partitioned:
                     break
                 dst.write(data)
@@ -94,3 +127,5 @@ class FaultProxy:
         finally:
             self._conns.discard(dst)
             dst.transport.abort()
+            while not line.empty():  # a reader waiting for room goes on, and sees the end
+                line.get_nowait()
