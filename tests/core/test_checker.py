@@ -4,6 +4,7 @@ clean history passes. A checker that cannot fail is worthless (SPEC §4)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -259,14 +260,17 @@ def test_a_slow_backend_is_not_a_late_device() -> None:
     assert kinds_of(t, late) == []
 
 
-def test_items_held_through_a_suspension_may_leave_after_the_resume() -> None:
+def test_a_suspension_covers_the_items_held_through_it() -> None:
+    # SPEC §3: no suspension may cover any of an item's span, so what the device held
+    # when the service stopped never leaves, the resume notwithstanding.
     t = truth()
     t.log(T0 + 3, "suspend", via="cloud")
     t.log(T0 + 9, "resume", via="cloud")
     held = message("crash", "c", T0 + 2, T0 + 10)  # captured before, left after the resume
-    assert kinds_of(t, [held]) == []
+    assert kinds_of(t, [held]) == ["no-consent"]
     during = message("crash", "d", T0 + 2, T0 + 6)  # left while suspended
     assert kinds_of(t, [during]) == ["no-consent"]
+    assert kinds_of(t, [message("crash", "f", T0 + 9.5, T0 + 10)]) == []  # after the resume
     t.log(T0 + 12, "withdraw", purpose="diagnostics")
     t.log(T0 + 13, "grant", purpose="diagnostics")
     # Its grant ended with the withdrawal: a new grant does not cover it (P2).
@@ -300,3 +304,163 @@ def test_messages_of_an_earlier_run_are_counted_apart() -> None:
     # A lab's timeline without queued items: everything is judged.
     t.queued_items = {}
     assert kinds_of(t, [old]) == ["no-consent"]
+
+
+# -- SPEC §3, "a narrowing choice covers the data that existed when it was made" ----------
+# Each case: the choices after the base timeline (bound at T0, both purposes granted at
+# T0 + 1, grace 2 s), when the broker forwarded each cloud command to the device
+# (``delivered``), one item and when it left by each kind of evidence, and the verdict.
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str
+    captured: float
+    arrived: float
+    acked: float | None = None
+    seen: float | None = None
+    location: str | None = "region"  # an activation's location precision (None: none sent)
+
+
+Choice = tuple[float, str, dict[str, Any]]
+
+WITHDRAW_OFFLINE: list[Choice] = [
+    # Withdrawn by the cloud while the device was offline, re-granted on the device
+    # before it heard the withdrawal (delivered at T0 + 20).
+    (T0 + 10, "withdraw", {"purpose": "diagnostics", "via": "cloud", "command_id": "w"}),
+    (T0 + 12, "grant", {"purpose": "diagnostics"}),
+]
+OFF_OFFLINE: list[Choice] = [
+    (T0 + 10, "precision", {"level": "off", "via": "cloud", "command_id": "p"}),
+    (T0 + 12, "precision", {"level": "city"}),
+]
+SUSPEND_OFFLINE: list[Choice] = [
+    (T0 + 10, "suspend", {"via": "cloud", "command_id": "s"}),
+    (T0 + 12, "resume", {"via": "cloud", "command_id": "r"}),
+]
+WITHDRAW_LATE: list[Choice] = [  # the broker forwarded it 5 s after it was issued
+    (T0 + 10, "withdraw", {"purpose": "diagnostics", "via": "cloud", "command_id": "w"}),
+]
+SUSPEND: list[Choice] = [
+    (T0 + 3, "suspend", {"via": "cloud"}),
+    (T0 + 9, "resume", {"via": "cloud"}),
+]
+WITHDRAW_LOCAL: list[Choice] = [(T0 + 3, "withdraw", {"purpose": "diagnostics"})]
+UNBIND_LATE: list[Choice] = [
+    (T0 + 10, "wipe", {"reason": "unbind", "via": "cloud", "command_id": "u"}),
+]
+PRECISION_DIP: list[Choice] = [  # city, country for a while, city again: all local
+    (T0 + 1.5, "precision", {"level": "city"}),
+    (T0 + 10, "precision", {"level": "country"}),
+    (T0 + 12, "precision", {"level": "city"}),
+]
+DELIVERED = {"w": T0 + 20, "p": T0 + 20, "s": T0 + 20, "r": T0 + 21}
+LATE = {"w": T0 + 15, "u": T0 + 15}
+
+
+@pytest.mark.parametrize(
+    ("name", "choices", "delivered", "item", "expected"),
+    [
+        # (a) withdrawn offline, re-granted locally before the device heard it.
+        ("held from before the withdrawal", WITHDRAW_OFFLINE, DELIVERED,
+         Item("crash", T0 + 5, T0 + 25), ["no-consent"]),
+        ("captured between issue and hearing", WITHDRAW_OFFLINE, DELIVERED,
+         Item("crash", T0 + 11, T0 + 25), ["no-consent"]),
+        ("captured after the re-grant", WITHDRAW_OFFLINE, DELIVERED,
+         Item("crash", T0 + 13, T0 + 25), []),
+        ("gone before the device could act on it", WITHDRAW_OFFLINE, DELIVERED,
+         Item("crash", T0 + 5, T0 + 21.5), []),
+        # (b) off offline, then city on the device.
+        ("queued activation keeps its location", OFF_OFFLINE, DELIVERED,
+         Item("activation", T0 + 5, T0 + 25), ["location"]),
+        ("queued activation without a location", OFF_OFFLINE, DELIVERED,
+         Item("activation", T0 + 5, T0 + 25, location=None), []),
+        ("activation captured after city", OFF_OFFLINE, DELIVERED,
+         Item("activation", T0 + 13, T0 + 25, location="city"), []),
+        # A suspension heard after its resume still covers what existed before it.
+        ("held through an unheard suspension", SUSPEND_OFFLINE, DELIVERED,
+         Item("crash", T0 + 5, T0 + 25), ["no-consent"]),
+        ("captured after the resume", SUSPEND_OFFLINE, DELIVERED,
+         Item("crash", T0 + 13, T0 + 25), []),
+        ("held through a suspension", SUSPEND, {}, Item("crash", T0 + 2, T0 + 10), ["no-consent"]),
+        ("captured after the resume, at once", SUSPEND, {}, Item("crash", T0 + 9.5, T0 + 10), []),
+        # The allowance runs from when the broker forwarded the command, not its issue.
+        ("left before it was forwarded", WITHDRAW_LATE, LATE, Item("crash", T0 + 5, T0 + 11), []),
+        ("left within the grace after", WITHDRAW_LATE, LATE, Item("crash", T0 + 5, T0 + 16.5), []),
+        ("left past the grace after", WITHDRAW_LATE, LATE,
+         Item("crash", T0 + 5, T0 + 17.5), ["no-consent"]),
+        ("captured once heard", WITHDRAW_LATE, LATE,
+         Item("crash", T0 + 15.5, T0 + 16), ["no-consent"]),
+        ("never seen forwarded: from its issue", WITHDRAW_LATE, {},
+         Item("crash", T0 + 5, T0 + 12.5), ["no-consent"]),
+        ("a wipe forwarded late", UNBIND_LATE, LATE, Item("crash", T0 + 5, T0 + 16.5), []),
+        ("past a late wipe's grace", UNBIND_LATE, LATE,
+         Item("crash", T0 + 5, T0 + 17.5), ["after-wipe", "no-consent"]),
+        # The coarsest precision over the span, even when a finer one is back in force.
+        ("a coarser precision while it waited", PRECISION_DIP, {},
+         Item("activation", T0 + 2, T0 + 20, location="city"), ["location"]),
+        ("captured after the dip", PRECISION_DIP, {},
+         Item("activation", T0 + 13, T0 + 20, location="city"), []),
+        # Departure by evidence that is not the agent's: the observer's capture when it
+        # saw the item, else the PUBACK, else the backend's arrival. A PUBACK time reaches
+        # the record through the device: it does not override what the observer saw.
+        ("a slow backend", WITHDRAW_LOCAL, {}, Item("crash", T0 + 2, T0 + 20, seen=T0 + 2.5), []),
+        ("a slow backend, PUBACK only", WITHDRAW_LOCAL, {},
+         Item("crash", T0 + 2, T0 + 20, acked=T0 + 2.1), []),
+        ("an early PUBACK, seen late", WITHDRAW_LOCAL, {},
+         Item("crash", T0 + 2, T0 + 20, acked=T0 + 2.1, seen=T0 + 19), ["no-consent"]),
+        ("no evidence but the backend", WITHDRAW_LOCAL, {}, Item("crash", T0 + 2, T0 + 4.5), []),
+    ],
+)  # fmt: skip
+def test_narrowing_covers_the_data_that_existed(
+    name: str, choices: list[Choice], delivered: dict[str, float], item: Item, expected: list[str]
+) -> None:
+    t = truth()
+    for at, what, info in choices:
+        t.log(at, what, **info)
+    t.delivered = dict(delivered)
+    t.deletion_requests_pending = sum(1 for _at, what, _info in choices if what == "wipe")
+    if item.kind == "activation":
+        msg = (
+            activation_at("m", item.captured, item.arrived, item.location)
+            if item.location is not None
+            else message("activation", "m", item.captured, item.arrived, data=NO_LOCATION)
+        )
+    else:
+        msg = message(item.kind, "m", item.captured, item.arrived)
+    if item.acked is not None:
+        t.acked["m"] = item.acked
+    if item.seen is not None:
+        t.seen_at["m"] = item.seen
+    assert kinds_of(t, [msg]) == expected, name
+
+
+NO_LOCATION = {
+    "serial": "S",
+    "model": "m",
+    "firmware_version": "1",
+    "trigger": "first-activation",
+    "location": None,
+}
+
+
+def test_a_violation_says_what_was_not_in_force_and_when() -> None:
+    t = truth()
+    for at, what, info in WITHDRAW_OFFLINE + OFF_OFFLINE:
+        t.log(at, what, **info)
+    t.delivered = dict(DELIVERED)
+    t.seen_at = {"c": T0 + 25}
+    crash, activation = (
+        message("crash", "c", T0 + 5, T0 + 26),
+        activation_at("a", T0 + 5, T0 + 25, "region"),
+    )
+    details = {v.msg_id: v.detail for v in check({DEV: t}, [crash, activation]).violations}
+    assert details["c"] == (
+        f"diagnostics was withdrawn by the cloud at {rfc3339(T0 + 10)}, delivered "
+        f"{rfc3339(T0 + 20)}: not in force before it left; captured {rfc3339(T0 + 5)}, "
+        f"left {rfc3339(T0 + 25)} (seen at the broker)"
+    )
+    assert details["a"].startswith(
+        f"a region location, finer than off (set by the cloud at {rfc3339(T0 + 10)}, "
+        f"delivered {rfc3339(T0 + 20)})"
+    )
