@@ -47,6 +47,8 @@ _GDB_FRAME: Final = re.compile(
     re.MULTILINE,
 )
 _AT_FRAME: Final = re.compile(r"(?:^|\s)at\s+(?P<path>[^\s:()]{1,4096}):(?P<line>\d{1,9})\b")
+# A Python traceback's last line: the exception's (dotted) name, alone or before ':'.
+_EXCEPTION_LINE: Final = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.]{0,255})(?=:|\s*$)")
 _TYPE_AT_START: Final = re.compile(r"\s*(?P<name>[A-Za-z_][A-Za-z0-9_.]{0,255})(?=$|[:\s(,])")
 
 
@@ -151,17 +153,20 @@ def frames_of(stack: str, *, secrets: Iterable[str] = ()) -> tuple[Frame, ...]:
 
 
 def exception_of(signature: str, stack: str, *, secrets: Iterable[str] = ()) -> str:
-    """The exception or signal type: the leading name of a Python traceback's last
-    line, or of the signature; ``unknown`` when neither starts with a plain name."""
-    candidates = []
+    """The exception or signal type: the name of a Python traceback's exception line,
+    else the leading name of the signature; ``unknown`` when neither has one.
+
+    The exception line is the traceback's last line only when it is one: flush left,
+    a name alone or followed by ``:`` (``ValueError: ...``). A traceback cut short ends
+    on a frame or on free text, and no word of that may pass for a type (P12)."""
     lines = [ln for ln in stack.splitlines() if ln.strip()]
     if lines and "Traceback (most recent call last)" in stack:
-        candidates.append(lines[-1])
-    candidates.append(signature)
-    for text in candidates:
-        m = _TYPE_AT_START.match(text)
-        if m and DOTTED.fullmatch(m["name"]):
+        m = _EXCEPTION_LINE.match(lines[-1])
+        if m and DOTTED.fullmatch(m["name"]) and m["name"] != "Traceback":
             return _clean(m["name"], tuple(secrets)) or REDACTED
+    m = _TYPE_AT_START.match(signature)
+    if m and DOTTED.fullmatch(m["name"]):
+        return _clean(m["name"], tuple(secrets)) or REDACTED
     return UNKNOWN
 
 

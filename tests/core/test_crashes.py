@@ -101,6 +101,31 @@ def test_only_paths_inside_the_software_become_module_names(path: str, module: s
     assert module_of(path) == module
 
 
+TB = "Traceback (most recent call last):\n"
+
+
+@pytest.mark.parametrize(
+    ("signature", "stack", "exception"),
+    [
+        # A traceback cut short after its header or a frame: the signature's type stays.
+        ("SIGSEGV in sim #3", TB + '  File "/home/sim/app.py"', "SIGSEGV"),
+        ("SIGABRT", TB, "SIGABRT"),
+        ("12 bad things", TB + '  File "/home/sim/app.py"', "unknown"),
+        # Free text where the exception line belongs is not a type (P12: it is dropped).
+        ("SIGBUS", TB + "call failed for alice", "SIGBUS"),
+        # A real exception line, with or without its message.
+        ("x", TB + "ValueError: bad thing", "ValueError"),
+        ("x", TB + "KeyboardInterrupt", "KeyboardInterrupt"),
+    ],
+)
+def test_the_exception_type_never_comes_from_the_tracebacks_text(
+    signature: str, stack: str, exception: str
+) -> None:
+    doc = crashes.minimal(signature, stack)
+    assert doc["exception"] == exception
+    assert doc["signature"] == exception  # no frames of the software: the type alone
+
+
 def test_at_most_the_innermost_frames_are_kept() -> None:
     stack = "".join(f'  File "app/m{i}.py", line {i}, in f{i}\n' for i in range(100))
     frames = frames_of(stack)
