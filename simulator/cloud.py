@@ -247,12 +247,13 @@ class Cloud:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def command(self, device_id: str, name: str, body: dict[str, Any]) -> str:
-        """Send a command (QoS 1) with a fresh command_id and issued_at; returns the id.
-
-        A sync answer for the device waits until this command is with the broker.
-        """
-        command_id = body.get("command_id") or uuid.uuid4().hex
+    def issue(
+        self, device_id: str, name: str, body: dict[str, Any]
+    ) -> tuple[str, asyncio.Future[None]]:
+        """Start sending a command (QoS 1) with a fresh command_id and issued_at: its id
+        at once, and the send to await. A sync answer for the device waits until this
+        command is with the broker."""
+        command_id = str(body.get("command_id") or uuid.uuid4().hex)
         issued_at = body.get("issued_at") or rfc3339(self.clock())
         doc = {**body, "command_id": command_id, "issued_at": issued_at}
         self.issued.append((device_id, name, doc))
@@ -260,8 +261,13 @@ class Cloud:
         pending = self._issuing.setdefault(device_id, set())
         pending.add(sending)
         sending.add_done_callback(pending.discard)
+        return command_id, sending
+
+    async def command(self, device_id: str, name: str, body: dict[str, Any]) -> str:
+        """Send a command (see ``issue``) and wait until the broker has it; returns its id."""
+        command_id, sending = self.issue(device_id, name, body)
         await sending
-        return str(command_id)
+        return command_id
 
     async def send_raw(self, device_id: str, name: str, payload: bytes) -> None:
         """Publish raw bytes to a device's down/ topic (for hostile-input tests)."""

@@ -445,44 +445,47 @@ class Fleet:
             raise CommandRejected("not-a-local-action", e.action)
 
     async def _cloud_event(self, dev: SimDevice, e: Event) -> None:
-        """Issue a cloud command; the ground truth is the user's choice at its issue time."""
+        """Issue a cloud command; the ground truth is the user's choice at its issue time,
+        with the command's ID (an observer on ``down/`` sees when the broker forwarded it,
+        and the checker measures the command's path delay from there)."""
         core, truth = dev.core, dev.truth
         issued = parse_rfc3339(rfc3339(time.time()))  # as the command carries it
         binding = {
             "binding_id": core.settings.binding_id or "not-bound",
             "issued_at": rfc3339(issued),
         }
-        if e.action != "replay":
-            dev.issued.append(issued)
-        if e.action in ("grant", "withdraw"):
-            truth.log(issued, e.action, purpose=e.purpose, via="cloud")
-            body = {
-                **binding,
-                "purposes": {e.purpose: e.action == "grant"},
-                "policy_version": core.config.policy_version,
-            }
-            await self.cloud.command(dev.device_id, "consent", body)
-        elif e.action == "precision":
-            truth.log(issued, "precision", level=e.level, via="cloud")
-            await self.cloud.command(
-                dev.device_id, "location-precision", {**binding, "precision": e.level}
-            )
-        elif e.action in ("unbind", "account-cancelled"):
-            truth.log(issued, "wipe", reason=e.action, via="cloud")
-            await self.cloud.command(dev.device_id, e.action, binding)
-        elif e.action == "replay":
+        if e.action == "replay":
             # Not the user's choice: the cloud's latest command to the device, again.
             last = next((c for c in reversed(self.cloud.issued) if c[0] == dev.device_id), None)
             if last is not None:
                 dev.issued.append(None)
                 await self.cloud.send_raw(dev.device_id, last[1], json.dumps(last[2]).encode())
+            return
+        name: str
+        what: str
+        body: dict[str, Any]
+        info: dict[str, Any]
+        if e.action in ("grant", "withdraw"):
+            name, what, info = "consent", e.action, {"purpose": e.purpose}
+            body = {
+                **binding,
+                "purposes": {e.purpose: e.action == "grant"},
+                "policy_version": core.config.policy_version,
+            }
+        elif e.action == "precision":
+            name, what, info = "location-precision", "precision", {"level": e.level}
+            body = {**binding, "precision": e.level}
+        elif e.action in ("unbind", "account-cancelled"):
+            name, what, info, body = e.action, "wipe", {"reason": e.action}, binding
         elif e.action in ("suspend", "resume"):
-            truth.log(issued, e.action, via="cloud")
-            await self.cloud.command(
-                dev.device_id, f"{e.action}-collection", {"issued_at": rfc3339(issued)}
-            )
+            name, what, info = f"{e.action}-collection", e.action, {}
+            body = {"issued_at": rfc3339(issued)}
         else:
             raise CommandRejected("not-a-cloud-command", e.action)
+        dev.issued.append(issued)
+        command_id, sending = self.cloud.issue(dev.device_id, name, body)
+        truth.log(issued, what, **info, via="cloud", command_id=command_id)
+        await sending
 
     # -- running ---------------------------------------------------------------------------
     def _report_progress(self, phase: str, up: int) -> None:

@@ -11,7 +11,8 @@ directory of its own, with:
 - ``users.conf``: broker-config's ACL written out user by user, because NATS 2.9 has
   no per-user pattern like Mosquitto's ``%u``. A device may publish only under its
   own ``up/`` and subscribe only to its own ``down/``; the backend subscribes to
-  every ``up/`` and publishes to every ``down/``; the observer only subscribes.
+  every ``up/`` and publishes to every ``down/``; the observer only subscribes, to
+  every ``up/`` and every ``down/``.
 
 NATS subjects use ``.`` as their separator, and NATS 2.9 refuses MQTT topics that
 contain one, so a device ID with a ``.`` cannot be served: it is refused here with
@@ -142,7 +143,7 @@ def users_conf(device_ids: Iterable[str]) -> str:
             _user(subject_of(backend_id(n)), publish=_DOWN_ALL, subscribe=_UP_ALL)
             for n in range(MAX_BACKENDS + 1)
         ),
-        _user(subject_of(OBSERVER_ID), publish=(), subscribe=_UP_ALL),
+        _user(subject_of(OBSERVER_ID), publish=(), subscribe=(*_UP_ALL, *_DOWN_ALL)),
     ]
     for device_id in sorted(set(device_ids)):
         own = f"smartmi.v1.{nats_device_id(device_id)}"

@@ -437,8 +437,8 @@ def read_shards(
     timelines: list[Path], captures: list[Path]
 ) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]], list[Received]]:
     """The timelines and captures of one fleet's shards, merged: every device's truth
-    (a device in two timelines is an error), the broker outages in order, and every
-    message received."""
+    (a device in two timelines is an error; a capture's command deliveries added to
+    it), the broker outages in order, and every message received."""
     truths: dict[str, DeviceTruth] = {}
     outages: list[tuple[float, float]] = []
     for path in timelines:
@@ -447,7 +447,11 @@ def read_shards(
             raise ConfigError("a device appears in two timelines", where=str(path))
         truths.update(t)
         outages.extend(o)
-    received = [r for path in captures for r in timeline.read_capture(path)]
+    received: list[Received] = []
+    for path in captures:
+        capture = timeline.read_capture(path)
+        capture.note_in(truths)
+        received += capture.received
     return truths, sorted(outages), received
 
 
@@ -526,7 +530,13 @@ async def _with_task_dump(work: Coroutine[Any, Any, None]) -> None:
 def _judge(fleet: Fleet, outputs: Outputs) -> int:
     """Check what the backend (and an observer) received; write and print the report."""
     truths = {d: dev.truth for d, dev in fleet.devices.items()}
-    captured = timeline.read_capture(outputs.capture) if outputs.capture is not None else []
+    capture = (
+        timeline.read_capture(outputs.capture)
+        if outputs.capture is not None
+        else timeline.Capture()
+    )
+    capture.note_in(truths)  # when the broker forwarded each command
+    captured = capture.received
     for r in captured:  # the observer bounds departures too (it reads faster)
         truth = truths.get(r.device_id)
         if truth is not None and r.msg_id is not None:
@@ -590,13 +600,14 @@ def check_capture(
 def observe(
     host: str, port: int, pki: DevPki, out: Path, *, protocol: str = "v5"
 ) -> Iterator[None]:
-    """``mosquitto_sub`` as the observer identity, writing every uplink to ``out``."""
+    """``mosquitto_sub`` as the observer identity, writing every uplink and every
+    command sent down to ``out``."""
     version = "mqttv5" if protocol == "v5" else "mqttv311"
     cmd = [
         "mosquitto_sub", "-h", host, "-p", str(port), "-V", version, "-q", "1",
         "-i", f"smartmi-observer-{os.getpid()}", "--cafile", str(pki.ca_cert),
         "--cert", str(pki.observer.cert), "--key", str(pki.observer.key),
-        "-t", "smartmi/v1/+/up/#", "-F", "%U %t %x",
+        "-t", "smartmi/v1/+/up/#", "-t", "smartmi/v1/+/down/#", "-F", "%U %t %x",
     ]  # fmt: skip
     try:
         sink = out.open("wb")

@@ -2,20 +2,26 @@
 
 A **timeline** (JSON) is the ground truth of a run: per device, what the user chose
 and when (local actions at the time the user acted, cloud commands at their issue
-time), and what the device's outbox queued, acknowledged, dropped and still held.
+time, each with its ``command_id``), what the device's outbox queued, acknowledged,
+dropped and still held, and when an observer saw each command go down (``delivered``).
 The fleet writes one with ``smartmi-sim run --timeline FILE``; a lab harness can
 write one for real devices (``events`` alone are enough to judge consent, precision,
 minors and wipes; without ``queued`` no item can be called lost).
 
-A **capture** is what an MQTT client subscribed to ``smartmi/v1/+/up/#`` received,
-one message a line, as ``mosquitto_sub -F '%U %t %x'`` prints it: the arrival time
-(Unix seconds), the topic and the payload in hex. ``smartmi-sim check`` judges a
-capture against a timeline.
+A **capture** is what an MQTT client subscribed to ``smartmi/v1/+/up/#`` (and,
+optionally, ``smartmi/v1/+/down/#``) received, one message a line, as
+``mosquitto_sub -F '%U %t %x'`` prints it: the arrival time (Unix seconds), the topic
+and the payload in hex. ``smartmi-sim check`` judges its uplink against a timeline.
+Its ``down/`` lines are not data: a command's line (its JSON carries ``command_id``)
+says when the broker forwarded that command, the earliest the device can have heard
+it; the checker measures the command's path delay from there (``delivered``). Other
+``down/`` lines (sync answers, anything that is not a command) are skipped.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,6 +46,7 @@ def dump(truths: dict[str, DeviceTruth], outages: list[tuple[float, float]]) -> 
                 "events": [[at, what, info] for at, what, info in t.events],
                 "queued": {m: [p.value, at] for m, (p, at) in t.queued_items.items()},
                 "acked": t.acked,
+                "delivered": t.delivered,
                 "dropped": sorted(t.dropped_items),
                 "pending_at_end": sorted(t.pending_at_end),
                 "deletion_requests_pending": t.deletion_requests_pending,
@@ -75,6 +82,7 @@ def read(path: Path) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]]]
                 m: (Purpose(p), float(at)) for m, (p, at) in d.get("queued", {}).items()
             }
             t.acked = {m: float(at) for m, at in d.get("acked", {}).items()}
+            t.delivered = {c: float(at) for c, at in d.get("delivered", {}).items()}
             t.dropped_items = set(d.get("dropped", []))
             t.pending_at_end = set(d.get("pending_at_end", []))
             t.deletion_requests_pending = int(d.get("deletion_requests_pending", 0))
@@ -87,9 +95,34 @@ def read(path: Path) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]]]
     return truths, outages
 
 
-def read_capture(path: Path) -> list[Received]:
-    """Messages from a ``mosquitto_sub -F '%U %t %x'`` capture; ConfigError on a bad line."""
-    out: list[Received] = []
+@dataclass
+class Capture:
+    """What an observer at the broker saw: the uplink, and when each command went down."""
+
+    received: list[Received] = field(default_factory=list)
+    # device -> command_id -> when the observer first saw the command on its down/
+    delivered: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add_delivery(self, device_id: str, command_id: str, at: float) -> None:
+        """A command seen on ``device_id``'s down/ at ``at``; the earliest sighting counts
+        (a replay sends the same command again)."""
+        seen = self.delivered.setdefault(device_id, {})
+        seen[command_id] = min(at, seen.get(command_id, at))
+
+    def note_in(self, truths: dict[str, DeviceTruth]) -> None:
+        """Give each device's truth the delivery times of its commands (the earliest of
+        what it already holds and what this capture saw)."""
+        for device_id, seen in self.delivered.items():
+            truth = truths.get(device_id)
+            if truth is None:
+                continue
+            for command_id, at in seen.items():
+                truth.delivered[command_id] = min(at, truth.delivered.get(command_id, at))
+
+
+def read_capture(path: Path) -> Capture:
+    """A ``mosquitto_sub -F '%U %t %x'`` capture; ConfigError on a bad line."""
+    out = Capture()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -99,7 +132,7 @@ def read_capture(path: Path) -> list[Received]:
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                out.append(_captured(line))
+                _captured(line, out)
             except ValueError as exc:
                 raise ConfigError(
                     f"line {n} is not 'TIME TOPIC HEX' (mosquitto_sub -F '%U %t %x'): {exc}",
@@ -117,9 +150,19 @@ def write_capture(path: Path, received: list[Received]) -> None:
             )
 
 
-def _captured(line: str) -> Received:
+def _captured(line: str, out: Capture) -> None:
     stamp, topic, hexed = line.split(" ", 2)
     parts = topic.split("/")
-    if len(parts) != 5 or parts[3] != "up":
-        raise ValueError(f"not an uplink topic: {topic[:80]!r}")
-    return Received(parts[2], parts[4], bytes.fromhex(hexed.strip()), float(stamp))
+    if len(parts) != 5 or parts[3] not in ("up", "down"):
+        raise ValueError(f"not a device's up/ or down/ topic: {topic[:80]!r}")
+    payload, at = bytes.fromhex(hexed.strip()), float(stamp)
+    if parts[3] == "up":
+        out.received.append(Received(parts[2], parts[4], payload, at))
+        return
+    try:
+        command = json.loads(payload)
+    except ValueError:
+        return  # not a command the device could take: nothing was delivered
+    command_id = command.get("command_id") if isinstance(command, dict) else None
+    if isinstance(command_id, str):
+        out.add_delivery(parts[2], command_id, at)

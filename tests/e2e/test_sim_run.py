@@ -118,6 +118,19 @@ def test_a_capture_by_an_observer_is_judged_apart_and_agrees(
     doc = json.loads(out.read_text())
     assert doc["capture"]["agrees"] is True
     assert doc["capture"]["unique"] == doc["delivery"]["unique"] > 0
+    # The observer also saw every cloud command go down, after the cloud issued it; the
+    # timeline ties each cloud choice to when the broker forwarded it.
+    assert "/down/" in capture.read_text()
+    devices = json.loads(timeline.read_text())["devices"]
+    choices = [
+        (d["delivered"], at, info["command_id"])
+        for d in devices.values()
+        for at, _what, info in d["events"]
+        if info.get("via") == "cloud"
+    ]
+    assert len(choices) == 12 * 2 + 12 * 2 + 8 + 8  # two each in two groups, one in two
+    for delivered, issued, command_id in choices:
+        assert issued <= delivered[command_id] < issued + 60
     assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 0
     assert "violations  none" in capsys.readouterr().out
     # The same capture with one message no device's choice allowed: the check fails.

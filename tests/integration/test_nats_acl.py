@@ -2,7 +2,7 @@
 
 broker-config/acl written out per user (simulator/nats.py) must allow exactly what
 Mosquitto allows: a device writes only its own up/ and reads only its own down/, the
-backend reads every up/ and writes every down/, the observer only reads up/. MQTT
+backend reads every up/ and writes every down/, the observer only reads up/ and down/. MQTT
 3.1.1 has no reason code in PUBACK, so a refused publish is judged by what arrives:
 a marker published after it is the next message the subscriber sees.
 """
@@ -98,6 +98,7 @@ def test_the_backend_sees_every_up_and_the_observer_only_reads(
     a, b, backend, observer = (clients[n] for n in ("acl-a", "acl-b", "backend", "observer"))
     assert not backend.subscribe("smartmi/v1/+/up/#").is_failure
     assert not observer.subscribe("smartmi/v1/+/up/#").is_failure
+    assert not observer.subscribe("smartmi/v1/+/down/#").is_failure
     assert not a.subscribe("smartmi/v1/acl-a/down/#").is_failure
     observer.publish(down_topic("acl-a", "consent"), b"from the observer")
     a.publish(up_topic("acl-a", "activation"), b"from a")
@@ -111,6 +112,7 @@ def test_the_backend_sees_every_up_and_the_observer_only_reads(
         assert got == want
     backend.publish(down_topic("acl-a", "consent"), b"marker")
     _only(a, down_topic("acl-a", "consent"), b"marker")
+    _only(observer, down_topic("acl-a", "consent"), b"marker")  # its own was refused
 
 
 def test_a_device_claiming_another_client_id_still_acts_as_itself(
