@@ -229,7 +229,7 @@ def run(
             what = f"a {cluster}-node NATS cluster" if cluster else "Mosquitto"
             print(f"started {what} on {started.url} (log {started.log_path})", file=sys.stderr)
             if outputs.capture is not None:
-                restart = _observed_restart(started, pki, outputs.capture, observer_back)
+                restart = _observed_restart(restart, started, pki, outputs.capture, observer_back)
         else:
             host, port, cloud_tls = broker.address()
         protocol = local.protocol if local is not None else broker.protocol if broker else "v5"
@@ -490,13 +490,18 @@ def judge_shards(
 
 
 def _observed_restart(
-    broker: LocalBroker, pki: DevPki, capture: Path, back: list[float]
+    restart_broker: Callable[[], object],
+    broker: LocalBroker,
+    pki: DevPki,
+    capture: Path,
+    back: list[float],
 ) -> Callable[[], None]:
-    """Restart the broker, then wait until the observer's subscription is live again:
-    what the broker acknowledged before then may be lost to the observer too."""
+    """``restart_broker`` (Mosquitto's restart, a cluster's node failure), then wait
+    until the observer's subscription is live again: what the broker acknowledged
+    before then may be lost to the observer too."""
 
     def restart() -> None:
-        broker.restart()
+        restart_broker()
         try:
             asyncio.run(
                 wait_observing(broker.host, broker.port, pki, capture, protocol=broker.protocol)
