@@ -71,8 +71,31 @@ def _crash_report(text: str | None, k: int) -> CrashReport:
 
 
 STOP_WAIT_S = 10.0  # how long a stopped transport gets to finish
+# The timeline's own work (a burst of captures, a thousand devices' binds due at once)
+# holds the event loop at most this long before the transports and the cloud get a
+# turn: PUBACKs, commands and keepalives are then late by tens of milliseconds, not by
+# the whole burst (200 crashes on each of 120 devices held it for about 12 s).
+HOLD_S: Final = 0.02
+# A scheduled event carried out later than this gets no verdict (``Fleet.late``). The
+# scenarios space the choices whose order is their point about a second or more apart
+# (a capture burst, then the suspension or withdrawal that must cover it; a suspension,
+# then its resume), so a run further behind no longer plays what its file says, and
+# its verdict would be about another scenario: it says so instead of giving one.
+MAX_LAG_S: Final = 1.0
 # CPython's cycle collector while a fleet runs (its default is 700, 10, 10).
 RUNNING_GC_THRESHOLDS: Final = (20_000, 50, 1_000)
+
+
+def late(max_lag_s: float, latest: str) -> str | None:
+    """Why a run that fell ``max_lag_s`` behind its schedule gets no verdict (``latest``:
+    the event that was carried out latest), or None when it kept its schedule."""
+    if max_lag_s <= MAX_LAG_S:
+        return None
+    return (
+        f"the fleet fell {max_lag_s:.1f} s behind the scenario's schedule (at most "
+        f"{MAX_LAG_S:g} s is allowed; the latest event: {latest}), so it did not play what "
+        "the scenario says: run fewer devices, or spread the scenario's events out"
+    )
 
 
 def scenario_devices(scenario: Scenario, n: int) -> list[tuple[Group, str]]:
@@ -128,6 +151,11 @@ class FleetStats:
     stuck_stops: int = 0
     # From a cloud command's issue to the device taking it: the path the grace covers.
     command_delays_s: list[float] = field(default_factory=list)
+    # How late each scheduled event was carried out (a local action: when it was done; a
+    # cloud command: when it was issued); the most, and which event that was.
+    event_lags_s: list[float] = field(default_factory=list)
+    max_lag_s: float = 0.0
+    latest: str = ""
     drained: bool = False
     elapsed_s: float = 0.0
     started_at: float = 0.0  # wall clock
@@ -210,10 +238,12 @@ class Fleet:
         self.keep_status = False
         self.final_status: list[metrics.Snapshot] = []
         self._t0 = 0.0
+        self._held_since = 0.0  # when the timeline last let other tasks run
         self._events_total = 0
         self._events_played = 0  # played so far, applied or refused (the progress line)
         self.was_interrupted = False  # stopped by Ctrl-C: the report says incomplete
         self._sending: set[asyncio.Task[None]] = set()
+        self._restarting: asyncio.Task[None] | None = None  # the latest broker restart
         # When an observer capturing beside the backend had subscribed again after each
         # broker restart (``smartmi-sim run --capture``); empty without one.
         self.observer_back: list[float] = []
@@ -349,41 +379,87 @@ class Fleet:
         plan.sort(key=lambda p: (p[0], p[1]))
         return plan
 
-    async def _apply(self, target: str | None, e: Event) -> None:
+    async def _apply(self, target: str | None, e: Event, at: float, due: float) -> None:
+        """Carry out event ``e`` (for device or group ``target``), scheduled at ``at``
+        seconds into the timeline, which is monotonic time ``due``."""
         if e.action == "broker-restart":
+            self._on_time(due, e, at, "the broker")
             if self.restart_broker is None:
                 self.stats.events_refused["broker-restart:external-broker"] += 1
                 return
-            self.stats.broker_restarts.append(time.time())
-            await asyncio.to_thread(self.restart_broker)
-            self.stats.events_applied += 1
+            # Beside the timeline: the users' choices do not wait for the broker to come
+            # back (a restart took 0.3 s and more, and every event after it was as late).
+            before = self._restarting
+            self._restarting = self._background(self._restart(self.restart_broker, before))
             return
+        assert target is not None  # noqa: S101  # a group (faults) or a device
         if e.action in FAULTS:
-            assert target is not None  # noqa: S101  # a group name for faults
+            self._on_time(due, e, at, f"group {target}")
             asyncio.get_running_loop().create_task(self._fault(self.proxies[target], e))
             return
-        assert target is not None  # noqa: S101
         dev = self.devices[target]
         if e.action == "reboot":
+            self._on_time(due, e, at, target)
             # Not awaited: the agent's old connection closes while the timeline goes on.
             self._background(self._reboot(dev))
             self.stats.events_applied += 1
             return
         if e.source == "cloud":
             # Sent, not awaited: the cloud does not wait for one device before the next.
-            self._background(self._cloud_event(dev, e))
+            self._background(self._cloud_event(dev, e, at, due))
             return
         try:
-            self._local_event(dev, e, time.time())
+            if e.action == "crash":
+                await self._crash(dev, e)
+            else:
+                self._local_event(dev, e, time.time())
             self.stats.events_applied += 1
         except AgentError as exc:
             self.stats.events_refused[f"{e.action}:{type(exc).__name__}"] += 1
+        self._on_time(due, e, at, target)  # when it was done: a burst takes its time
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _crash(self, dev: SimDevice, e: Event) -> None:
+        """``e.count`` crashes captured one after another, each at the device's time, and
+        the loop let go between them (``_breathe``)."""
+        for k in range(e.count):
+            await self._breathe()
+            dev.core.capture_crash(_crash_report(e.text, k), now=dev.now())
+
+    async def _breathe(self) -> None:
+        """Let the other tasks run once the timeline has held the loop for HOLD_S."""
+        if time.monotonic() - self._held_since >= HOLD_S:
+            await asyncio.sleep(0)
+            self._held_since = time.monotonic()
+
+    def _on_time(self, due: float, e: Event, at: float, who: str) -> None:
+        """Note how late an event scheduled for monotonic time ``due`` was carried out."""
+        lag = max(0.0, time.monotonic() - due)
+        self.stats.event_lags_s.append(lag)
+        if lag > self.stats.max_lag_s:
+            self.stats.max_lag_s = lag
+            self.stats.latest = f"{e.action} at {at:.2f} s for {who}"
+
+    def late(self) -> str | None:
+        """Why the run gets no verdict, if it fell behind its schedule by more than
+        MAX_LAG_S (None: it kept its schedule)."""
+        return late(self.stats.max_lag_s, self.stats.latest)
+
+    async def _restart(
+        self, restart: Callable[[], object], before: asyncio.Task[None] | None
+    ) -> None:
+        """Restart the broker, after the restart before this one has finished."""
+        if before is not None:
+            await before
+        self.stats.broker_restarts.append(time.time())
+        await asyncio.to_thread(restart)
+        self.stats.events_applied += 1
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` beside the timeline; the run waits for all of it before draining."""
         task = asyncio.create_task(work)
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
+        return task
 
     async def _fault(self, proxy: FaultProxy, e: Event) -> None:
         assert e.for_s is not None  # noqa: S101  # validated
@@ -422,9 +498,6 @@ class Fleet:
         elif e.action == "precision":
             core.set_precision(Precision(str(e.level)), now=now)
             truth.log(real, "precision", level=e.level)
-        elif e.action == "crash":
-            for k in range(e.count):
-                core.capture_crash(_crash_report(e.text, k), now=now)
         elif e.action == "firmware-update":
             assert e.version is not None  # noqa: S101
             core.firmware_updated(e.version, now=now)
@@ -444,10 +517,11 @@ class Fleet:
         else:  # the scenario's validation keeps every other action from getting here
             raise CommandRejected("not-a-local-action", e.action)
 
-    async def _cloud_event(self, dev: SimDevice, e: Event) -> None:
+    async def _cloud_event(self, dev: SimDevice, e: Event, at: float, due: float) -> None:
         """Issue a cloud command; the ground truth is the user's choice at its issue time,
         with the command's ID (an observer on ``down/`` sees when the broker forwarded it,
         and the checker measures the command's path delay from there)."""
+        self._on_time(due, e, at, dev.device_id)  # issued now
         core, truth = dev.core, dev.truth
         issued = parse_rfc3339(rfc3339(time.time()))  # as the command carries it
         binding = {
@@ -555,12 +629,15 @@ class Fleet:
                 phase[0] = "scenario"
                 plan = self._schedule()
                 self._events_total = len(plan)
-                t0 = time.monotonic()
+                t0 = self._held_since = time.monotonic()
                 for at, _order, target, event in plan:
                     delay = t0 + at - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    await self._apply(target, event)
+                        self._held_since = time.monotonic()
+                    else:
+                        await self._breathe()  # behind: still let the devices run
+                    await self._apply(target, event, at, t0 + at)
                     self._events_played += 1
                 await asyncio.sleep(max(0.0, t0 + self.scenario.duration_s - time.monotonic()))
                 await asyncio.gather(*self._sending)

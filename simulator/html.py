@@ -103,7 +103,7 @@ table{border-collapse:collapse;font-size:.9em}td,th{padding:.25em .7em;text-alig
 border-bottom:1px solid #ddd;vertical-align:top}th{background:#f4f4f4}
 .pass{color:#fff;background:#2ca02c;padding:.1em .5em;border-radius:.3em}
 .fail{color:#fff;background:#d62728;padding:.1em .5em;border-radius:.3em}
-.incomplete{color:#000;background:#ffd34d;padding:.1em .5em;border-radius:.3em}
+.incomplete,.no-verdict{color:#000;background:#ffd34d;padding:.1em .5em;border-radius:.3em}
 svg{max-width:100%;height:auto}code{font-size:.95em}
 """
 
@@ -147,6 +147,14 @@ def _summary(doc: dict[str, Any]) -> str:
     ]
     if d.get("from_earlier_runs"):
         rows.append(("earlier runs", f"{d['from_earlier_runs']} messages counted apart"))
+    if timing := doc.get("schedule"):
+        rows.append(
+            (
+                "schedule",
+                timing["late"]
+                or f"events at most {timing['max_lag_s']} s late (bound {timing['bound_s']:g} s)",
+            )
+        )
     table = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from simulator.checker import Verdict, percentiles
-from simulator.fleet import Fleet
+from simulator.fleet import MAX_LAG_S, Fleet, late
 
+# A run that fell behind its schedule (see simulator.fleet.MAX_LAG_S) has no verdict.
+NO_VERDICT = "no-verdict"
 RULES = (
     "no-consent",
     "minor",
@@ -45,13 +47,36 @@ def judged(verdict: Verdict, grace: dict[str, float]) -> dict[str, Any]:
     }
 
 
+def schedule(lags_s: list[float], latest: str) -> dict[str, Any]:
+    """How late the fleet carried out its scheduled events, and whether that leaves it
+    a verdict (``late``: why not, or None)."""
+    worst = max(lags_s, default=0.0)
+    return {
+        "events": len(lags_s),
+        "lag_s": percentiles(lags_s),
+        "max_lag_s": round(worst, 3),
+        "latest": latest,
+        "bound_s": MAX_LAG_S,
+        "late": late(worst, latest),
+    }
+
+
+def _merged_schedule(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latest shard's schedule: a fleet is as late as its latest part."""
+    parts = [d.get("schedule") or schedule([], "") for d in shards]
+    return max(parts, key=lambda part: float(part["max_lag_s"]))
+
+
 def verdict_summary(doc: dict[str, Any]) -> list[str]:
-    """The lines that say what the checker found."""
+    """The lines that say what the checker found (and that it is no verdict, when the
+    fleet did not keep its schedule)."""
     n = len(doc["violations"])
+    late_by = (doc.get("schedule") or {}).get("late")
+    head = [f"  NO VERDICT  {late_by}"] if late_by else []
     if not n:
-        return ["  violations  none"]
+        return [*head, "  violations  none"]
     counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
-    return [f"  VIOLATIONS  {n}: {counts}"] + [
+    return [*head, f"  VIOLATIONS  {n}: {counts}"] + [
         f"    {v['kind']:<16} {v['device']} {v['msg_id']}: {v['detail']}"
         for v in doc["violations"][:10]
     ]
@@ -65,6 +90,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     per_device = (s.rss_fleet_kib - s.rss_baseline_kib) / n if n else 0.0
     grace = {d.group.name: d.truth.grace_s for d in fleet.devices.values()}
     judgement = judged(verdict, grace)
+    timing = schedule(s.event_lags_s, s.latest)
     return {
         "scenario": fleet.scenario.name,
         "seed": fleet.seed,
@@ -109,10 +135,11 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "broker_restarts": s.broker_restarts,
         },
         "command_delivery_s": percentiles(s.command_delays_s),
+        "schedule": timing,
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
-        "verdict": judgement["verdict"],
+        "verdict": NO_VERDICT if timing["late"] else judgement["verdict"],
     }
 
 
@@ -132,6 +159,7 @@ def merged(
     for d in shards:
         grace.update(d["grace_s"])
     judgement = judged(verdict, grace)
+    timing = _merged_schedule(shards)
 
     def total(section: str, key: str) -> int:
         return sum(int(d[section][key]) for d in shards)
@@ -181,10 +209,11 @@ def merged(
         "latency_s": judgement["latency_s"],
         "series": merged_series([d.get("series") or {} for d in shards]),
         "command_delivery_s": command_delivery,
+        "schedule": timing,
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
-        "verdict": judgement["verdict"],
+        "verdict": NO_VERDICT if timing["late"] else judgement["verdict"],
     }
 
 
@@ -254,6 +283,12 @@ def summary(doc: dict[str, Any]) -> str:
             f"  commands    issue to device p50 {cmd['p50']} s, p99 {cmd['p99']} s, "
             f"max {cmd['max']} s"
         )
+    timing = doc.get("schedule")
+    if timing and timing["events"]:
+        lines.append(
+            f"  schedule    events carried out at most {timing['max_lag_s']} s late "
+            f"(p99 {timing['lag_s'].get('p99')} s; the bound is {timing['bound_s']:g} s)"
+        )
     grace = ", ".join(f"{g} {v:g} s" for g, v in sorted(doc["grace_s"].items()))
     lines.append(f"  grace       for messages on the wire when a choice was made: {grace}")
     lines.extend(verdict_summary(doc))
@@ -266,14 +301,20 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
 
 
 def write_junit(doc: dict[str, Any], path: Path) -> None:
-    """One test case per rule; a rule with violations is a failed case listing them."""
+    """One test case for the schedule, then one per rule; a rule with violations is a
+    failed case listing them."""
+    late_by = (doc.get("schedule") or {}).get("late")
     suite = ET.Element(
         "testsuite",
         name=f"smartmi-privacy.{doc['scenario']}",
-        tests=str(len(RULES)),
-        failures=str(sum(1 for k in RULES if doc["violation_counts"][k])),
+        tests=str(len(RULES) + 1),
+        failures=str(sum(1 for k in RULES if doc["violation_counts"][k]) + bool(late_by)),
         time=str(doc["elapsed_s"]),
     )
+    # Whether the run kept its schedule: without that, none of the rules was tested.
+    case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name="schedule")
+    if late_by:
+        ET.SubElement(case, "failure", message="no verdict").text = late_by
     for rule in RULES:
         case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name=rule)
         found = [v for v in doc["violations"] if v["kind"] == rule]

@@ -125,6 +125,7 @@ def _host_port(option: str, url: str) -> tuple[str, int]:
 
 
 INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
+NO_VERDICT: Final = 3  # the fleet fell behind its schedule (simulator.fleet.MAX_LAG_S)
 SHARD_STOP_S: Final = 60.0  # how long an interrupted worker may take to write what it has
 KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
 
@@ -339,7 +340,7 @@ def _run_workers(
             )
             _interrupt_shards(procs)
         broker_peak_kib = local.peak_rss_kib()
-    done = (0, 1, INTERRUPTED) if interrupted else (0, 1)
+    done = (0, 1, NO_VERDICT, INTERRUPTED) if interrupted else (0, 1, NO_VERDICT)
     failed = [k for k, p in enumerate(procs, 1) if p.returncode not in done]
     if failed:
         logs = ", ".join(str(workdir / f"shard{k}.log") for k in failed)
@@ -480,13 +481,7 @@ def judge_shards(
         timeline.write(outputs.timeline, truths, outages)
     print(report.summary(doc))
     print(outputs.written())
-    if verdict.violations:
-        counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
-        print(
-            f"smartmi-sim: {len(verdict.violations)} privacy violations ({counts})", file=sys.stderr
-        )
-        return 1
-    return 0
+    return _outcome(doc, len(verdict.violations))
 
 
 def _observed_restart(
@@ -572,6 +567,16 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
             + ("agrees with the backend" if cap["agrees"] else "DISAGREES with the backend")
         )
     print(outputs.written())
+    return _outcome(doc, failures)
+
+
+def _outcome(doc: dict[str, Any], failures: int) -> int:
+    """The exit code of a run, with its one line on stderr: NO_VERDICT when the fleet
+    fell behind its schedule, 1 with ``failures`` violations, else 0."""
+    late_by = doc["schedule"]["late"]
+    if late_by:
+        print(f"smartmi-sim: no verdict: {late_by}", file=sys.stderr)
+        return NO_VERDICT
     if failures:
         counts = ", ".join(f"{n} {k}" for k, n in doc["violation_counts"].items() if n)
         print(
