@@ -71,6 +71,7 @@ def _crash_report(text: str | None, k: int) -> CrashReport:
 
 
 STOP_WAIT_S = 10.0  # how long a stopped transport gets to finish
+FIRMWARE: Final = "1.0.0"  # every device's firmware until a firmware-update
 # The timeline's own work (a burst of captures, a thousand devices' binds due at once)
 # holds the event loop at most this long before the transports and the cloud get a
 # turn: PUBACKs, commands and keepalives are then late by tens of milliseconds, not by
@@ -296,8 +297,10 @@ class Fleet:
             self.devices[device_id] = dev
 
     def _power_on(self, dev: SimDevice, keys: FileKeyStore) -> None:
-        """The device's agent starts: its store opens, a new transport (not yet running)."""
+        """The device's agent starts: its store opens, a new transport (not yet running).
+        It runs the firmware it ran before (a reboot is not an update)."""
         assert self.db is not None and dev.target is not None  # noqa: S101, PT018  # built
+        firmware = FIRMWARE if dev.core is None else dev.core.config.firmware_version
         store = DeviceStore(self.db, dev.device_id, keys)
         dev.core = Device(
             store,
@@ -305,7 +308,7 @@ class Fleet:
                 device_id=dev.device_id,
                 serial=f"SN-{dev.device_id}",
                 model="smartmi.fan.sim",
-                firmware_version="1.0.0",
+                firmware_version=firmware,
                 policy_version=dev.truth.policy_version,
                 outbox_cap=self.scenario.outbox_cap,
             ),
