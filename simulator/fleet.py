@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 from agent.core.identity import backend_id
+from agent.core.items import DropReason
 from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
@@ -134,6 +135,35 @@ class SimDevice:
     def now(self) -> float:
         """The device's own clock."""
         return time.time() + self.clock_offset
+
+
+@dataclass(frozen=True, slots=True)
+class _OnRealTime:
+    """What a device tells its ground truth, with the times it gives on its own clock
+    (which a ``clock`` event moves) put back on the real one: the truth, the checker
+    and every other piece of evidence (the observer, the backend, the outage windows)
+    keep real time. A PUBACK on the clock of a device eight days fast had the checker
+    take the item for one that left eight days late."""
+
+    dev: SimDevice
+
+    def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
+        """An item queued with consent, at real time."""
+        self.dev.truth.queued(msg_id, purpose, at - self.dev.clock_offset)
+
+    def acknowledged(self, msg_id: str, at: float) -> None:
+        """The broker acknowledged an item, at real time."""
+        self.dev.truth.acknowledged(msg_id, at - self.dev.clock_offset)
+
+    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
+        """Items deleted unsent."""
+        self.dev.truth.dropped(msg_ids, reason)
+
+    def sendable(self) -> None:
+        """Not part of the ground truth."""
+
+    def stopped(self, purposes: frozenset[Purpose]) -> None:
+        """Not part of the ground truth."""
 
 
 @dataclass
@@ -314,7 +344,7 @@ class Fleet:
             ),
             now=dev.now(),
         )
-        dev.core.watch(dev.truth)
+        dev.core.watch(_OnRealTime(dev))
         dev.transport = Transport(
             dev.core,
             dev.target,
@@ -330,7 +360,7 @@ class Fleet:
         than the checker falling back on its later arrival at the backend."""
         dev = self.devices.get(transport.device_id)
         if dev is not None and msg_id not in dev.truth.acked:
-            dev.truth.acknowledged(msg_id, now)
+            dev.truth.acknowledged(msg_id, now - dev.clock_offset)
 
     async def _reboot(self, dev: SimDevice) -> None:
         """Power the agent off and on: the same store, a new process's memory."""
