@@ -22,7 +22,16 @@ events = [{ at = 0.0, action = "bind" }]
 
 def test_the_shipped_scenarios_load() -> None:
     names = {load_scenario(p).name for p in SHIPPED}
-    assert names >= {"smoke", "consent-churn", "offline-then-wipe", "broker-restart", "mixed"}
+    assert names >= {
+        "smoke",
+        "consent-churn",
+        "offline-then-wipe",
+        "broker-restart",
+        "mixed",
+        "offline-withdraw-regrant",
+        "offline-off-city",
+        "offline-suspend-resume",
+    }
 
 
 @pytest.mark.parametrize(
