@@ -78,7 +78,7 @@ FIRMWARE: Final = "1.0.0"  # every device's firmware until a firmware-update
 # turn: PUBACKs, commands and keepalives are then late by tens of milliseconds, not by
 # the whole burst (200 crashes on each of 120 devices held it for about 12 s).
 HOLD_S: Final = 0.02
-# A scheduled event carried out later than this gets no verdict (``Fleet.late``). The
+# A scheduled event carried out later than this gets no verdict (``late``). The
 # scenarios space the choices whose order is their point about a second or more apart
 # (a capture burst, then the suspension or withdrawal that must cover it; a suspension,
 # then its resume), so a run further behind no longer plays what its file says, and
@@ -471,11 +471,6 @@ class Fleet:
         if lag > self.stats.max_lag_s:
             self.stats.max_lag_s = lag
             self.stats.latest = f"{e.action} at {at:.2f} s for {who}"
-
-    def late(self) -> str | None:
-        """Why the run gets no verdict, if it fell behind its schedule by more than
-        MAX_LAG_S (None: it kept its schedule)."""
-        return late(self.stats.max_lag_s, self.stats.latest)
 
     async def _restart(
         self, restart: Callable[[], object], before: asyncio.Task[None] | None
