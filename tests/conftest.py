@@ -6,9 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from simulator.broker import MosquittoBroker
 from simulator.pki import DevPki
+
+
+# The suite's verdict is the same every run: property tests draw the same examples each
+# time. `--hypothesis-profile=explore` draws new ones (and more of them) to look for cases
+# the suite's examples miss; a case it finds goes into the test as an explicit example.
+settings.register_profile("suite", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")

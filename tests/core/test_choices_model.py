@@ -51,16 +51,19 @@ PURPOSES = [p.value for p in Purpose]
 class UserState:
     """What the user had chosen at some moment."""
 
-    bound: bool = False
+    binding: str | None = None
     suspended: bool = False
     granted: set[str] = field(default_factory=set)
     precision: str = "region"
 
-    def apply(self, what: str, value: str) -> None:
+    def apply(self, what: str, value: str, binding: str | None) -> None:
+        """A choice; a cloud choice names the binding it was made for (None: any)."""
+        if binding is not None and binding != self.binding:
+            return  # made for a binding that had already ended: not this user's choice
         if what == "bind":
-            self.bound, self.granted = True, set()
+            self.binding, self.granted = value, set()
         elif what == "wipe":
-            self.bound, self.granted, self.precision = False, set(), "region"
+            self.binding, self.granted, self.precision = None, set(), "region"
         elif what == "grant":
             self.granted.add(value)
         elif what == "withdraw":
@@ -73,30 +76,30 @@ class UserState:
             self.precision = value
 
     def allows(self, purpose: str) -> bool:
-        return self.bound and not self.suspended and purpose in self.granted
+        return self.binding is not None and not self.suspended and purpose in self.granted
 
 
 @dataclass
 class Reference:
     """The user's choices, each at the time the user made it (the cloud's clock)."""
 
-    choices: list[tuple[float, str, str]] = field(default_factory=list)
+    choices: list[tuple[float, str, str, str | None]] = field(default_factory=list)
 
-    def chose(self, t: float, what: str, value: str = "") -> None:
-        self.choices.append((t, what, value))
+    def chose(self, t: float, what: str, value: str = "", binding: str | None = None) -> None:
+        self.choices.append((t, what, value, binding))
 
     def states(self, start: float, end: float) -> Iterator[UserState]:
         """The user's state at ``start`` and after every choice up to ``end``."""
         state = UserState()
         ordered = sorted(self.choices, key=lambda c: c[0])
-        for t, what, value in ordered:
+        for t, what, value, binding in ordered:
             if t > start:
                 break
-            state.apply(what, value)
+            state.apply(what, value, binding)
         yield state
-        for t, what, value in ordered:
+        for t, what, value, binding in ordered:
             if start < t <= end:
-                state.apply(what, value)
+                state.apply(what, value, binding)
                 yield state
 
     def refuses(self, purpose: str, location: Any, captured: float, left: float) -> str | None:
@@ -157,7 +160,8 @@ class World:
         core, now = self.core, self.now
         with contextlib.suppress(AgentError):  # refused: the user did not make that choice
             if what == "bind":
-                core.bind(f"b-{self.binding + 1}", now=now)
+                value = f"b-{self.binding + 1}"
+                core.bind(value, now=now)
                 self.binding += 1
             elif what == "unbind":
                 core.unbind(now=now)
@@ -191,7 +195,8 @@ class World:
         else:
             self.pending.append((f"{what}-collection", doc))
         issued = parse_rfc3339(doc["issued_at"])  # as the command carries it (milliseconds)
-        self.ref.chose(issued, "wipe" if what == "unbind" else what, value)
+        binding = None if what in ("suspend", "resume") else owner["binding_id"]  # fleet-wide
+        self.ref.chose(issued, "wipe" if what == "unbind" else what, value, binding)
 
     def reconnect(self, order: list[int]) -> None:
         """A new connection: what was on the wire unacknowledged is lost, the clock is
