@@ -11,7 +11,6 @@ from hypothesis import settings
 from simulator.broker import MosquittoBroker
 from simulator.pki import DevPki
 
-
 # The suite's verdict is the same every run: property tests draw the same examples each
 # time. `--hypothesis-profile=explore` draws new ones (and more of them) to look for cases
 # the suite's examples miss; a case it finds goes into the test as an explicit example.

@@ -9,10 +9,13 @@ internals it says so at the line, and these are the only such places:
 
 * aiomqtt's ``_on_publish`` is overridden to take every PUBACK with its reason code
   (aiomqtt's own ``publish`` drops it, and slows down as calls pile up), its
-  ``_disconnected`` future says why a connection broke and ends the waits for
-  PUBACKs, its ``_queue`` of incoming messages is drained at once after each
-  one its iterator gives, and its reader of the socket (``_on_socket_open``) is
-  replaced by one that reads up to ``READ_BURST`` packets while bytes wait;
+  ``_on_message`` to hand each incoming message to ``connect``'s ``on_message``
+  as the socket is read (when one is given), its ``_disconnected`` future says
+  why a connection broke, ends the waits for PUBACKs and is what
+  ``Connection.ended`` awaits, its ``_queue`` of incoming messages is drained at
+  once after each one its iterator gives, and its reader of the socket
+  (``_on_socket_open``) is replaced by one that reads up to ``READ_BURST``
+  packets while bytes wait (``Connection.read_waiting`` reads the same way);
 * paho's ``_reset_sockets`` closes a socket that a failed handshake left open
   (paho has no public close);
 * paho's public ``on_socket_register_write`` hook, which aiomqtt sets, is replaced
@@ -131,10 +134,46 @@ class _Client(aiomqtt.Client):
     or else to ``on_puback``.
     """
 
-    def __init__(self, *args: Any, on_puback: Callable[[PubAck], None] | None, **kw: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        on_puback: Callable[[PubAck], None] | None,
+        on_message: Callable[[Incoming], None] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(*args, **kw)
         self._on_puback = on_puback
+        self._handle = on_message
+        self.manual_ack = False
         self.waiting: dict[int, asyncio.Future[PubAck]] = {}
+
+    def _on_message(  # overrides aiomqtt 2.5.1's private callback, see the module docstring
+        self, client: paho.Client, userdata: Any, message: paho.MQTTMessage
+    ) -> None:
+        if self._handle is None:
+            super()._on_message(client, userdata, message)  # to aiomqtt's queue
+            return
+        # Handled here, inside paho's read of the socket: nothing waits in a queue. An
+        # exception leaves the message unacknowledged and ends the connection.
+        incoming = _incoming_paho(message)
+        self._handle(incoming)
+        if incoming.qos > 0 and self.manual_ack:
+            client.ack(incoming.mid, incoming.qos)
+
+    def read_socket(self, fd: int, readable: bool = False) -> None:
+        """Read the packets waiting on socket ``fd`` (at most ``READ_BURST``), here and
+        now; ``readable``: the loop says there is something (TLS may still need more)."""
+        broke = self._disconnected
+        try:
+            for n in range(READ_BURST):
+                if broke.done() or not (
+                    (readable and n == 0) or _more_to_read(self._client.socket(), fd)
+                ):
+                    return
+                self._client.loop_read()
+        except Exception as exc:  # noqa: BLE001  # any failure here ends the connection
+            if not broke.done():
+                broke.set_exception(exc)
 
     def _on_publish(  # overrides aiomqtt 2.5.1's private callback, see the module docstring
         self,
@@ -157,20 +196,8 @@ class _Client(aiomqtt.Client):
     ) -> None:
         super()._on_socket_open(client, userdata, sock)  # schedules its reader, then ours
         fd = sock.fileno()
-        broke = self._disconnected
-
-        def read() -> None:
-            try:
-                for _ in range(READ_BURST):
-                    client.loop_read()
-                    if not _more_to_read(client.socket(), fd):
-                        return
-            except Exception as exc:  # noqa: BLE001  # any failure here ends the connection
-                if not broke.done():
-                    broke.set_exception(exc)
-
         # Replaces aiomqtt's reader for this socket (added in the same order, just before).
-        self._loop.call_soon_threadsafe(self._loop.add_reader, fd, read)
+        self._loop.call_soon_threadsafe(self._loop.add_reader, fd, self.read_socket, fd, True)
 
     def fail_waiting(self, _broke: object = None) -> None:
         """The connection ended: no PUBACK will come for what is waiting."""
@@ -188,6 +215,14 @@ def _incoming(message: aiomqtt.Message) -> Incoming:
         message.mid,
         message.qos,
     )
+
+
+def _incoming_paho(message: paho.MQTTMessage) -> Incoming:
+    try:
+        topic = message.topic
+    except UnicodeDecodeError:
+        topic = ""  # not a topic of ours: the handler refuses it
+    return Incoming(topic, bytes(message.payload), message.mid, message.qos)
 
 
 @functools.lru_cache(maxsize=4)
@@ -294,6 +329,23 @@ class Connection:
                 except asyncio.QueueEmpty:
                     message = None
 
+    def read_waiting(self) -> None:
+        """Read and handle (``on_message``) the messages already on the socket, now."""
+        sock = self._paho.socket()
+        if isinstance(sock, socket.socket):
+            self._client.read_socket(sock.fileno())
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection has ended (its end not yet reported)."""
+        return self._client._disconnected.done()  # aiomqtt 2.5.1
+
+    async def ended(self) -> None:
+        """Wait until the connection ends; raise why (a TransportError at the block's end)."""
+        # shield: a cancelled waiter must not cancel aiomqtt 2.5.1's own future.
+        await asyncio.shield(self._client._disconnected)
+        raise TransportError("the connection ended")
+
     def ack(self, message: Incoming) -> None:
         """Acknowledge an incoming QoS 1 message (with ``Options.manual_ack``)."""
         if message.qos > 0:
@@ -372,12 +424,16 @@ async def connect(
     options: Options,
     *,
     on_puback: Callable[[PubAck], None] | None = None,
+    on_message: Callable[[Incoming], None] | None = None,
     logger: LastErrorLog | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a connection for the duration of the block; every failure is a TransportError.
 
     With ``on_puback`` every PUBACK goes to it and ``Connection.publish_nowait`` is
     the way to publish; without it ``Connection.publish`` waits for each PUBACK.
+    With ``on_message`` every incoming message is handled by it as the socket is read
+    (and acknowledged when it returns, with ``Options.manual_ack``); without it they
+    wait for ``Connection.incoming``.
     """
     o = options
     v5 = o.protocol == "v5"
@@ -397,11 +453,12 @@ async def connect(
         "timeout": o.connect_timeout,
         "max_inflight_messages": o.max_inflight,
     }
-    client = _Client(o.host, o.port, on_puback=on_puback, **kwargs)
+    client = _Client(o.host, o.port, on_puback=on_puback, on_message=on_message, **kwargs)
     _register_write_safely(client)
     if o.manual_ack:
         # paho's public setter, reached through aiomqtt 2.5.1's private client attribute.
         client._client.manual_ack_set(True)
+        client.manual_ack = True
     try:
         async with client:
             # aiomqtt 2.5.1 sets this future when the connection breaks.

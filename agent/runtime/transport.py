@@ -8,7 +8,10 @@ socket on our event loop. The transport carries out what the device decides:
   command it issued before, so the broker delivers the answer behind them. Until
   the answer arrives only deletion requests leave. Without an answer (a bare broker
   with no cloud behind it) personal data keeps waiting, the request is repeated
-  with backoff, and ``status`` says so.
+  with backoff, and ``status`` says so. A command is taken as the socket is read,
+  never queued, and every hand-over of the outbox first reads what the broker has
+  already delivered: a narrowing choice on the socket covers what was captured
+  while the event loop was busy elsewhere.
 * **Acknowledged after it takes effect.** Commands are acknowledged by us, not by
   paho on receipt: after ``Device.take`` has made the effect durable, or refused
   the command for good. A command whose effect cannot be written is not
@@ -179,6 +182,7 @@ class Transport:
         self._paused_until = 0.0
         self._refusals = 0
         self._stopping = False
+        self._prefix = down_filter(device.device_id).removesuffix("+")  # down/ topics
         device.watch(self)
 
     def stop(self, task: asyncio.Task[None]) -> None:
@@ -296,7 +300,10 @@ class Transport:
     async def _session(self) -> None:
         """One connection, from CONNECT to its loss; always ends with an exception."""
         log_ = mqtt.LastErrorLog("smartmi.mqtt", {"device": self.device_id})
-        async with mqtt.connect(self._options(), on_puback=self._on_puback, logger=log_) as conn:
+        async with mqtt.connect(
+            self._options(), on_puback=self._on_puback, on_message=self._on_message, logger=log_
+        ) as conn:
+            self._stop_if_asked()
             self._conn = conn
             self.stats.connects += 1
             if self.stats.first_connected_at is None:
@@ -304,11 +311,19 @@ class Transport:
             self.connected.set()
             log.info("connected", extra={"device": self.device_id})
             await conn.subscribe(down_filter(self.device_id), qos=1)
+            self._stop_if_asked()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(conn), name=f"commands:{self.device_id}")
+                tg.create_task(conn.ended(), name=f"link:{self.device_id}")
                 tg.create_task(self._sync_loop(conn), name=f"sync:{self.device_id}")
                 tg.create_task(self._drain(conn), name=f"drain:{self.device_id}")
         raise TransportError("the connection ended")
+
+    def _stop_if_asked(self) -> None:
+        """Raise CancelledError if ``stop`` was called. aiomqtt waits with Python 3.11's
+        ``asyncio.wait_for``, which loses a cancellation that arrives as the awaited
+        CONNACK or SUBACK does: the connection went on, and ``stop`` waited for ever."""
+        if self._stopping:
+            raise asyncio.CancelledError
 
     def _lost(self) -> None:
         """The connection is gone: in-flight items wait in the outbox again."""
@@ -377,7 +392,16 @@ class Transport:
             await _wait(self._wake, timeout)
 
     def _hand_over(self, conn: mqtt.Connection, now: float) -> None:
-        """Give paho what it can write now, one item at a time (no recall needed)."""
+        """Give paho what it can write now, one item at a time (no recall needed).
+
+        Commands first, also between two hand-overs: what the broker has already
+        delivered to the socket is read and taken before anything is handed over, so
+        a narrowing choice on its way in covers the items captured meanwhile (the
+        socket's reader would have got to it only after this turn of the loop).
+        """
+        conn.read_waiting()
+        if conn.broken:
+            return
         room = self.window - len(self._flying)
         synced = self.synced.is_set()
         batch = self.device.next_batch(now=now, limit=room, personal=synced) if room > 0 else []
@@ -447,23 +471,23 @@ class Transport:
             log.error("cannot record acknowledgement", extra={"error": str(exc)})  # noqa: TRY400  # an expected failure, no traceback
 
     # -- incoming ----------------------------------------------------------------
-    async def _receive(self, conn: mqtt.Connection) -> None:
-        prefix = down_filter(self.device_id).removesuffix("+")
-        async for message in conn.incoming():
-            topic, payload = message.topic, message.payload
-            now = self.clock()
-            if not topic.startswith(prefix) or payload is None:
-                self._rejected("", CommandRejected("bad-topic"), now)
-            elif topic == prefix + "sync":
-                try:
-                    self._sync_answered(payload, now)
-                except CommandRejected as exc:
-                    self._rejected("sync", exc, now)
-            else:
-                # An effect that cannot be made durable raises here: not acknowledged,
-                # the session ends, and the broker delivers the command again.
-                self.handle_command(topic.removeprefix(prefix), payload)
-            conn.ack(message)
+    def _on_message(self, message: mqtt.Incoming) -> None:
+        """One message from the broker, taken as the socket is read; the adapter
+        acknowledges it when this returns."""
+        prefix = self._prefix
+        topic, payload = message.topic, message.payload
+        now = self.clock()
+        if not topic.startswith(prefix) or payload is None:
+            self._rejected("", CommandRejected("bad-topic"), now)
+        elif topic == prefix + "sync":
+            try:
+                self._sync_answered(payload, now)
+            except CommandRejected as exc:
+                self._rejected("sync", exc, now)
+        else:
+            # An effect that cannot be made durable raises here: not acknowledged, the
+            # connection ends, and the broker delivers the command again.
+            self.handle_command(topic.removeprefix(prefix), payload)
 
     def handle_command(self, name: str, payload: bytes) -> None:
         """Validate and carry out one command; hostile input is logged, never raised.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +21,15 @@ from typing import Any
 import pytest
 
 from agent.core.backoff import Backoff
-from agent.core.purposes import Purpose, parse_rfc3339
+from agent.core.identity import backend_id
+from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.errors import StorageError
 from agent.runtime import transport as transport_mod
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
 from tests.e2e.fleet import Agent, crash, kinds, until
+from tests.mqtt_probe import PahoClient
 
 pytestmark = pytest.mark.asyncio
 
@@ -169,6 +173,7 @@ async def test_a_command_whose_effect_cannot_be_written_is_delivered_again(
         # Not acknowledged: the session ends and the broker delivers it again.
         assert await agent.next_command() == ("consent", {"consent:diagnostics": "applied"})
         assert failures == [command_id]
+        await agent.connected()  # the command may be taken before the CONNACK is done with
         assert transport.stats.connects == 2
         assert not core.decide(Purpose.DIAGNOSTICS).allowed
         await agent.idle()
@@ -179,4 +184,45 @@ async def test_a_command_whose_effect_cannot_be_written_is_delivered_again(
         ]
         assert len(withdrawals) == 1
     finally:
+        await agent.stop()
+
+
+def _wait_until_readable(agent: Agent, within: float = 10.0) -> None:
+    """Block (the event loop too) until the device's socket holds unread bytes."""
+    assert agent.transport is not None
+    conn = agent.transport._conn  # the live connection (test only)
+    assert conn is not None
+    sock = conn._paho.socket()  # paho's TLS socket (test only)
+    assert isinstance(sock, socket.socket)
+    readable, _, _ = select.select([sock], [], [], within)
+    assert readable, "the broker did not deliver the command to the device's socket"
+
+
+async def test_a_narrowing_command_on_the_socket_is_taken_before_anything_else_leaves(
+    make_agent: MakeAgent, cloud: Cloud, broker: MosquittoBroker, pki: DevPki
+) -> None:
+    """The suspension is on the device's socket, unread, when crashes are captured (the
+    event loop was busy): nothing captured after it arrived may be handed over."""
+    agent = make_agent()
+    core = agent.open()
+    core.bind("b-1", now=time.time() - 60)
+    core.grant(Purpose.DIAGNOSTICS, now=time.time() - 60)
+    agent.start()
+    app = PahoClient(broker, pki.ca_cert, pki.backend_consumer(1), backend_id(1))
+    app.connect()  # another cloud worker, on a thread of its own
+    try:
+        await agent.synced()
+        await agent.idle()
+        doc = {"command_id": "c-on-the-socket", "issued_at": rfc3339(time.time())}
+        # Holding this event loop (the device's) from here until the captures are done.
+        topic = f"smartmi/v1/{agent.device_id}/down/suspend-collection"
+        assert app.publish(topic, json.dumps(doc).encode()).value == 0
+        _wait_until_readable(agent)
+        captured = {core.capture_crash(crash(k), now=time.time()) for k in range(20)}
+        assert await agent.next_command() == ("suspend-collection", {"suspension": "applied"})
+        await agent.idle()
+        await asyncio.sleep(0.3)  # anything wrongly handed over would have arrived
+        assert not captured & {m.msg_id for m in cloud.of(agent.device_id)}
+    finally:
+        app.close()
         await agent.stop()
