@@ -95,7 +95,11 @@ class _Taking:
                 raise CommandRejected("memory-full", command_id=self.command.command_id)
         why = admit(direction, self.issued, latest)
         if why is not None:
-            self.result[key] = f"ignored: {why} than the latest change"
+            self.result[key] = (
+                "ignored: older than the latest change"
+                if why == "older"
+                else "ignored: not certainly newer than the latest change (the order is unknown)"
+            )
             return None
         self.result[key] = "applied"
         if latest is not None and order(self.issued, latest) != "newer":

@@ -18,6 +18,7 @@ from agent.errors import CommandRejected
 from tests.core.helpers import Rig
 
 NOW = 1_800_000_000.0
+UNKNOWN_ORDER = "ignored: not certainly newer than the latest change (the order is unknown)"
 
 
 def body(**kw: object) -> dict[str, object]:
@@ -157,7 +158,7 @@ def test_without_a_clock_comparison_the_narrowing_choice_wins(tmp_path: Path) ->
     core.bind("b-1", now=NOW)
     core.withdraw(Purpose.DIAGNOSTICS, now=NOW)  # device time, never compared with the cloud's
     result = take(rig, "consent", body(issued_at=rfc3339(NOW + 3600)), now=NOW + 3600)
-    assert result == {"consent:diagnostics": "ignored: unknown than the latest change"}
+    assert result == {"consent:diagnostics": UNKNOWN_ORDER}
     assert not core.decide(Purpose.DIAGNOSTICS).allowed
 
 
@@ -225,5 +226,5 @@ def test_a_narrowing_command_of_unknown_order_does_not_let_an_older_grant_pass(
     assert take(rig, "consent", off, now=NOW + 100) == {"consent:diagnostics": "applied"}
     grant = body(command_id="g-1", issued_at=rfc3339(NOW + 40))
     result = take(rig, "consent", grant, now=NOW + 100)
-    assert result == {"consent:diagnostics": "ignored: unknown than the latest change"}
+    assert result == {"consent:diagnostics": UNKNOWN_ORDER}
     assert not core.decide(Purpose.DIAGNOSTICS).allowed
