@@ -24,10 +24,11 @@ Example (see ``agent.example.toml``)::
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -248,14 +249,26 @@ def load_toml(path: Path, model: type[M], *, what: str = "file") -> M:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "<file>"
             problem = f"{key}: {err['msg'].removeprefix('Value error, ')}"
-            if err["type"] == "extra_forbidden" and err["loc"]:
-                import difflib  # only for a config with a mistake in it (daemon memory)
-
-                close = difflib.get_close_matches(str(err["loc"][-1]), _field_names(model), n=1)
-                if close:
-                    problem += f" (did you mean {close[0]!r}?)"
+            close = _did_you_mean(err, model)
+            if close is not None:
+                problem += f" (did you mean {close!r}?)"
             problems.append(problem)
         raise ConfigError("; ".join(problems), where=str(path)) from exc
+
+
+def _did_you_mean(err: Any, model: type[BaseModel]) -> str | None:
+    """The key, or the value of a fixed set, closest to a mistyped one; None if none is."""
+    import difflib  # only for a file with a mistake in it (daemon memory)
+
+    if err["type"] == "extra_forbidden" and err["loc"]:
+        given, choices = str(err["loc"][-1]), _field_names(model)
+    elif err["type"] in ("literal_error", "enum") and isinstance(err.get("input"), str):
+        given = err["input"]
+        choices = set(re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
+    else:
+        return None
+    close = difflib.get_close_matches(given, sorted(choices), n=1)
+    return close[0] if close else None
 
 
 def _field_names(model: type[BaseModel]) -> set[str]:

@@ -254,6 +254,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     elif args.fallback:
         raise ConfigError("--fallback goes with --broker")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, not {args.workers} (1 is one process)")
     if args.shard and args.workers:
         raise ConfigError("--shard plays one shard; --workers runs them all: give one of them")
     return run(

@@ -251,8 +251,13 @@ def summary(doc: dict[str, Any]) -> str:
     lines = [
         f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices{shards}, "
         f"{doc['elapsed_s']} s",
-        f"  connected   {c['connected']} in {c['seconds']} s ({c['devices_per_s']} devices/s), "
-        f"{c['reconnects']} reconnects",
+        f"  connected   {c['connected']}"
+        + (
+            f" in {c['seconds']} s ({c['devices_per_s']} devices/s)"
+            if c["seconds"] is not None and c["devices_per_s"] is not None
+            else " (stopped before every device had connected: no connect rate)"
+        )
+        + f", {c['reconnects']} reconnects",
         f"  memory      {m['per_device_kib']} KiB per device above a "
         f"{m['rss_baseline_kib'] // 1024} MiB baseline"
         + (
@@ -262,7 +267,11 @@ def summary(doc: dict[str, Any]) -> str:
         ),
         f"  delivered   {d['unique']} unique ({d['duplicates']} duplicates by msg_id), "
         + ", ".join(f"{k} {v}" for k, v in sorted(d["by_kind"].items())),
-        f"  latency     capture to backend p50 {lat.get('p50')} s, p99 {lat.get('p99')} s",
+        (
+            f"  latency     capture to backend p50 {lat['p50']} s, p99 {lat['p99']} s"
+            if lat.get("p50") is not None and lat.get("p99") is not None
+            else "  latency     none measured: no personal message reached the backend"
+        ),
         f"  events      {doc['events']['applied']} applied, "
         f"{sum(doc['events']['refused'].values())} refused by the device (as designed)",
     ]
@@ -287,10 +296,11 @@ def summary(doc: dict[str, Any]) -> str:
     if timing and timing["events"]:
         lines.append(
             f"  schedule    events carried out at most {timing['max_lag_s']} s late "
-            f"(p99 {timing['lag_s'].get('p99')} s; the bound is {timing['bound_s']:g} s)"
+            f"(p99 {timing['lag_s'].get('p99', timing['max_lag_s'])} s; "
+            f"the bound is {timing['bound_s']:g} s)"
         )
     grace = ", ".join(f"{g} {v:g} s" for g, v in sorted(doc["grace_s"].items()))
-    lines.append(f"  grace       for messages on the wire when a choice was made: {grace}")
+    lines.append(f"  grace       for items captured before a choice reached the device: {grace}")
     lines.extend(verdict_summary(doc))
     return "\n".join(lines)
 

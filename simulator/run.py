@@ -598,9 +598,11 @@ def check_capture(
     if report_path is not None:
         report.write_json(doc, report_path)
     names = ", ".join(str(p) for p in capture_paths)
+    syncs = sum(1 for r in received if r.kind == "sync")
     print(
-        f"capture {names}: {len(received)} messages, {doc['unique']} unique "
-        f"({doc['duplicates']} duplicates by msg_id) from {len(truths)} devices"
+        f"capture {names}: {len(received)} messages from {len(truths)} devices: "
+        f"{syncs} command syncs (not data), {doc['unique']} unique data messages "
+        f"({doc['duplicates']} duplicates by msg_id)"
     )
     print("\n".join(report.verdict_summary(doc)))
     return 1 if verdict.violations else 0

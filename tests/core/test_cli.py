@@ -92,6 +92,10 @@ def test_fallback_urls_follow_the_url(conf: Path) -> None:
             ('state_dir = "state"', 'state_dri = "state"'),
             "paths.state_dri: Extra inputs are not permitted (did you mean 'state_dir'?)",
         ),
+        (
+            ('key = "pki/dev.key"', 'key = "pki/dev.key"\nprotocol = "v55"'),
+            "broker.protocol: Input should be 'v5' or 'v311' (did you mean 'v5'?)",
+        ),
     ],
 )
 def test_config_errors_name_the_key(conf: Path, edit: tuple[str, str], message: str) -> None:

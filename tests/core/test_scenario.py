@@ -38,6 +38,7 @@ def test_the_shipped_scenarios_load() -> None:
     ("edit", "message"),
     [
         (('action = "bind"', 'action = "explode"'), "groups.0.events.0.action"),
+        (('action = "bind"', 'action = "bnid"'), "'replay' (did you mean 'bind'?)"),
         (('action = "bind"', 'action = "grant"'), "action 'grant' needs purpose"),
         (("share = 1.0", "share = 0.5"), "group shares add up to 0.5"),
         (("at = 0.0", "at = 9.0"), "past duration_s"),

@@ -263,3 +263,8 @@ def test_a_run_stopped_while_connecting_reports_how_many_had_connected(
     assert both["connect"]["connected"] == 14
     assert both["connect"]["seconds"] is None
     assert both["complete"] is False
+    for one in (doc, both):  # what a person reads says so, and never "None"
+        text = report.summary(one)
+        assert "None" not in text
+        assert "stopped before every device had connected: no connect rate" in text
+        assert "latency     none measured" in text

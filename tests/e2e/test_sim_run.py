@@ -94,6 +94,9 @@ def test_bad_arguments_get_a_clear_error(
     assert "groups: Field required" in capsys.readouterr().err
     assert main(["--dir", str(tmp_path), "run", "--devices", "0", "--scenario", str(SMOKE)]) == 1
     assert "--devices must be at least 1" in capsys.readouterr().err
+    smoke = ["run", "--devices", "5", "--scenario", str(SMOKE)]
+    assert main(["--dir", str(tmp_path), *smoke, "--workers", "0"]) == 1
+    assert "--workers must be at least 1, not 0" in capsys.readouterr().err
 
 
 SCENARIOS = SMOKE.parent
@@ -132,7 +135,12 @@ def test_a_capture_by_an_observer_is_judged_apart_and_agrees(
     for delivered, issued, command_id in choices:
         assert issued <= delivered[command_id] < issued + 60
     assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 0
-    assert "violations  none" in capsys.readouterr().out
+    checked = capsys.readouterr().out
+    assert "violations  none" in checked
+    # The counts add up for a reader: the command syncs are named, apart from the data.
+    syncs = capture.read_text().count("/up/sync ")
+    assert syncs > 0
+    assert f" {syncs} command syncs (not data), {doc['capture']['unique']} unique" in checked
     # The same capture with one message no device's choice allowed: the check fails.
     line = next(x for x in capture.read_text().splitlines() if "/up/crash " in x)
     stamp, topic, hexed = line.split(" ", 2)
