@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -278,8 +280,16 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
     found = shipped()
     width = max(map(len, found), default=0)
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
     for name, path in found.items():
-        print(f"{name:<{width}}  {describe(path)}")
+        print(
+            textwrap.fill(
+                describe(path),
+                columns,
+                initial_indent=f"{name:<{width}}  ",
+                subsequent_indent=" " * (width + 2),
+            )
+        )
     print("run one with: smartmi-sim run --devices N --scenario NAME (or a file of your own)")
     return 0
 

@@ -53,6 +53,7 @@ drawn uniformly from [at, at + jitter_s], from the scenario's seed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -246,13 +247,19 @@ def find_scenario(text: str) -> Path:
 
 
 def describe(path: Path) -> str:
-    """The first line of a scenario file's leading comment (what it plays)."""
+    """The first sentence of a scenario file's leading comment (what it plays), whole."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return ""
-    first = next((line for line in lines if line.startswith("#")), "")
-    return first.lstrip("# ").rstrip()
+    block = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        block.append(line.lstrip("#").strip())
+    text = " ".join(part for part in block if part)
+    sentence = re.match(r"(.+?[.!?])(?:\s|$)", text)
+    return sentence.group(1) if sentence else text
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -88,13 +88,15 @@ def test_shipped_scenarios_are_listed_and_found_by_name(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from simulator.cli import main
-    from simulator.scenario import find_scenario, shipped
+    from simulator.scenario import describe, find_scenario, shipped
 
     assert main(["scenarios"]) == 0
     listed = capsys.readouterr().out.splitlines()
     for name in shipped():
         assert any(line.startswith(f"{name} ") for line in listed), name
     assert find_scenario("smoke").name == "smoke.toml"
+    for path in shipped().values():  # a whole sentence, never cut where a line of the file ends
+        assert describe(path).endswith((".", "!", "?")), path.name
     with pytest.raises(ConfigError, match="shipped: broker-restart, clock-skew"):
         find_scenario("smok")
 
