@@ -882,9 +882,12 @@ class Device:
 
 
 @contextlib.contextmanager
-def open_device(config: AgentConfig, *, now: float | None = None) -> Iterator[Device]:
-    """The device over its state directory, locked for the duration."""
-    with locked(config.state_dir):
+def open_device(
+    config: AgentConfig, *, now: float | None = None, wait_s: float = 0.0
+) -> Iterator[Device]:
+    """The device over its state directory, locked for the duration (waiting up to
+    ``wait_s`` for another process to let the lock go)."""
+    with locked(config.state_dir, wait_s=wait_s):
         db = Database(config.state_dir / "state.db")
         try:
             store = DeviceStore(db, config.device.id, FileKeyStore(config.state_dir / "keys"))

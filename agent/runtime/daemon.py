@@ -46,6 +46,7 @@ def process_started_at() -> float:
 
 _IMPORTED_AT: Final = time.time()
 SETTLE_S: Final = 5.0  # how often a store that refused a write is tried again
+LOCK_WAIT_S: Final = 5.0  # how long the daemon waits at start for a CLI verb to let go
 
 
 async def run(config: AgentConfig) -> None:
@@ -59,7 +60,8 @@ async def run(config: AgentConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    with open_device(config, now=time.time()) as device:
+    # A CLI verb acting on the state directory holds it for a moment: wait for it.
+    with open_device(config, now=time.time(), wait_s=LOCK_WAIT_S) as device:
         try:
             fatal_log: TextIO | None = install_crash_hooks(config.own_crash_dir, loop)
         except OSError as exc:

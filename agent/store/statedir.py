@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,10 +13,13 @@ from agent.errors import StoreLocked, UnsafePermissions
 from agent.store import faults
 from agent.store.fsutil import require_private_dir
 
+LOCK_POLL_S = 0.05  # how often a held lock is tried again while waiting for it
+
 
 @contextlib.contextmanager
-def locked(state_dir: Path) -> Iterator[None]:
-    """Hold the state directory's lock, or raise StoreLocked at once.
+def locked(state_dir: Path, *, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold the state directory's lock, waiting up to ``wait_s`` for another process to
+    let it go (a CLI verb holds it for a moment), or raise StoreLocked.
 
     A state directory that other users can write to, or that another user owns, is
     refused (UnsafePermissions), as is one of its key directories.
@@ -27,15 +31,26 @@ def locked(state_dir: Path) -> Iterator[None]:
     except OSError as exc:
         raise faults.mapped(exc, state_dir) from exc
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreLocked(
-                f"another smartmi-agent process (usually the daemon) holds {state_dir}"
-            ) from None
+        _lock(fd, state_dir, wait_s)
         yield
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, state_dir: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
+                raise StoreLocked(
+                    f"another smartmi-agent process (usually the daemon) holds {state_dir}" + waited
+                ) from None
+            time.sleep(LOCK_POLL_S)
+        else:
+            return
 
 
 def require_usable(state_dir: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,37 @@ def test_locked_state_dir(conf: Path, capsys: pytest.CaptureFixture[str]) -> Non
         rc, err = run(conf, "status", capsys=capsys)
     assert rc == 1
     assert "holds" in str(err)
+
+
+def test_the_daemon_waits_for_a_verb_to_let_the_state_dir_go(conf: Path) -> None:
+    """The daemon starting while a verb holds the lock waits for it (up to its wait),
+    and gives up with the same clear error when it is held for longer."""
+    state = conf.parent / "state"
+    held = threading.Event()
+    release = threading.Event()
+
+    def verb() -> None:
+        with locked(state):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=verb)
+    thread.start()
+    try:
+        assert held.wait(10)
+        with (
+            pytest.raises(StoreLocked, match=r"holds .* \(waited 0.2 s\)"),
+            locked(state, wait_s=0.2),
+        ):
+            pass
+        threading.Timer(0.3, release.set).start()  # the verb is done 0.3 s from now
+        started = time.monotonic()
+        with locked(state, wait_s=5.0):
+            waited = time.monotonic() - started
+        assert 0.2 < waited < 5.0
+    finally:
+        release.set()
+        thread.join()
 
 
 def test_a_socket_left_by_a_dead_daemon_falls_back_to_the_state_dir(
