@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -103,7 +104,9 @@ class ExternalBroker:
         if not (self.ca and self.cert and self.key):
             raise ConfigError("--broker needs --ca, --cert and --key (the backend's identity)")
         host, port = _host_port("--broker", self.url)
-        return host, port, client_context(self.ca, self.cert, self.key)
+        tls = client_context(self.ca, self.cert, self.key)
+        _listening("--broker", host, port)
+        return host, port, tls
 
     def ports(self) -> list[int]:
         """The broker's port, then each fallback's (all on the broker's host)."""
@@ -115,6 +118,27 @@ class ExternalBroker:
                 raise ConfigError(f"--fallback {url}: must be on the broker's host {host}")
             ports.append(p)
         return ports
+
+
+PROBE_S: Final = 5.0  # how long --broker's address may take to accept a TCP connection
+
+
+def _listening(option: str, host: str, port: int) -> None:
+    """ConfigError at once, naming the address and the fix, unless something accepts a
+    TCP connection there (the backend would otherwise retry for 30 s)."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_S):
+            return
+    except ConnectionRefusedError:
+        why = "nothing listens there (connection refused)"
+    except TimeoutError:
+        why = f"no answer within {PROBE_S:g} s (a firewall, or the wrong host)"
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    raise ConfigError(
+        f"{option}: cannot reach {host}:{port}: {why}. Start a broker there (for a local "
+        "one: smartmi-sim broker up) or give the address it listens on"
+    )
 
 
 def _host_port(option: str, url: str) -> tuple[str, int]:

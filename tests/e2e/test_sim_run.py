@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from simulator.cli import main
+from simulator.pki import DevPki
 from simulator.report import RULES, write_junit
 from tests.core.test_html import fetched
 from tests.prometheus import prometheus_samples
@@ -97,6 +100,28 @@ def test_bad_arguments_get_a_clear_error(
     smoke = ["run", "--devices", "5", "--scenario", str(SMOKE)]
     assert main(["--dir", str(tmp_path), *smoke, "--workers", "0"]) == 1
     assert "--workers must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_a_broker_address_where_nothing_listens_is_named_at_once(
+    tmp_path: Path, pki: DevPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as s:  # a loopback port that was free a moment ago: now closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ident = ["--ca", str(pki.ca_cert), "--cert", str(pki.backend.cert), "--key"]
+    started = time.monotonic()
+    rc = main(
+        [
+            "--dir", str(tmp_path), "run", "--devices", "3", "--scenario", str(SMOKE),
+            "--report", str(tmp_path / "r.json"), "--broker", f"mqtts://127.0.0.1:{port}",
+            *ident, str(pki.backend.key),
+        ]
+    )  # fmt: skip
+    assert rc == 1
+    assert time.monotonic() - started < 10  # the backend's own wait is 30 s
+    err = capsys.readouterr().err
+    assert f"cannot reach 127.0.0.1:{port}: nothing listens there" in err
+    assert "smartmi-sim broker up" in err
 
 
 SCENARIOS = SMOKE.parent
