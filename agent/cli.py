@@ -26,11 +26,13 @@ from agent.device import open_device
 from agent.errors import AgentError, ConfigError, DaemonUnreachable
 from agent.runtime import control
 from agent.runtime.logs import setup_logging
+from agent.store import faults
 from agent.store.fsutil import write_private
-from agent.store.statedir import as_owner_of
+from agent.store.statedir import as_owner_of, require_usable
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+READ_ONLY = frozenset({"status", "export"})  # verbs that only read the state
 T = TypeVar("T")
 
 
@@ -74,8 +76,29 @@ def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
         # below, where the state lock says whether a daemon really runs.
         with contextlib.suppress(DaemonUnreachable):
             return control.request(sock, body)
-    with as_owner_of(config.state_dir), open_device(config) as core:
-        return control.act(core, body, now=time.time())
+    with as_owner_of(config.state_dir):
+        if body["verb"] in READ_ONLY:
+            _require_state(config)
+        with open_device(config) as core:
+            return control.act(core, body, now=time.time())
+
+
+def _require_state(config: AgentConfig) -> None:
+    """A verb that only reads finds a device's state or says where it looked: it never
+    makes one (a mistyped ``state_dir`` would otherwise get a new, empty device)."""
+    state = config.state_dir
+    try:
+        if state.exists():
+            require_usable(state)  # a problem of ownership or mode first, with its fix
+    except OSError as exc:
+        raise faults.mapped(exc, state) from exc
+    if not (state / "state.db").is_file():
+        missing = "does not exist" if not state.exists() else "holds no agent state (state.db)"
+        raise ConfigError(
+            f"the state directory {state} {missing}: check paths.state_dir in the "
+            "--config file (the daemon, or a verb that changes something, makes it on "
+            "first use)"
+        )
 
 
 def anywhere(flag: str, *, help: str) -> argparse.ArgumentParser:

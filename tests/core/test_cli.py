@@ -114,14 +114,32 @@ def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "nope.toml: file not found" in str(err)
 
 
+def test_verbs_that_only_read_never_make_a_state(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status and export on a state directory that is not there (a mistyped state_dir)
+    say where they looked, exit 1 and create nothing; nor on one without a store."""
+    state = conf.parent / "state"
+    for verb in ("status", "export"):
+        rc, err = run(conf, verb, capsys=capsys)
+        assert rc == 1
+        assert f"the state directory {state} does not exist: check paths.state_dir" in str(err)
+        assert not state.exists()
+    state.mkdir(mode=0o700)
+    rc, err = run(conf, "status", capsys=capsys)
+    assert rc == 1
+    assert "holds no agent state (state.db)" in str(err)
+    assert list(state.iterdir()) == []
+
+
 def test_verbs_end_to_end(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = run(conf, "crash", "--simulate", capsys=capsys)
+    assert rc == 1
+    assert "not-bound" in str(err)
     rc, out = run(conf, "status", capsys=capsys)
     assert rc == 0
     assert isinstance(out, dict)
     assert out["lifecycle"] == "factory-new"
-    rc, err = run(conf, "crash", "--simulate", capsys=capsys)
-    assert rc == 1
-    assert "not-bound" in str(err)
     assert run(conf, "location", "precision", "country", capsys=capsys)[0] == 0
     rc, out = run(conf, "location", "set", "48.8566", "2.3522", capsys=capsys)
     assert out == {"stored": {"lat": 49.0, "lon": 2.0, "precision": "country"}}
@@ -201,8 +219,8 @@ def test_the_daemon_waits_for_a_verb_to_let_the_state_dir_go(conf: Path) -> None
 def test_a_socket_left_by_a_dead_daemon_falls_back_to_the_state_dir(
     conf: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    assert run(conf, "location", "precision", "region", capsys=capsys)[0] == 0  # a state
     sock_path = conf.parent / "state" / "control.sock"
-    sock_path.parent.mkdir(parents=True)
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(str(sock_path))  # bound, never listening, then closed: the file stays
     assert sock_path.exists()
@@ -223,9 +241,10 @@ def test_both_tools_say_their_version(tool: str, capsys: pytest.CaptureFixture[s
 
 
 def test_the_config_may_follow_the_verb(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["location", "precision", "city", "--config", str(conf)]) == 0
+    capsys.readouterr()
     assert main(["status", "--config", str(conf)]) == 0
     assert json.loads(capsys.readouterr().out)["device_id"] == "cli-1"
-    assert main(["location", "precision", "city", "--config", str(conf)]) == 0
 
 
 def test_a_closed_pipe_ends_quietly(conf: Path) -> None:
@@ -233,6 +252,7 @@ def test_a_closed_pipe_ends_quietly(conf: Path) -> None:
     import subprocess
     import sys
 
+    assert main(["--config", str(conf), "location", "precision", "city"]) == 0  # a state
     cmd = [sys.executable, "-m", "agent.cli", "--config", str(conf), "export"]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdout is not None
@@ -292,6 +312,7 @@ def test_log_level_gives_json_lines_of_what_happened(
 def test_export_to_a_bad_path_is_named(
     conf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str, message: str
 ) -> None:
+    assert run(conf, "location", "precision", "city", capsys=capsys)[0] == 0  # a state
     rc, err = run(conf, "export", "-o", target.format(tmp=tmp_path), capsys=capsys)
     assert rc == 1
     assert message.format(tmp=tmp_path) in str(err)
