@@ -46,6 +46,7 @@ from agent.core.rules import Plan
 from agent.core.settings import Control, CoreConfig, CrashReport, Settings
 from agent.errors import StorageError, TamperedRecord
 from agent.store import faults
+from agent.store.crash_files import CrashFiles
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore, StoredItem
@@ -108,6 +109,7 @@ class Device:
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.store = store
+        self._crash_files = CrashFiles(store.db, store.device_id)
         self.config = config
         self.crash_dirs = tuple(crash_dirs)
         self._new_id = new_id
@@ -244,13 +246,16 @@ class Device:
         return list(self._in_flight)
 
     # -- carrying out a plan -------------------------------------------------
-    def _carry_out(self, plan: Plan, now: float) -> Removed:
+    def _carry_out(
+        self, plan: Plan, now: float, *, also: Callable[[], None] | None = None
+    ) -> Removed:
         """Write ``plan`` in one transaction, then stop what may not leave and tell observers.
 
         Returns what the plan removed from the outbox. When the write fails a narrowing
         plan still takes effect in memory, everything personal stays stopped until it is
         durable (``settle``), and the StorageError is raised for the caller to report; any
-        other plan changes nothing, and a capture is dropped and counted.
+        other plan changes nothing, and a capture is dropped and counted. ``also`` is a
+        write of the caller's that commits with the plan's, or not at all.
         """
         if plan.stop:
             # Before anything is written: the transport stops these purposes first, so a
@@ -268,7 +273,9 @@ class Device:
                 settings = dataclasses.replace(
                     settings, firmware_version=self.config.firmware_version
                 )
-            removed = self._durably(lambda: self._write(plan, settings), narrowing=plan.narrows)
+            removed = self._durably(
+                lambda: self._write(plan, settings, also=also), narrowing=plan.narrows
+            )
         except StorageError as exc:
             self._failed(plan, exc)
             raise
@@ -366,7 +373,14 @@ class Device:
         self._tell_sendable()
         return True
 
-    def _write(self, plan: Plan, settings: Settings, *, control: bool = False) -> Removed:
+    def _write(
+        self,
+        plan: Plan,
+        settings: Settings,
+        *,
+        control: bool = False,
+        also: Callable[[], None] | None = None,
+    ) -> Removed:
         """The store's part of a plan, in one transaction: purge, re-coarsen, capture,
         ledger, save."""
         removed = Removed()
@@ -393,6 +407,8 @@ class Device:
                     functools.partial(rules.recoarsened, precision=change.precision),
                     before=change.before,
                 )
+            if also is not None:
+                also()
             if plan.capture is not None:
                 c = plan.capture
                 self.store.enqueue(c.msg_id, c.purpose, c.captured_at, c.payload)
@@ -672,6 +688,20 @@ class Device:
         self._carry_out(plan, now)
         assert plan.capture is not None  # noqa: S101  # rules.crash raises otherwise
         return plan.capture.msg_id
+
+    def capture_crash_file(self, report: CrashReport, *, now: float, msg_id: str) -> None:
+        """``capture_crash`` of a crash file claimed as ``msg_id``, with the note that it
+        was captured in the capture's own transaction (``crash_file_captured``)."""
+        plan = rules.crash(self._decided_on(now), self.config, report, now=now, msg_id=msg_id)
+        self._carry_out(plan, now, also=functools.partial(self._crash_files.note, msg_id))
+
+    def crash_file_captured(self, msg_id: str) -> bool:
+        """Whether the crash file claimed as ``msg_id`` was captured before."""
+        return self._crash_files.captured(msg_id)
+
+    def crash_file_gone(self, msg_id: str) -> None:
+        """The crash file claimed as ``msg_id`` is deleted: forget its note."""
+        self._crash_files.forget(msg_id)
 
     # -- hand-off to the transport -----------------------------------------
     def next_batch(self, *, now: float, limit: int = 32, personal: bool = True) -> list[Outgoing]:

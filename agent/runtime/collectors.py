@@ -10,6 +10,8 @@ dot-file and renamed into place so a half-written file is never read. A report
 is JSON (``{"signature": ..., "stack": ..., "uptime_s": ...}``) or plain text
 (first line the signature, the whole text the stack). A file that is neither is
 renamed ``*.invalid`` and left for inspection; a wipe removes it with the rest.
+A file being captured is first renamed ``.smartmi-capturing-MSG_ID`` (a claim), so
+that a kill at any point leaves it captured exactly once (``CrashDirCollector._take``).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import struct
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -37,11 +41,14 @@ from typing import Any, Final, TextIO
 from agent.core.purposes import Purpose
 from agent.device import CrashReport, Device
 from agent.errors import AgentError, SchemaError, StorageError
+from agent.store.fsutil import fsync_dir
 
 log = logging.getLogger("smartmi.collectors")
 
 MAX_CRASH_FILE: Final = 256 * 1024
 FATAL_LOG: Final = "agent-fatal.log"  # faulthandler writes here; never read while live
+CLAIM: Final = ".smartmi-capturing-"  # a crash file being captured: CLAIM + its msg_id
+CLAIMED: Final = re.compile(r"\.smartmi-capturing-([0-9a-f]{32})")
 _SIOCGIFADDR: Final = 0x8915
 _RTF_GATEWAY: Final = 0x2
 
@@ -215,9 +222,14 @@ class CrashDirCollector:
                     p
                     for p in crash_dir.iterdir()
                     if not p.is_dir()
-                    and not p.name.startswith(".")
-                    and p.suffix != ".invalid"
-                    and p.name != FATAL_LOG
+                    and (
+                        CLAIMED.fullmatch(p.name) is not None
+                        or (
+                            not p.name.startswith(".")
+                            and p.suffix != ".invalid"
+                            and p.name != FATAL_LOG
+                        )
+                    )
                 )
             except OSError as exc:  # one unusable directory does not hold up the other
                 _unusable(crash_dir, exc)
@@ -236,25 +248,48 @@ class CrashDirCollector:
         return done
 
     def _take(self, path: Path, now: float) -> int:
-        """Capture, refuse or discard one crash file; 1 if it was captured."""
+        """Capture, refuse or discard one crash file; 1 if it was captured.
+
+        Exactly once across a kill: the file is renamed to a claim with the item's
+        msg_id before the capture, which notes the claim in its own transaction, and
+        deleted after. A claim found later was captured (the note says so: the file
+        goes) or not (it is captured now, with that msg_id).
+        """
+        claimed = CLAIMED.fullmatch(path.name)
+        msg_id = claimed.group(1) if claimed else None
+        if msg_id is not None and self.device.crash_file_captured(msg_id):
+            log.info("crash file captured before a stop: deleted", extra={"msg_id": msg_id})
+            path.unlink(missing_ok=True)
+            self._gone(msg_id)
+            return 0
         try:
             signature, stack, uptime = parse_crash_file(read_crash_file(path))
         except (OSError, ValueError) as exc:
             self.invalid += 1
             log.warning("crash file unusable", extra={"file": path.name, "error": str(exc)})
-            path.rename(path.with_name(path.name + ".invalid"))
+            path.rename(_invalid(path, msg_id))
             return 0
         if not self.device.decide(Purpose.DIAGNOSTICS).allowed:
             self.discarded += 1  # P1: not collected without diagnostics consent
             path.unlink(missing_ok=True)
             return 0
         report = with_network(signature, stack, uptime or max(0.0, now - self.started))
+        if msg_id is None:
+            msg_id = uuid.uuid4().hex
+            claim = path.with_name(CLAIM + msg_id)
+            path.rename(claim)
+            fsync_dir(path.parent)  # the claim is on disk before the capture commits
+            path = claim
+        return self._capture(path, report, now, msg_id)
+
+    def _capture(self, path: Path, report: CrashReport, now: float, msg_id: str) -> int:
+        """Capture the claimed crash file ``path``; 1 if it was captured."""
         try:
-            self.device.capture_crash(report, now=now)
+            self.device.capture_crash_file(report, now=now, msg_id=msg_id)
         except SchemaError as exc:
             self.invalid += 1
             log.warning("crash report refused", extra={"file": path.name, "error": str(exc)})
-            path.rename(path.with_name(path.name + ".invalid"))
+            path.rename(_invalid(path, msg_id))
             return 0
         except StorageError as exc:
             # Dropped and counted by the device (never half-written); the file goes, so
@@ -270,7 +305,15 @@ class CrashDirCollector:
             return 0  # left in place, tried again on the next scan
         self.captured += 1
         path.unlink(missing_ok=True)
+        self._gone(msg_id)
         return 1
+
+    def _gone(self, msg_id: str) -> None:
+        """The claimed file is deleted; a note the store cannot delete now is harmless."""
+        try:
+            self.device.crash_file_gone(msg_id)
+        except StorageError as exc:
+            log.warning("crash file note not deleted", extra={"error": str(exc)})
 
     async def run(self, interval: float = 5.0) -> None:
         """Scan every ``interval`` seconds (a stat of one directory: no busy polling).
@@ -281,6 +324,12 @@ class CrashDirCollector:
         while True:
             self.scan(time.time())  # logs what it cannot use, never raises OSError
             await asyncio.sleep(interval)
+
+
+def _invalid(path: Path, msg_id: str | None) -> Path:
+    """Where an unusable crash file is left for inspection (a claim gets a visible name)."""
+    name = f"crash-{msg_id}" if msg_id is not None and path.name.startswith(".") else path.name
+    return path.with_name(name + ".invalid")
 
 
 def _unusable(crash_dir: Path, exc: OSError) -> None:

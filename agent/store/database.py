@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS deletion_journal (
     PRIMARY KEY (device_id, msg_id)
 );
 CREATE TABLE IF NOT EXISTS wipes (device_id TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS crash_files (
+    device_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    PRIMARY KEY (device_id, msg_id)
+);
 CREATE TABLE IF NOT EXISTS control (device_id TEXT PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS device_meta (
     device_id TEXT PRIMARY KEY,

@@ -193,3 +193,43 @@ def test_the_own_and_the_drop_directory_are_both_collected_and_both_wiped(
     core.unbind(now=rig.tick())
     assert list(own.iterdir()) == []
     assert list(drop.iterdir()) == []
+
+
+class Killed(BaseException):
+    """The process died here (SIGKILL): nothing after this point ran."""
+
+
+@pytest.mark.parametrize("killed", ["before the capture", "before the file is deleted"])
+def test_a_crash_file_is_captured_exactly_once_across_a_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, killed: str
+) -> None:
+    rig = granted_rig(tmp_path, Purpose.DIAGNOSTICS)
+    assert rig.core is not None
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    (crash_dir / "fan.json").write_text(json.dumps({"signature": "S1", "stack": "x"}))
+    collector = CrashDirCollector(rig.core, crash_dir, started=rig.now)
+    real_unlink = Path.unlink
+
+    def die(*_args: object, **_kw: object) -> None:
+        raise Killed
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:  # noqa: FBT001, FBT002  # Path's own
+        if self.name.startswith(collectors.CLAIM):
+            raise Killed
+        real_unlink(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as m:
+        if killed == "before the capture":
+            m.setattr(rig.core, "capture_crash_file", die)
+        else:
+            m.setattr(Path, "unlink", unlink)
+        with pytest.raises(Killed):
+            collector.scan(rig.now)
+    [claim] = list(crash_dir.iterdir())
+    msg_id = claim.name.removeprefix(collectors.CLAIM)
+    core = rig.open()  # the restart
+    CrashDirCollector(core, crash_dir, started=rig.now).scan(rig.tick())
+    assert list(crash_dir.iterdir()) == []
+    assert [o.msg_id for o in rig.deliver_all()] == [msg_id]  # one item, the claim's
+    assert not core.crash_file_captured(msg_id)  # its note went with the file
