@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final, Literal, Protocol, Self
 
 from agent.errors import BrokerError
+from simulator.guard import Guard
 from simulator.pki import DevPki
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -173,9 +174,15 @@ class MosquittoBroker:
         # as root, mosquitto drops to the 'mosquitto' user, which cannot traverse
         # private directories such as /root or pytest's 0700 basetemp.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="smartmi-broker-"))
+        # Whatever kills us (SIGKILL too), the broker and this directory go with us.
+        self._guard = Guard(self.runtime_dir)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: int | None = None
-        self._render()
+        try:
+            self._render()
+        except BaseException:
+            self._guard.close()
+            raise
 
     @property
     def host(self) -> str:
@@ -253,6 +260,7 @@ class MosquittoBroker:
             stderr=log,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker
         )
+        self._guard.watch(self._proc.pid)  # its own session: the group is its pid
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -277,6 +285,8 @@ class MosquittoBroker:
         proc, self._proc = self._proc, None
         log, self._log_file = self._log_file, None
         end_process(proc, log, kill=kill)
+        if proc is not None:
+            self._guard.unwatch(proc.pid)
 
     def restart(self, *, kill: bool = False) -> Self:
         """Stop and start again on the same port, keeping persisted sessions."""
@@ -287,6 +297,7 @@ class MosquittoBroker:
         """Stop the broker and remove its runtime directory."""
         self.stop()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self._guard.close()
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the broker's log."""

@@ -58,6 +58,7 @@ from simulator.broker import (
     repo_broker_config,
     require_free,
 )
+from simulator.guard import Guard
 from simulator.pki import DevPki, subject_of
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
@@ -209,6 +210,8 @@ class NatsCluster:
             raise BrokerError(f"NATS configuration not found at {self.template}")
         self.devices: set[str] = set()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="smartmi-nats-"))
+        # Whatever kills us (SIGKILL too), the nodes and this directory go with us.
+        self._guard = Guard(self.runtime_dir)
         self.nodes = [
             _Node(
                 index=i,
@@ -371,6 +374,7 @@ class NatsCluster:
             stderr=node.log,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the nodes
         )
+        self._guard.watch(node.proc.pid)  # its own session: the group is its pid
 
     def _wait_healthy(
         self, nodes: list[_Node], within: float = _START_TIMEOUT, *, mqtt_too: bool = True
@@ -480,6 +484,8 @@ class NatsCluster:
         proc, node.proc = node.proc, None
         log, node.log = node.log, None
         end_process(proc, log, kill=kill)
+        if proc is not None:
+            self._guard.unwatch(proc.pid)
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop every node: SIGTERM (a clean shutdown) or SIGKILL."""
@@ -507,6 +513,7 @@ class NatsCluster:
         """Stop every node and remove the runtime directory."""
         self.stop()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self._guard.close()
 
     def log_tail(self, lines: int = 20, *, index: int = 0) -> str:
         """The last lines of one node's log."""

@@ -214,7 +214,7 @@ def test_a_crash_file_is_captured_exactly_once_across_a_kill(
     def die(*_args: object, **_kw: object) -> None:
         raise Killed
 
-    def unlink(self: Path, missing_ok: bool = False) -> None:  # noqa: FBT001, FBT002  # Path's own
+    def unlink(self: Path, missing_ok: bool = False) -> None:  # Path's own
         if self.name.startswith(collectors.CLAIM):
             raise Killed
         real_unlink(self, missing_ok=missing_ok)

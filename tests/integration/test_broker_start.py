@@ -3,7 +3,11 @@ left behind."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +39,54 @@ def test_an_impossible_port_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 1
     assert "--port 80000: a TCP port is 1 to 65535" in capsys.readouterr().err
     assert _runtime_dirs() <= before
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid``, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it ended while we looked
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left
+
+
+def test_a_killed_broker_up_leaves_no_broker_and_no_key(tmp_path: Path) -> None:
+    """kill -9 of ``smartmi-sim broker up``: nothing can clean up in the process itself,
+    yet its Mosquitto stops and the runtime directory with the broker's key goes."""
+    before = _runtime_dirs()
+    cmd = [sys.executable, "-m", "simulator.cli", "--dir", str(tmp_path), "broker", "up"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as up:
+        assert up.stdout is not None
+        line = b""
+        deadline = time.monotonic() + 60
+        while b"listening on" not in line:
+            line = up.stdout.readline()
+            assert line, "broker up ended before it was listening"
+            assert time.monotonic() < deadline
+        [runtime] = _runtime_dirs() - before
+        assert (runtime / "broker.key").exists()
+        mosquitto = [
+            p for p in _children(up.pid) if b"mosquitto" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert len(mosquitto) == 1
+        up.kill()
+        up.wait(10)
+    deadline = time.monotonic() + 10
+    while (_alive(mosquitto[0]) or runtime.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(mosquitto[0])
+    assert not runtime.exists()
