@@ -44,7 +44,7 @@ import struct
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -54,6 +54,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import PublishRefused, TransportError
 from agent.runtime.tls import classify_tls_error
+
+# The versions this module was read from (its internals): pyproject.toml pins these.
+READ_FROM: Final = {"aiomqtt": "2.5.1", "paho-mqtt": "2.2.0"}
 
 # Packets read per wake-up of a socket, at most (aiomqtt's reader took one TLS record,
 # often one packet, per round of the event loop). 4,096 for the simulated backend's one
