@@ -14,6 +14,7 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -29,15 +30,24 @@ _START_TIMEOUT: Final = 15.0
 
 
 def repo_broker_config() -> Path:
-    """The ``broker-config/`` directory (overridable with SMARTMI_BROKER_CONFIG)."""
+    """The ``broker-config/`` directory: SMARTMI_BROKER_CONFIG if set, else the
+    checkout's, else the installed copy (PREFIX/share/smartmi-agent/broker-config)."""
     env = os.environ.get("SMARTMI_BROKER_CONFIG")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "broker-config"
-    if not (path / "mosquitto.conf").is_file():
-        raise BrokerError(
-            f"broker configuration not found at {path}; run from a checkout of the project "
-            "or set SMARTMI_BROKER_CONFIG to its broker-config/ directory"
-        )
-    return path
+    if env:
+        places = [Path(env)]
+    else:
+        places = [
+            Path(__file__).resolve().parent.parent / "broker-config",  # a checkout
+            Path(sys.prefix) / "share" / "smartmi-agent" / "broker-config",  # pip, pipx
+        ]
+    for path in places:
+        if (path / "mosquitto.conf").is_file():
+            return path
+    looked = " or ".join(str(p) for p in places)
+    raise BrokerError(
+        f"broker configuration not found at {looked}; reinstall the package, or set "
+        "SMARTMI_BROKER_CONFIG to a broker-config/ directory"
+    )
 
 
 def find_binary(name: str, package: str) -> str:
