@@ -11,25 +11,60 @@ cd "$(dirname "$0")"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+APT_LOG=.smartmi-dev/apt.log  # apt-get's output, kept out of the job's own
+
+# apt-get install PACKAGES, its output in $APT_LOG (its tail shown if it fails). Debian
+# starts a package's system service on install (a Mosquitto on 1883, a nats-server): a
+# policy-rc.d that refuses keeps them from starting, and nats-server's unit is disabled.
+apt_install() {
+    echo "installing $* (apt-get; its output goes to $APT_LOG)" >&2
+    mkdir -p "$(dirname "$APT_LOG")"
+    local policy=/usr/sbin/policy-rc.d ours=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+        ours=1
+    fi
+    local rc=0
+    { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q "$@"; } >"$APT_LOG" 2>&1 || rc=$?
+    if [ "$ours" -eq 1 ]; then as_root rm -f "$policy"; fi
+    if [ "$rc" -ne 0 ]; then
+        tail -n 20 "$APT_LOG" >&2
+        echo "apt-get install $* failed (exit $rc); the whole output is in $APT_LOG" >&2
+        exit "$rc"
+    fi
+    if [[ " $* " == *" nats-server "* ]] && command -v systemctl >/dev/null; then
+        as_root systemctl disable --now nats-server >/dev/null 2>&1 || true
+    fi
+}
+
+# The programs a job needs (nats-server only for a cluster), then the package in .venv,
+# installed again only when pyproject.toml changed (the install is editable).
 setup() {
-    local missing=()
+    local missing=() need_nats="$1"
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)  # captures (--capture)
-    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)  # --cluster
+    if [ "$need_nats" -eq 1 ]; then
+        command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+    fi
     command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
-        echo "installing ${missing[*]} (apt-get)" >&2
-        as_root apt-get update -q
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+        apt_install "${missing[@]}"
     fi
     if [ ! -x .venv/bin/python ] && ! python3 -m venv .venv 2>/dev/null; then
         # Debian ships venv's pip bootstrap separately.
         rm -rf .venv
-        as_root apt-get update -q
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+        apt_install python3-venv
         python3 -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    local stamp=.venv/.smartmi-installed want
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "installing the package and its test extras into .venv (pip)" >&2
+        .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+        echo "$want" >"$stamp"
+    fi
 }
 
 job="${1:-}"
@@ -38,7 +73,9 @@ case "$job" in
     fleet|broker|agent|test|bench|setup) ;;
     *) echo "usage: ./dev.sh fleet|broker|agent|test|bench|setup [ARGS...]" >&2; exit 2 ;;
 esac
-setup
+need_nats=0  # the tests and benchmark run clusters; another job only with --cluster
+case "$job $*" in test*|bench*|*--cluster*) need_nats=1 ;; esac
+setup "$need_nats"
 case "$job" in
     setup) ;;
     broker) exec .venv/bin/smartmi-sim broker up "$@" ;;
