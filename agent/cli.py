@@ -80,6 +80,12 @@ def _perform(config: AgentConfig, body: dict[str, Any]) -> dict[str, Any]:
         if body["verb"] in READ_ONLY:
             _require_state(config)
         with open_device(config) as core:
+            # Said on stderr, so that a script reading stdout gets the same output.
+            print(
+                f"smartmi-agent: no daemon answered at {sock}; acting on the state "
+                f"directory {config.state_dir} directly",
+                file=sys.stderr,
+            )
             return control.act(core, body, now=time.time())
 
 

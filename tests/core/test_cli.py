@@ -297,9 +297,14 @@ def test_log_level_gives_json_lines_of_what_happened(
     assert granted
     assert granted[0]["purpose"] == "diagnostics"
     assert granted[0]["level"] == "info"
-    # At the verbs' default (warning) the same action logs nothing.
+    # At the verbs' default (warning) the same action logs nothing; it only says that it
+    # acted on the state directory, as no daemon runs.
     assert main(["--config", str(conf), "consent", "withdraw", "diagnostics"]) == 0
-    assert capsys.readouterr().err == ""
+    state = conf.parent / "state"
+    assert capsys.readouterr().err == (
+        f"smartmi-agent: no daemon answered at {state / 'control.sock'}; acting on the "
+        f"state directory {state} directly\n"
+    )
 
 
 @pytest.mark.parametrize(
