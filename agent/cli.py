@@ -24,7 +24,7 @@ from agent.core.location import parse_precision
 from agent.core.purposes import parse_purpose
 from agent.device import open_device
 from agent.errors import AgentError, ConfigError, DaemonUnreachable
-from agent.runtime import control
+from agent.runtime import control, summaries
 from agent.runtime.logs import setup_logging
 from agent.store import faults
 from agent.store.fsutil import write_private
@@ -32,6 +32,7 @@ from agent.store.statedir import as_owner_of, require_usable
 
 DEFAULT_CONFIG = "/etc/smartmi-agent/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 READ_ONLY = frozenset({"status", "export"})  # verbs that only read the state
 T = TypeVar("T")
 
@@ -132,19 +133,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON log lines on stderr from this level (default: info for run, "
         "warning for the other verbs)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as text (the default on a terminal) or JSON (the default otherwise)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="the verb's result as JSON instead of text"
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     # --config before or after the verb: every verb takes it too.
     common = anywhere("--config", help=f"agent.toml (default: {DEFAULT_CONFIG})")
     common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
+    common.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS)
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the result as JSON instead of text",
+    )
     add = functools.partial(sub.add_parser, parents=[common])
     add("run", help="run the agent daemon (systemd starts this)")
     add("status", help="lifecycle, consent, outbox and quarantine summary")
-    p = add(
+    add(
         "doctor",
         help="check the configuration, files, permissions, certificate, clock and broker, "
         "and print the fix for each problem (changes nothing)",
     )
-    p.add_argument("--json", action="store_true", help="the findings as JSON")
     p = add("bind", help="bind the device to an owner")
     p.add_argument("--binding-id", help="the binding's ID (default: generated)")
     p.add_argument(
@@ -212,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = getattr(
         logging, (args.log_level or ("info" if args.verb == "run" else "warning")).upper()
     )
+    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
     if args.verb == "doctor":
         return _doctor(args)
     try:
@@ -219,13 +235,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "run":
             from agent.runtime import daemon  # the verbs need not import asyncio MQTT
 
-            return daemon.main(config, level=level)
-        setup_logging(level)
+            return daemon.main(config, level=level, log_format=log_format)
+        setup_logging(level, log_format)
         result = _perform(config, _request(args))
         if args.verb == "export" and args.output:
             _write_export(Path(args.output), result)
             result = {"exported": args.output, "entries": len(result.get("entries", []))}
-        _print(result)
+        if args.json:
+            _print(result)
+        else:
+            where = {"sock": str(config.socket_path), "state_dir": str(config.state_dir)}
+            print(summaries.render(args.verb, result, **where))
         sys.stdout.flush()  # a closed pipe shows here, inside the handler
     except AgentError as exc:
         print(f"smartmi-agent: error: {exc}", file=sys.stderr)

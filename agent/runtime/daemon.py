@@ -183,9 +183,9 @@ async def settler(device: Device, interval: float = SETTLE_S) -> None:
             log.info("storage usable again", extra={"device": device.device_id})
 
 
-def main(config: AgentConfig, *, level: int = logging.INFO) -> int:
+def main(config: AgentConfig, *, level: int = logging.INFO, log_format: str = "json") -> int:
     """Entry point of ``smartmi-agent run``: exit status 0 after a clean stop."""
-    setup_logging(level)
+    setup_logging(level, log_format)
     try:
         asyncio.run(run(config))
     except AgentError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import socket
 import threading
 import time
@@ -46,7 +47,7 @@ def conf(tmp_path: Path) -> Path:
 
 
 def run(conf: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, object]:
-    rc = main(["--config", str(conf), *argv])
+    rc = main(["--config", str(conf), "--json", *argv])
     out, err = capsys.readouterr()
     return rc, (json.loads(out) if rc == 0 else err)
 
@@ -130,6 +131,57 @@ def test_verbs_that_only_read_never_make_a_state(
     assert rc == 1
     assert "holds no agent state (state.db)" in str(err)
     assert list(state.iterdir()) == []
+
+
+def test_verbs_print_text_for_people_and_the_same_data_as_json(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def text(*argv: str) -> list[str]:
+        assert main(["--config", str(conf), *argv]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    assert text("bind", "--binding-id", "B1") == ["bound to B1; lifecycle activation-due"]
+    assert text("consent", "grant", "diagnostics") == ["diagnostics granted; in force"]
+    assert text("location", "set", "48.8566", "2.3522") == [
+        "location stored at region precision: 48.9, 2.4"
+    ]
+    [queued] = text("crash", "--simulate")
+    assert queued.startswith("crash diagnostics queued as ")
+    status = text("status")
+    state = conf.parent / "state"
+    assert status[0] == (
+        f"daemon      not running (no answer at {state / 'control.sock'}); read from {state}"
+    )
+    assert "consent     activation not-granted, diagnostics ok" in status
+    assert "outbox      1 queued, 0 in flight; dropped: none" in status
+    assert text("consent", "withdraw", "diagnostics") == [
+        "diagnostics withdrawn; 1 queued item of it deleted"
+    ]
+    export = text("export")
+    assert export[0] == "2 ledger entries (--json or -o FILE for every field)"
+    assert re.fullmatch(
+        r"  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z  consent grant diagnostics", export[1]
+    )
+    assert main(["--config", str(conf), "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["queued"] == 0
+
+
+def test_log_lines_as_text_or_json_with_iso_times(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config", str(conf), "bind", "--binding-id", "B1"]) == 0
+    argv = ["--config", str(conf), "--log-level", "info", "consent", "grant", "diagnostics"]
+    assert main([*argv[:2], "--log-format", "text", *argv[2:]]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "consent granted" in x]
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z info    smartmi\.device: consent granted "
+        r"\(.*purpose=diagnostics.*\)",
+        lines[0],
+    )
+    assert main([*argv[:2], "--log-format", "json", *argv[2:]]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    doc = json.loads(lines[0])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"])
 
 
 def test_verbs_end_to_end(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,7 +295,7 @@ def test_both_tools_say_their_version(tool: str, capsys: pytest.CaptureFixture[s
 def test_the_config_may_follow_the_verb(conf: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["location", "precision", "city", "--config", str(conf)]) == 0
     capsys.readouterr()
-    assert main(["status", "--config", str(conf)]) == 0
+    assert main(["status", "--config", str(conf), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["device_id"] == "cli-1"
 
 

@@ -41,7 +41,7 @@ def mode(path: Path) -> int:
 
 
 def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    rc = main(["--config", str(conf), *argv])
+    rc = main(["--config", str(conf), "--json", *argv])
     out, err = capsys.readouterr()
     return rc, out if rc == 0 else err
 

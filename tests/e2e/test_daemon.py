@@ -92,7 +92,7 @@ async def daemon(
 
 def agent(conf: Path, capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, object]:
     """A CLI verb that must succeed; its JSON output."""
-    rc = cli(["--config", str(conf), *argv])
+    rc = cli(["--config", str(conf), "--json", *argv])
     out, err = capsys.readouterr()
     assert rc == 0, err
     return dict(json.loads(out))
@@ -112,6 +112,11 @@ async def test_daemon_serves_the_cli_sends_and_stops_cleanly(
     assert isinstance(transport, dict)
     assert transport["connected"] is True
     assert 0 < transport["start_to_connected_s"] < 10
+    # For a person: the first line says the daemon runs and what it did.
+    assert cli(["--config", str(conf), "status"]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert summary[0].startswith("daemon      running: connected, commands ")
+    assert any(line.startswith("consent     ") for line in summary)
     # The verbs reach the daemon through the socket (the state lock is the daemon's).
     agent(conf, capsys, "bind", "--binding-id", "b-d1")
     agent(conf, capsys, "location", "set", "52.520008", "13.404954")
