@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return daemon.main(config, level=level, log_format=log_format)
         setup_logging(level, log_format)
         result = _perform(config, _request(args))
+        failed = False
+        if args.verb == "status":
+            failed = _identity(config, result)
         if args.verb == "export" and args.output:
             _write_export(Path(args.output), result)
             result = {"exported": args.output, "entries": len(result.get("entries", []))}
@@ -252,7 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         return quiet_pipe()
-    return 0
+    return 1 if failed else 0
+
+
+def _identity(config: AgentConfig, result: dict[str, Any]) -> bool:
+    """Add the certificate, key and CA problems ``doctor`` would name to a status result
+    (``identity``: each with its fix); True if one of them fails."""
+    from agent.runtime import doctor  # cryptography's x509 only for status
+
+    found = doctor.identity(config, now=time.time())
+    result["identity"] = [f.to_json() for f in found if f.level != doctor.OK]
+    return any(f.level == doctor.FAIL for f in found)
 
 
 def quiet_pipe() -> int:

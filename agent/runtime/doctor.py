@@ -68,6 +68,11 @@ def diagnose(config_path: Path, *, now: float | None = None) -> list[Finding]:
     return found
 
 
+def identity(config: AgentConfig, *, now: float) -> list[Finding]:
+    """The checks of the device's certificate, key and CA alone (no network, no state)."""
+    return _files(config, now)
+
+
 def _checks(config: AgentConfig, now: float) -> Iterator[Callable[[], list[Finding]]]:
     yield lambda: _files(config, now)
     yield lambda: _state(config)

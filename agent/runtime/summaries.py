@@ -82,6 +82,12 @@ def status(result: dict[str, Any], *, sock: str, state_dir: str) -> str:
         lines.append(
             f"quarantine  {_n(result['quarantined'], 'record')} failed the integrity check"
         )
+    problems = result.get("identity")
+    if problems == []:
+        lines.append("identity    ok: certificate, key and CA")
+    for problem in problems or []:
+        fix = f"; fix: {problem['fix']}" if problem.get("fix") else ""
+        lines.append(f"identity    {problem['level']} {problem['check']}: {problem['detail']}{fix}")
     files = result.get("crash_files")
     if isinstance(files, dict):
         lines.append(f"crash files {_counts(files)}")

@@ -19,6 +19,7 @@ from agent.device import CoreConfig, Device
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
+from simulator.pki import DevPki
 
 
 @dataclass
@@ -138,3 +139,14 @@ def shared_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path)
+
+
+def install_identity(pki: DevPki, directory: Path, device_id: str) -> None:
+    """The CA, and the certificate and private key of ``device_id``, as an agent.toml
+    names them: ``ca.pem``, ``dev.pem`` and ``dev.key`` (0600) in ``directory``."""
+    ident = pki.ensure_devices([device_id])[device_id]
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pki.ca_cert, directory / "ca.pem")
+    shutil.copyfile(ident.cert, directory / "dev.pem")
+    shutil.copyfile(ident.key, directory / "dev.key")
+    os.chmod(directory / "dev.key", 0o600)

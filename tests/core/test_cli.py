@@ -17,6 +17,8 @@ from agent.config import load_config
 from agent.errors import ConfigError, StoreLocked
 from agent.store.statedir import locked
 from simulator.cli import main as sim_main
+from simulator.pki import DevPki
+from tests.core.helpers import install_identity
 
 GOOD = """
 [device]
@@ -40,7 +42,8 @@ key = "pki/dev.key"
 
 
 @pytest.fixture
-def conf(tmp_path: Path) -> Path:
+def conf(tmp_path: Path, pki: DevPki) -> Path:
+    install_identity(pki, tmp_path / "pki", "cli-1")
     path = tmp_path / "agent.toml"
     path.write_text(GOOD)
     return path
@@ -164,6 +167,32 @@ def test_verbs_print_text_for_people_and_the_same_data_as_json(
     )
     assert main(["--config", str(conf), "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["queued"] == 0
+
+
+def test_status_names_certificate_and_key_problems_as_doctor_does(
+    conf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def status(*flags: str) -> tuple[int, str]:
+        rc = main(["--config", str(conf), "status", *flags])
+        return rc, capsys.readouterr().out
+
+    assert run(conf, "location", "precision", "city", capsys=capsys)[0] == 0  # a state
+    rc, out = status("--json")
+    assert (rc, json.loads(out)["identity"]) == (0, [])
+    cert, key = conf.parent / "pki" / "dev.pem", conf.parent / "pki" / "dev.key"
+    good = cert.read_bytes()
+    cert.unlink()
+    rc, out = status()
+    assert rc == 1
+    assert f"identity    FAIL certificate: {cert} does not exist" in out
+    cert.write_bytes(good)
+    key.chmod(0o644)  # readable by every user
+    rc, out = status("--json")
+    assert rc == 1
+    [problem] = json.loads(out)["identity"]
+    assert problem["level"] == "FAIL"
+    assert str(key) in problem["detail"]
+    assert problem["fix"]
 
 
 def test_log_lines_as_text_or_json_with_iso_times(

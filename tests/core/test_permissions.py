@@ -16,12 +16,13 @@ from agent.errors import UnsafePermissions
 from agent.runtime.tls import client_context
 from agent.store import fsutil
 from simulator.pki import DevPki
-from tests.core.helpers import OTHER_UID, as_other_user, shared_dir
+from tests.core.helpers import OTHER_UID, as_other_user, install_identity, shared_dir
 from tests.core.test_cli import GOOD
 
 
 @pytest.fixture
-def conf(tmp_path: Path) -> Path:
+def conf(tmp_path: Path, pki: DevPki) -> Path:
+    install_identity(pki, tmp_path / "pki", "cli-1")
     path = tmp_path / "agent.toml"
     path.write_text(GOOD)
     return path
@@ -130,14 +131,17 @@ SERVICE_UID = OTHER_UID
 
 
 @pytest.fixture
-def service_conf() -> Iterator[Path]:
-    """A config whose state directory belongs to a service user, in a place that user
-    can reach."""
+def service_conf(pki: DevPki) -> Iterator[Path]:
+    """A config whose state directory and identity belong to a service user, in a place
+    that user can reach."""
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
     with shared_dir() as base:
         (base / "state").mkdir(mode=0o700)
         os.chown(base / "state", SERVICE_UID, SERVICE_UID)
+        install_identity(pki, base / "pki", "cli-1")
+        for path in (base / "pki", *(base / "pki").iterdir()):
+            os.chown(path, SERVICE_UID, SERVICE_UID)
         path = base / "agent.toml"
         path.write_text(GOOD.replace('state_dir = "state"', f'state_dir = "{base / "state"}"'))
         yield path
