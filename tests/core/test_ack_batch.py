@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent.core.purposes import Purpose
-from agent.device import CrashReport
+from agent.device import CrashReport, Device
 from agent.errors import StorageError
 from agent.runtime.transport import BrokerTarget, Transport
 from simulator.acks import AckBatch
@@ -20,13 +20,19 @@ from tests.core.helpers import Rig
 pytestmark = pytest.mark.asyncio
 
 
-async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
+def _three_in_flight(tmp_path: Path) -> tuple[Rig, Device, list[str]]:
+    """A bound device with diagnostics granted and three crashes handed to the wire."""
     rig = Rig(tmp_path)
     core = rig.open()
     core.bind("b", now=rig.now)
     core.grant(Purpose.DIAGNOSTICS, now=rig.now)
     ids = [core.capture_crash(CrashReport(f"s{n}", "x"), now=rig.now) for n in range(3)]
     assert [o.msg_id for o in core.next_batch(now=rig.now)] == ids
+    return rig, core, ids
+
+
+async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
+    rig, core, ids = _three_in_flight(tmp_path)
     batch = AckBatch(core.store.db)
     transport = Transport(
         core, BrokerTarget("127.0.0.1", 1, ssl.create_default_context()), ack_sink=batch.add
@@ -57,12 +63,7 @@ async def test_a_failed_acknowledgement_is_undone_alone(tmp_path: Path) -> None:
 
 
 async def test_a_puback_for_an_item_a_wipe_forgot_is_passed_on(tmp_path: Path) -> None:
-    rig = Rig(tmp_path)
-    core = rig.open()
-    core.bind("b", now=rig.now)
-    core.grant(Purpose.DIAGNOSTICS, now=rig.now)
-    ids = [core.capture_crash(CrashReport(f"s{n}", "x"), now=rig.now) for n in range(3)]
-    assert [o.msg_id for o in core.next_batch(now=rig.now)] == ids
+    rig, core, ids = _three_in_flight(tmp_path)
     forgotten: list[tuple[str, float]] = []
     batch = AckBatch(core.store.db, forgotten=lambda _t, m, at: forgotten.append((m, at)))
     transport = Transport(

@@ -17,7 +17,7 @@ from simulator.cloud import Cloud
 from simulator.pki import DevPki
 from tests.mqtt_probe import PahoClient
 from tests.prometheus import prometheus_samples
-from tests.sim_process import interrupted_run
+from tests.sim_process import alive, descendants, interrupted_run
 
 SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
 SMOKE = SCENARIOS / "smoke.toml"
@@ -164,34 +164,6 @@ def publish_as(broker: MosquittoBroker, pki: DevPki, device_id: str) -> None:
     client.close()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, from /proc (the workers, the broker)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # it ended while we looked
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        children = {p for p, pp in parents.items() if pp == parent}
-        found |= children
-        todo.extend(children)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its exit status is left
-
-
 def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     tmp_path: Path,
 ) -> None:
@@ -204,7 +176,7 @@ def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     below: set[int] = set()
 
     def note_children(pid: int) -> None:
-        below.update(_descendants(pid))
+        below.update(descendants(pid))
         assert len(below) >= 3  # two workers and the broker
 
     args = [
@@ -222,7 +194,7 @@ def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     assert b"Traceback" not in err
     assert b"interrupted; stopping the workers" in err
     assert b"INCOMPLETE" in out
-    assert [pid for pid in below if _alive(pid)] == []
+    assert [pid for pid in below if alive(pid)] == []
     doc = json.loads(report.read_text())
     assert doc["complete"] is False
     assert doc["shards"] == 2

@@ -15,6 +15,7 @@ import pytest
 from simulator.broker import MosquittoBroker
 from simulator.cli import main
 from simulator.pki import DevPki
+from tests.sim_process import alive, descendants
 
 
 def _runtime_dirs() -> set[Path]:
@@ -41,28 +42,6 @@ def test_an_impossible_port_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     assert _runtime_dirs() <= before
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid``, from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # it ended while we looked
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its exit status is left
-
-
 def test_a_killed_broker_up_leaves_no_broker_and_no_key(tmp_path: Path) -> None:
     """kill -9 of ``smartmi-sim broker up``: nothing can clean up in the process itself,
     yet its Mosquitto stops and the runtime directory with the broker's key goes."""
@@ -80,13 +59,15 @@ def test_a_killed_broker_up_leaves_no_broker_and_no_key(tmp_path: Path) -> None:
         [runtime] = _runtime_dirs() - before
         assert (runtime / "broker.key").exists()
         mosquitto = [
-            p for p in _children(up.pid) if b"mosquitto" in Path(f"/proc/{p}/cmdline").read_bytes()
+            p
+            for p in descendants(up.pid)
+            if b"mosquitto" in Path(f"/proc/{p}/cmdline").read_bytes()
         ]
         assert len(mosquitto) == 1
         up.kill()
         up.wait(10)
     deadline = time.monotonic() + 10
-    while (_alive(mosquitto[0]) or runtime.exists()) and time.monotonic() < deadline:
+    while (alive(mosquitto[0]) or runtime.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(mosquitto[0])
+    assert not alive(mosquitto[0])
     assert not runtime.exists()
