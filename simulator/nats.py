@@ -65,6 +65,7 @@ _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/b
 _START_TIMEOUT: Final = 30.0
 # A node started again catches up on what the others wrote meanwhile.
 _CATCH_UP_TIMEOUT: Final = 120.0
+_PROBE_ATTEMPT_S: Final = 6.0  # one MQTT probe: longer than NATS's 4 s for a JetStream request
 CLUSTER_NAME: Final = "smartmi"
 # The MQTT topic filters in broker-config/acl, as NATS subjects. A filter ending in
 # '#' also matches its parent level, which NATS subscribes to as a second subject.
@@ -452,24 +453,33 @@ class NatsCluster:
 
     def _serves_mqtt(self, node: _Node, deadline: float) -> bool:
         """An MQTT connection succeeds (the first one on a cluster creates the MQTT
-        streams, which can take seconds); tried until ``deadline``."""
-        options = mqtt.Options(
-            host=self.bind,
-            port=node.port,
-            tls=client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key),
-            client_id=f"{BACKEND_ID}-probe-{node.index + 1}",
-            protocol=self.protocol,
-            persistent=False,
-            connect_timeout=max(1.0, deadline - time.monotonic()),
-        )
+        streams, which can take seconds); tried until ``deadline``, each attempt for at
+        most ``_PROBE_ATTEMPT_S``.
 
-        async def probe() -> None:
+        On a loaded machine the node's own request to create the streams can time out
+        (NATS gives it 4 s) and the node then leaves that connection waiting; one attempt
+        as long as the whole deadline waited on it to the end (seen in the suite at the
+        first start of a three-node cluster), where a new attempt succeeds.
+        """
+        ctx = client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key)
+
+        async def probe(within: float) -> None:
+            options = mqtt.Options(
+                host=self.bind,
+                port=node.port,
+                tls=ctx,
+                client_id=f"{BACKEND_ID}-probe-{node.index + 1}",
+                protocol=self.protocol,
+                persistent=False,
+                connect_timeout=within,
+            )
             async with mqtt.connect(options):
                 pass
 
         while time.monotonic() < deadline:
             try:
-                _run_apart(probe())
+                left = deadline - time.monotonic()
+                _run_apart(probe(max(1.0, min(_PROBE_ATTEMPT_S, left))))
             except TransportError:
                 time.sleep(0.2)
                 continue
