@@ -86,7 +86,7 @@ case "$job" in
     fleet)
         exec .venv/bin/smartmi-sim run --devices 200 \
             --scenario simulator/scenarios/smoke.toml --report report.json \
-            --timeline timeline.json --capture capture.txt "$@"
+            --timeline timeline.json --capture capture.txt --html report.html "$@"
         ;;
     test)
         .venv/bin/ruff check .

@@ -127,8 +127,13 @@ def _summary(doc: dict[str, Any]) -> str:
         ),
         (
             "connected",
-            f"{c.get('connected')} in {c.get('seconds')} s ({c.get('devices_per_s')} devices/s), "
-            f"{c.get('reconnects')} reconnects",
+            f"{c.get('connected')}"
+            + (
+                f" in {c.get('seconds')} s ({c.get('devices_per_s')} devices/s)"
+                if c.get("seconds") is not None
+                else " (stopped before every device had connected)"
+            )
+            + f", {c.get('reconnects')} reconnects",
         ),
         (
             "delivered",
@@ -145,6 +150,25 @@ def _summary(doc: dict[str, Any]) -> str:
         ("memory", f"{m.get('per_device_kib')} KiB per device"),
         ("violations", f"{len(doc.get('violations', []))}" + (f": {counts}" if counts else "")),
     ]
+    if (capture := doc.get("capture")) is not None:
+        seen = capture.get("violations", [])
+        rows.append(
+            (
+                "observer",
+                f"{capture.get('unique')} unique seen at the broker by the observer: "
+                f"{len(seen)} violations, "
+                + ("agrees with the backend" if capture.get("agrees") else "DISAGREES"),
+            )
+        )
+    if (events := doc.get("events")) is not None:
+        refused = events.get("refused") or {}
+        rows.append(
+            (
+                "events",
+                f"{events.get('applied')} applied; refused by the device (as designed): "
+                + (", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "none"),
+            )
+        )
     if d.get("from_earlier_runs"):
         rows.append(("earlier runs", f"{d['from_earlier_runs']} messages counted apart"))
     if timing := doc.get("schedule"):

@@ -89,6 +89,27 @@ def test_a_clean_run_says_so(tmp_path: Path) -> None:
     assert fetched(page) == []
 
 
+def test_the_page_gives_the_observers_verdict_and_the_events(tmp_path: Path) -> None:
+    doc = report([])
+    doc["capture"] = {"unique": 40, "violations": [], "agrees": True}
+    doc["events"] = {"applied": 57, "refused": {"not-bound": 2, "other-binding": 1}}
+    doc["connect"] = {"connected": 2, "seconds": None, "devices_per_s": None, "reconnects": 0}
+    out = tmp_path / "r.html"
+    html.write(doc, [message(1, "activation", 1.0)], [0.01], out)
+    page = out.read_text()
+    assert (
+        "<th>observer</th><td>40 unique seen at the broker by the observer: 0 violations, "
+        "agrees with the backend</td>"
+    ) in page
+    assert (
+        "<th>events</th><td>57 applied; refused by the device (as designed): not-bound 2, "
+        "other-binding 1</td>"
+    ) in page
+    assert (
+        "<th>connected</th><td>2 (stopped before every device had connected), 0 reconnects</td>"
+    ) in page
+
+
 def test_without_matplotlib_the_run_is_refused_before_it_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
