@@ -8,7 +8,7 @@ import platform
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from simulator.checker import Verdict, percentiles
 from simulator.fleet import MAX_LAG_S, Fleet, late
@@ -67,12 +67,33 @@ def _merged_schedule(shards: list[dict[str, Any]]) -> dict[str, Any]:
     return max(parts, key=lambda part: float(part["max_lag_s"]))
 
 
+UNDRAINED: Final = (
+    "the fleet did not drain within the scenario's settle_s: what still waits was neither "
+    "delivered nor lost, so the run proved nothing about it"
+)
+
+
+def undrained(doc: dict[str, Any]) -> str | None:
+    """Why a run that kept its schedule still gives no verdict: it did not drain and found
+    no violation (a violation is one, drained or not); None otherwise."""
+    drained = (doc.get("delivery") or {}).get("drained", True)
+    if drained or not doc.get("complete", True) or doc.get("violations"):
+        return None
+    return UNDRAINED
+
+
+def no_verdict(doc: dict[str, Any]) -> str | None:
+    """Why the run gives no verdict (it fell behind its schedule, or did not drain);
+    None when it gives one."""
+    return (doc.get("schedule") or {}).get("late") or undrained(doc)
+
+
 def verdict_summary(doc: dict[str, Any]) -> list[str]:
     """The lines that say what the checker found (and that it is no verdict, when the
-    fleet did not keep its schedule)."""
+    fleet did not keep its schedule or did not drain)."""
     n = len(doc["violations"])
-    late_by = (doc.get("schedule") or {}).get("late")
-    head = [f"  NO VERDICT  {late_by}"] if late_by else []
+    why = no_verdict(doc)
+    head = [f"  NO VERDICT  {why}"] if why else []
     if not n:
         return [*head, "  violations  none"]
     counts = ", ".join(f"{k} {v}" for k, v in doc["violation_counts"].items() if v)
@@ -91,7 +112,7 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
     grace = {d.group.name: d.truth.grace_s for d in fleet.devices.values()}
     judgement = judged(verdict, grace)
     timing = schedule(s.event_lags_s, s.latest)
-    return {
+    doc: dict[str, Any] = {
         "scenario": fleet.scenario.name,
         "seed": fleet.seed,
         # Stopped early (Ctrl-C): what arrived was judged; nothing counts as lost.
@@ -139,8 +160,9 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
-        "verdict": NO_VERDICT if timing["late"] else judgement["verdict"],
     }
+    doc["verdict"] = NO_VERDICT if no_verdict(doc) else judgement["verdict"]
+    return doc
 
 
 def merged(
@@ -168,7 +190,7 @@ def merged(
     for d in shards:  # the worst shard's figure at each point: an upper bound
         for key, value in d["command_delivery_s"].items():
             command_delivery[key] = max(command_delivery.get(key, 0.0), value)
-    return {
+    doc: dict[str, Any] = {
         "scenario": shards[0]["scenario"],
         "seed": shards[0]["seed"],
         "shards": len(shards),
@@ -213,8 +235,9 @@ def merged(
         "grace_s": grace,
         "violation_counts": judgement["violation_counts"],
         "violations": judgement["violations"],
-        "verdict": NO_VERDICT if timing["late"] else judgement["verdict"],
     }
+    doc["verdict"] = NO_VERDICT if no_verdict(doc) else judgement["verdict"]
+    return doc
 
 
 def merged_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -314,17 +337,22 @@ def write_junit(doc: dict[str, Any], path: Path) -> None:
     """One test case for the schedule, then one per rule; a rule with violations is a
     failed case listing them."""
     late_by = (doc.get("schedule") or {}).get("late")
+    stuck = undrained(doc)
     suite = ET.Element(
         "testsuite",
         name=f"smartmi-privacy.{doc['scenario']}",
-        tests=str(len(RULES) + 1),
-        failures=str(sum(1 for k in RULES if doc["violation_counts"][k]) + bool(late_by)),
+        tests=str(len(RULES) + 2),
+        failures=str(
+            sum(1 for k in RULES if doc["violation_counts"][k]) + bool(late_by) + bool(stuck)
+        ),
         time=str(doc["elapsed_s"]),
     )
-    # Whether the run kept its schedule: without that, none of the rules was tested.
-    case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name="schedule")
-    if late_by:
-        ET.SubElement(case, "failure", message="no verdict").text = late_by
+    # Whether the run kept its schedule and drained: without that, the rules were not
+    # tested (a run whose broker died delivered nothing and found no violation).
+    for name, why in (("schedule", late_by), ("drained", stuck)):
+        case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name=name)
+        if why:
+            ET.SubElement(case, "failure", message="no verdict").text = why
     for rule in RULES:
         case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name=rule)
         found = [v for v in doc["violations"] if v["kind"] == rule]

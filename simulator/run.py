@@ -596,8 +596,9 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
 
 def _outcome(doc: dict[str, Any], failures: int) -> int:
     """The exit code of a run, with its one line on stderr: NO_VERDICT when the fleet
-    fell behind its schedule, 1 with ``failures`` violations, else 0."""
-    late_by = doc["schedule"]["late"]
+    fell behind its schedule, or did not drain and found nothing; 1 with ``failures``
+    violations, else 0."""
+    late_by = doc["schedule"]["late"] or (None if failures else report.undrained(doc))
     if late_by:
         print(f"smartmi-sim: no verdict: {late_by}", file=sys.stderr)
         return NO_VERDICT
