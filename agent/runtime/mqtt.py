@@ -80,8 +80,8 @@ class Options:
     persistent: bool = True
     session_expiry_s: int = 7 * 24 * 3600
     max_inflight: int = 20
-    # Incoming QoS 1 messages are acknowledged by ``Connection.ack``, once their
-    # effect is durable, not by paho on receipt (SPEC §3).
+    # Incoming QoS 1 messages are acknowledged when ``connect``'s ``on_message`` has
+    # returned (their effect is durable), not by paho on receipt (SPEC §3).
     manual_ack: bool = False
 
 
@@ -202,8 +202,14 @@ class _Client(aiomqtt.Client):
         # Replaces aiomqtt's reader for this socket (added in the same order, just before).
         self._loop.call_soon_threadsafe(self._loop.add_reader, fd, self.read_socket, fd, True)
 
-    def fail_waiting(self, _broke: object = None) -> None:
-        """The connection ended: no PUBACK will come for what is waiting."""
+    def fail_waiting(self, broke: object = None) -> None:
+        """The connection ended: no PUBACK will come for what is waiting.
+
+        Why it ended is taken here too: ``Connection.ended`` may have stopped waiting for
+        it (a stop), and asyncio would then print the exception as never retrieved.
+        """
+        if isinstance(broke, asyncio.Future) and not broke.cancelled():
+            broke.exception()
         waiting, self.waiting = self.waiting, {}
         for waiter in waiting.values():
             if not waiter.done():
@@ -348,11 +354,6 @@ class Connection:
         # shield: a cancelled waiter must not cancel aiomqtt 2.5.1's own future.
         await asyncio.shield(self._client._disconnected)
         raise TransportError("the connection ended")
-
-    def ack(self, message: Incoming) -> None:
-        """Acknowledge an incoming QoS 1 message (with ``Options.manual_ack``)."""
-        if message.qos > 0:
-            self._paho.ack(message.mid, message.qos)
 
     def pending_write(self) -> bool:
         """Whether paho still holds bytes it has not written to the socket."""
