@@ -48,7 +48,7 @@ log = logging.getLogger("smartmi.collectors")
 MAX_CRASH_FILE: Final = 256 * 1024
 FATAL_LOG: Final = "agent-fatal.log"  # faulthandler writes here; never read while live
 CLAIM: Final = ".smartmi-capturing-"  # a crash file being captured: CLAIM + its msg_id
-CLAIMED: Final = re.compile(r"\.smartmi-capturing-([0-9a-f]{32})")
+CLAIMED: Final = re.compile(re.escape(CLAIM) + r"([0-9a-f]{32})")
 _SIOCGIFADDR: Final = 0x8915
 _RTF_GATEWAY: Final = 0x2
 
@@ -257,10 +257,7 @@ class CrashDirCollector:
         """
         claimed = CLAIMED.fullmatch(path.name)
         msg_id = claimed.group(1) if claimed else None
-        if msg_id is not None and self.device.crash_file_captured(msg_id):
-            log.info("crash file captured before a stop: deleted", extra={"msg_id": msg_id})
-            path.unlink(missing_ok=True)
-            self._gone(msg_id)
+        if msg_id is not None and self._settled(path, msg_id):
             return 0
         try:
             signature, stack, uptime = parse_crash_file(read_crash_file(path))
@@ -307,6 +304,24 @@ class CrashDirCollector:
         path.unlink(missing_ok=True)
         self._gone(msg_id)
         return 1
+
+    def _settled(self, path: Path, msg_id: str) -> bool:
+        """Whether a claim needs nothing more now: it was captured before a stop (the
+        file goes), or the store cannot say so yet (it stays for the next scan, never
+        captured twice). False: it was not captured, and is captured now."""
+        try:
+            captured = self.device.crash_file_captured(msg_id)
+        except StorageError as exc:
+            log.warning(
+                "crash file left for the next scan: the store cannot say if it was captured",
+                extra={"msg_id": msg_id, "kind": exc.kind},
+            )
+            return True
+        if captured:
+            log.info("crash file captured before a stop: deleted", extra={"msg_id": msg_id})
+            path.unlink(missing_ok=True)
+            self._gone(msg_id)
+        return captured
 
     def _gone(self, msg_id: str) -> None:
         """The claimed file is deleted; a note the store cannot delete now is harmless."""

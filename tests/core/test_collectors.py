@@ -12,6 +12,7 @@ import pytest
 
 from agent.core.items import Outgoing
 from agent.core.purposes import Purpose
+from agent.errors import StorageError
 from agent.runtime import collectors
 from agent.runtime.collectors import (
     CrashDirCollector,
@@ -233,3 +234,26 @@ def test_a_crash_file_is_captured_exactly_once_across_a_kill(
     assert list(crash_dir.iterdir()) == []
     assert [o.msg_id for o in rig.deliver_all()] == [msg_id]  # one item, the claim's
     assert not core.crash_file_captured(msg_id)  # its note went with the file
+
+
+def test_a_claim_the_store_cannot_judge_is_left_for_the_next_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = granted_rig(tmp_path, Purpose.DIAGNOSTICS)
+    assert rig.core is not None
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    claim = crash_dir / (collectors.CLAIM + "ab" * 16)
+    claim.write_text(json.dumps({"signature": "S1", "stack": "x"}))
+    collector = CrashDirCollector(rig.core, crash_dir, started=rig.now)
+
+    def unreadable(_msg_id: str) -> bool:
+        raise StorageError("state.db: database disk image is malformed", kind="corrupt")
+
+    with monkeypatch.context() as m:
+        m.setattr(rig.core, "crash_file_captured", unreadable)
+        assert collector.scan(rig.now) == 0  # no exception out of the scan loop
+    assert claim.exists()
+    assert rig.deliver_all() == []  # not captured while it cannot be told
+    assert collector.scan(rig.tick()) == 1  # the store answers again: captured once
+    assert [o.msg_id for o in rig.deliver_all()] == ["ab" * 16]
