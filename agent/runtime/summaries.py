@@ -1,22 +1,15 @@
 """What a person reads after a verb of ``smartmi-agent``: a few lines of text from the
 same result a script gets with ``--json``.
 
-Times are ISO 8601 (UTC). Nothing here decides anything: each verb's result is
-rendered as it is, and a field this module does not know is left to ``--json``.
+Times are shown as the result gives them (RFC 3339, UTC). Nothing here decides
+anything: each verb's result is rendered as it is, and a field this module does not
+know is left to ``--json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
-
-
-def iso(ts: float | None) -> str:
-    """An epoch time as ISO 8601 UTC to the second; 'never' for None."""
-    if ts is None:
-        return "never"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _n(count: object, noun: str, plural: str | None = None) -> str:
@@ -140,8 +133,7 @@ def _export(r: dict[str, Any]) -> str:
         f"{_n(len(entries), 'ledger entry', 'ledger entries')} (--json or -o FILE for every field)"
     ]
     for e in entries:
-        at = e.get("at")
-        when = iso(at) if isinstance(at, int | float) else str(at or "")
+        when = e.get("at") or ""  # RFC 3339 already, as the ledger export gives it
         words = [e.get("type"), e.get("action"), e.get("purpose"), e.get("kind"), e.get("msg_id")]
         lines.append(f"  {when}  " + " ".join(str(w) for w in words if w))
     return "\n".join(lines)
