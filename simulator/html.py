@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from agent.errors import ConfigError
+from simulator import report
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -125,16 +126,7 @@ def _summary(doc: dict[str, Any]) -> str:
             f"{doc.get('elapsed_s')} s on {doc.get('machine')}"
             + (f", from {stamp(started)}" if (started := _started(doc)) else ""),
         ),
-        (
-            "connected",
-            f"{c.get('connected')}"
-            + (
-                f" in {c.get('seconds')} s ({c.get('devices_per_s')} devices/s)"
-                if c.get("seconds") is not None
-                else " (stopped before every device had connected)"
-            )
-            + f", {c.get('reconnects')} reconnects",
-        ),
+        ("connected", report.connected(c)),
         (
             "delivered",
             f"{d.get('unique')} unique, {d.get('duplicates')} duplicates; "

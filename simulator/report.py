@@ -264,6 +264,17 @@ def merged_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"started_at": start, "samples": out, "broker_restarts": restarts}
 
 
+def connected(c: dict[str, Any]) -> str:
+    """How many devices connected, how fast, and how often they reconnected; a run
+    stopped before every device connected has no rate (never "None")."""
+    rate = (
+        f" in {c.get('seconds')} s ({c.get('devices_per_s')} devices/s)"
+        if c.get("seconds") is not None and c.get("devices_per_s") is not None
+        else " (stopped before every device had connected: no connect rate)"
+    )
+    return f"{c.get('connected')}{rate}, {c.get('reconnects')} reconnects"
+
+
 def summary(doc: dict[str, Any]) -> str:
     """A readable summary of the report."""
     c, m, d = doc["connect"], doc["memory"], doc["delivery"]
@@ -274,13 +285,7 @@ def summary(doc: dict[str, Any]) -> str:
     lines = [
         f"scenario {doc['scenario']} (seed {doc['seed']}): {doc['devices']} devices{shards}, "
         f"{doc['elapsed_s']} s",
-        f"  connected   {c['connected']}"
-        + (
-            f" in {c['seconds']} s ({c['devices_per_s']} devices/s)"
-            if c["seconds"] is not None and c["devices_per_s"] is not None
-            else " (stopped before every device had connected: no connect rate)"
-        )
-        + f", {c['reconnects']} reconnects",
+        f"  connected   {connected(c)}",
         f"  memory      {m['per_device_kib']} KiB per device above a "
         f"{m['rss_baseline_kib'] // 1024} MiB baseline"
         + (

@@ -106,7 +106,8 @@ def test_the_page_gives_the_observers_verdict_and_the_events(tmp_path: Path) -> 
         "other-binding 1</td>"
     ) in page
     assert (
-        "<th>connected</th><td>2 (stopped before every device had connected), 0 reconnects</td>"
+        "<th>connected</th><td>2 (stopped before every device had connected: no connect rate), "
+        "0 reconnects</td>"
     ) in page
 
 
