@@ -84,4 +84,4 @@ def main(directory: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]).as_posix()))
+    sys.exit(main(sys.argv[1]))
