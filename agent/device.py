@@ -732,7 +732,7 @@ class Device:
         if self.store.shredded_pending():
             self.reap()  # a bounded batch per hand-off, until the shredded rows are gone
         if self._deletions_maybe:
-            requests = self.store.deletion_requests()
+            requests = self.store.deletion_requests(now=now)
             self._deletions_maybe = bool(requests)
             waiting = [dr for dr in requests if dr.msg_id not in self._in_flight]
             out.extend(self._hand_off(dr, None) for dr in waiting[:limit])

@@ -106,10 +106,14 @@ class CrashData(_Strict):
 
 
 class DeletionRequestData(_Strict):
-    """The request to delete cloud-held data after a wipe (P10)."""
+    """The request to delete cloud-held data after a wipe (P10).
 
-    binding_id: str = Field(min_length=1, max_length=128)
-    reason: Literal["unbind", "factory-reset", "account-cancelled"]
+    ``binding_id`` is null and ``reason`` is ``unknown`` only in a stand-in: a request
+    the device knows it owes (its counters say so) but whose sealed copies no key can
+    open any more; it asks the cloud to delete what it holds of the device."""
+
+    binding_id: str | None = Field(min_length=1, max_length=128)
+    reason: Literal["unbind", "factory-reset", "account-cancelled", "unknown"]
     requested_at: str
 
 

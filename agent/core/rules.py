@@ -249,6 +249,21 @@ def policy_changed(s: Settings, cfg: CoreConfig, *, now: float, msg_id: str) -> 
     return _then_activate(plan, cfg, now=now, msg_id=msg_id)
 
 
+def deletion_request(
+    device_id: str, msg_id: str, *, now: float, binding_id: str | None, reason: str
+) -> bytes:
+    """The deletion request's envelope (P10); ``binding_id`` None and ``reason``
+    ``unknown`` make the stand-in for a request whose sealed copies are lost."""
+    return build_envelope(
+        kind=DELETION_KIND,
+        msg_id=msg_id,
+        device_id=device_id,
+        captured_at=now,
+        data={"binding_id": binding_id, "reason": reason, "requested_at": rfc3339(now)},
+        receipt=None,
+    )
+
+
 def wipe(s: Settings, cfg: CoreConfig, event: Event, *, now: float, msg_id: str) -> Plan:
     """P9 wipe and P10 deletion request (unbind, factory reset, account cancellation).
 
@@ -259,17 +274,8 @@ def wipe(s: Settings, cfg: CoreConfig, event: Event, *, now: float, msg_id: str)
     reason = lifecycle.WIPE_REASONS[event]
     request = None
     if step.effect == "wipe" and s.binding_id is not None:
-        payload = build_envelope(
-            kind=DELETION_KIND,
-            msg_id=msg_id,
-            device_id=cfg.device_id,
-            captured_at=now,
-            data={
-                "binding_id": safe_binding_id(s.binding_id),
-                "reason": reason,
-                "requested_at": rfc3339(now),
-            },
-            receipt=None,
+        payload = deletion_request(
+            cfg.device_id, msg_id, now=now, binding_id=safe_binding_id(s.binding_id), reason=reason
         )
         request = (msg_id, now, payload)
     after = Settings.fresh(s.consent.policy_version, s.control)

@@ -61,7 +61,8 @@ def status(result: dict[str, Any], *, sock: str, state_dir: str) -> str:
     lines.append(
         f"deletions   {_n(result.get('deletion_requests_pending', 0), 'request')} pending"
         + (
-            f", {result['deletion_requests_lost']} LOST"
+            f"; {result['deletion_requests_lost']} lost with both copies, each sent as a "
+            "request naming the device only"
             if result.get("deletion_requests_lost")
             else ""
         )

@@ -59,6 +59,12 @@ CREATE TABLE IF NOT EXISTS deletion_journal (
     blob BLOB NOT NULL,
     PRIMARY KEY (device_id, msg_id)
 );
+CREATE TABLE IF NOT EXISTS deletion_stand_ins (
+    device_id TEXT NOT NULL,
+    msg_id TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (device_id, msg_id)
+);
 CREATE TABLE IF NOT EXISTS wipes (device_id TEXT PRIMARY KEY, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS crash_files (
     device_id TEXT NOT NULL,

@@ -14,9 +14,11 @@ Tables::
     state              the device's settings and consent, data key
     deletion_requests  pending deletion requests (P10), sealed with the system key,
                        which survives wipes
-    deletion_journal   a second sealed copy of each, to re-create a lost request;
-                       counters kept apart from the database (``KeyStore``) say how
-                       many were made and acknowledged, so a loss of both is loud
+    deletion_journal   a second copy of each, sealed with a key of its own, to
+                       re-create a lost request; counters kept apart from the database
+                       (``KeyStore``) say how many were made and acknowledged
+    deletion_stand_ins not personal: a request owed (by the counters) whose copies are
+                       both lost, sent naming the device only (P10)
     wipes              a wipe in progress, finished on the next open after a crash
     control            not personal: suspension, commands taken, clock offset; system
                        key, survives wipes
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent.core import rules
 from agent.core.purposes import Purpose
 from agent.errors import StorageError, TamperedRecord
 from agent.store.database import Database
@@ -79,6 +82,7 @@ class DeviceStore:
         self.keys = keys
         self._data: Vault | None = None
         self._system: Vault | None = None
+        self._journal: Vault | None = None
         self.problems: list[TamperedRecord] = []
         self.quarantined_outbox = 0  # outbox rows moved to quarantine since opening
         self._generations: dict[str, int] = {}
@@ -118,6 +122,11 @@ class DeviceStore:
         if self._system is None:
             self._system = Vault.open_or_create(self.keys, f"{self.device_id}.system")
         return self._system
+
+    def _journal_vault(self) -> Vault:
+        if self._journal is None:
+            self._journal = Vault.open_or_create(self.keys, f"{self.device_id}.deletions")
+        return self._journal
 
     def has_data_key(self) -> bool:
         """Whether a data key exists (it does not on a factory-new or wiped device)."""
@@ -645,16 +654,16 @@ class DeviceStore:
         return self._aad("deletion_journal", msg_id, created_ms)
 
     def add_deletion_request(self, msg_id: str, created_at: float, payload: bytes) -> None:
-        """Persist a pending deletion request, with its journal copy."""
+        """Persist a pending deletion request, with its journal copy under another key."""
         cms = _ms(created_at)
-        vault = self._system_vault()
+        copy = self._journal_vault().seal(payload, self._journal_aad(msg_id, cms))
         made = self._deletion_counter("made") + 1
         with self.db.transaction() as c:
             self._insert_request(msg_id, cms, payload)
             c.execute(
                 "INSERT OR REPLACE INTO deletion_journal (device_id, msg_id, created_ms, blob) "
                 "VALUES (?, ?, ?, ?)",
-                (self.device_id, msg_id, cms, vault.seal(payload, self._journal_aad(msg_id, cms))),
+                (self.device_id, msg_id, cms, copy),
             )
         self.db.after_commit(lambda: self._advance(f"{self.device_id}.deletions-made", made))
 
@@ -670,14 +679,20 @@ class DeviceStore:
     def _deletion_counter(self, which: str) -> int:
         return self.keys.counter(f"{self.device_id}.deletions-{which}")
 
-    def deletion_requests(self) -> list[StoredItem]:
+    def deletion_requests(self, *, now: float | None = None) -> list[StoredItem]:
         """Pending deletion requests, oldest first (purpose field unused: activation).
 
         A request whose row is gone or fails to open is re-created from its journal
-        copy, loudly; one that is gone from both is counted in ``deletions_lost``.
+        copy, loudly. One gone from both (counted in ``deletions_lost``) is replaced,
+        once and durably, by a stand-in naming the device only, made at ``now`` (not
+        without it): the request is still sent (P10), without the binding that no key
+        can tell any more.
         """
-        requests = self._open_deletions("deletion_requests", self._dr_aad)
-        journal = self._open_deletions("deletion_journal", self._journal_aad)
+        requests = self._open_deletions("deletion_requests", self._dr_aad, self._system_vault)
+        # Copies sealed before the journal had a key of its own are under the system key.
+        journal = self._open_deletions(
+            "deletion_journal", self._journal_aad, self._journal_vault, self._system_vault
+        )
         present = {r.msg_id for r in requests}
         for copy in journal:
             if copy.msg_id in present:
@@ -686,36 +701,76 @@ class DeviceStore:
                 "deletion request lost; re-created from its journal copy",
                 extra={"device": self.device_id, "msg_id": copy.msg_id},
             )
-            self._insert_request(copy.msg_id, _ms(copy.captured_at), copy.payload)
+            try:
+                self._insert_request(copy.msg_id, _ms(copy.captured_at), copy.payload)
+            except StorageError as exc:  # the system key is unusable: the copy still goes
+                log.error(  # noqa: TRY400  # an expected failure, no traceback
+                    "deletion request not re-created; it is sent from its journal copy",
+                    extra={"device": self.device_id, "msg_id": copy.msg_id, "error": str(exc)},
+                )
             self.deletions_recreated += 1
             requests.append(copy)
-        requests.sort(key=lambda r: (r.captured_at, r.seq))
+        requests.extend(self._stand_ins())
         outstanding = self._deletion_counter("made") - self._deletion_counter("done")
         lost = max(0, outstanding - len(requests))
-        if lost and lost != self.deletions_lost:
+        if lost and now is not None:
             log.error(
-                "deletion requests lost with their journal copies; they cannot be re-created",
+                "deletion requests lost with their journal copies; "
+                "each is replaced by one naming the device only",
                 extra={"device": self.device_id, "count": lost},
             )
-        self.deletions_lost = lost
+            self._add_stand_ins(lost, now)
+            requests.extend(self._stand_ins())
+            self.deletions_lost += lost
+        requests.sort(key=lambda r: (r.captured_at, r.seq))
         return requests
+
+    def _stand_ins(self) -> list[StoredItem]:
+        rows = self.db.conn.execute(
+            "SELECT rowid, msg_id, created_ms FROM deletion_stand_ins WHERE device_id = ?",
+            (self.device_id,),
+        ).fetchall()
+        return [
+            StoredItem(
+                rowid,
+                msg_id,
+                Purpose.ACTIVATION,
+                cms / 1000,
+                rules.deletion_request(
+                    self.device_id, msg_id, now=cms / 1000, binding_id=None, reason="unknown"
+                ),
+            )
+            for rowid, msg_id, cms in rows
+        ]
+
+    def _add_stand_ins(self, count: int, now: float) -> None:
+        with self.db.transaction() as c:
+            c.executemany(
+                "INSERT INTO deletion_stand_ins (device_id, msg_id, created_ms) VALUES (?, ?, ?)",
+                [(self.device_id, str(uuid.uuid4()), _ms(now)) for _ in range(count)],
+            )
 
     def _open_deletions(
         self,
         table: Literal["deletion_requests", "deletion_journal"],
         aad: Callable[[str, int], bytes],
+        *keys: Callable[[], Vault],
     ) -> list[StoredItem]:
+        """The rows of ``table`` that one of ``keys`` opens; a row none opens goes to
+        quarantine. A key that cannot be loaded is left out, loudly, and its rows left
+        in place (only a stand-in replaces what it sealed)."""
         rows = self.db.conn.execute(
             f"SELECT rowid, msg_id, created_ms, blob FROM {table} WHERE device_id = ? "  # noqa: S608
             "ORDER BY created_ms, rowid",
             (self.device_id,),
         ).fetchall()
+        vaults = self._usable(keys, table) if rows else []
+        if not vaults:
+            return []
         out: list[StoredItem] = []
         for rowid, msg_id, cms, blob in rows:
             try:
-                payload = self._system_vault().open(
-                    blob, aad(msg_id, cms), table=table, row_id=msg_id
-                )
+                payload = _open_with(vaults, blob, aad(msg_id, cms), table=table, row_id=msg_id)
             except TamperedRecord as exc:
                 self._quarantine(
                     table,
@@ -729,21 +784,31 @@ class DeviceStore:
             out.append(StoredItem(rowid, msg_id, Purpose.ACTIVATION, cms / 1000, payload))
         return out
 
+    def _usable(self, keys: tuple[Callable[[], Vault], ...], table: str) -> list[Vault]:
+        usable = []
+        for key in keys:
+            try:
+                usable.append(key())
+            except StorageError as exc:
+                log.error(  # noqa: TRY400  # the error names the key file
+                    "a key of the deletion requests cannot be used; its rows are left unread",
+                    extra={"device": self.device_id, "table": table, "error": str(exc)},
+                )
+        return usable
+
     def remove_deletion_request(self, msg_id: str) -> bool:
-        """Forget an acknowledged deletion request, and its journal copy."""
+        """Forget an acknowledged deletion request, its journal copy or its stand-in."""
         done = self._deletion_counter("done") + 1
+        removed = 0
         with self.db.transaction() as c:
-            cur = c.execute(
-                "DELETE FROM deletion_requests WHERE device_id = ? AND msg_id = ?",
-                (self.device_id, msg_id),
-            )
-            copy = c.execute(
-                "DELETE FROM deletion_journal WHERE device_id = ? AND msg_id = ?",
-                (self.device_id, msg_id),
-            )
-        if cur.rowcount or copy.rowcount:
+            for table in ("deletion_requests", "deletion_journal", "deletion_stand_ins"):
+                removed += c.execute(
+                    f"DELETE FROM {table} WHERE device_id = ? AND msg_id = ?",  # noqa: S608
+                    (self.device_id, msg_id),
+                ).rowcount
+        if removed:
             self.db.after_commit(lambda: self._advance(f"{self.device_id}.deletions-done", done))
-        return cur.rowcount > 0
+        return removed > 0
 
     # -- wipe (P9) ---------------------------------------------------------
     def wipe_count(self) -> int:
@@ -804,3 +869,13 @@ class DeviceStore:
             "SELECT count(*) FROM quarantine WHERE device_id = ?", (self.device_id,)
         ).fetchone()
         return int(row[0])
+
+
+def _open_with(vaults: list[Vault], blob: bytes, aad: bytes, *, table: str, row_id: str) -> bytes:
+    """``blob`` opened by the first of ``vaults`` that can; TamperedRecord if none can."""
+    for vault in vaults[:-1]:
+        try:
+            return vault.open(blob, aad, table=table, row_id=row_id)
+        except TamperedRecord:
+            continue
+    return vaults[-1].open(blob, aad, table=table, row_id=row_id)

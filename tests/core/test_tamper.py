@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.core.purposes import Purpose
+from agent.core.items import Outgoing
+from agent.core.purposes import Purpose, parse_envelope, rfc3339
 from agent.device import CrashReport
 from agent.errors import StorageError
 from agent.store.database import Database
@@ -157,16 +158,69 @@ def test_a_deleted_deletion_request_is_recreated_loudly(
     assert "deletion request lost; re-created from its journal copy" in caplog.text
 
 
-def test_a_deletion_request_lost_with_its_copy_is_loud(
+def _sent_request(sent: list[Outgoing]) -> dict[str, object]:
+    assert [o.kind for o in sent] == ["deletion-request"]
+    data = parse_envelope(sent[0].payload).data
+    assert isinstance(data, dict)
+    return data
+
+
+def test_a_deletion_request_lost_with_its_copy_is_replaced_by_one_naming_the_device(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
     _unbound_offline(rig)
     _edit(rig, "DELETE FROM deletion_requests")
     _edit(rig, "DELETE FROM deletion_journal")
     core = rig.open()
-    assert rig.deliver_all() == []
+    first = core.next_batch(now=rig.now)
+    core.give_back([o.msg_id for o in first])
+    sent = rig.deliver_all()
+    assert _sent_request(sent) == {
+        "binding_id": None,
+        "reason": "unknown",
+        "requested_at": rfc3339(rig.now),
+    }
+    assert [o.msg_id for o in first] == [o.msg_id for o in sent]  # made once, kept
     assert core.status()["deletion_requests_lost"] == 1
-    assert "cannot be re-created" in caplog.text
+    assert core.status()["deletion_requests_pending"] == 0
+    assert "each is replaced by one naming the device only" in caplog.text
+    rig.open()
+    assert rig.deliver_all() == []  # acknowledged: not sent again
+
+
+def test_a_stand_in_survives_a_restart_under_the_same_msg_id(rig: Rig) -> None:
+    _unbound_offline(rig)
+    _edit(rig, "DELETE FROM deletion_requests")
+    _edit(rig, "DELETE FROM deletion_journal")
+    core = rig.open()
+    first = core.next_batch(now=rig.now)  # handed over, never acknowledged
+    assert rig.db is not None
+    rig.db.close()
+    rig.db = None
+    rig.open()
+    assert [o.msg_id for o in rig.deliver_all()] == [o.msg_id for o in first]
+
+
+@pytest.mark.parametrize("damage", [b"short", bytes(32)], ids=["wrong-size", "other-key"])
+def test_a_damaged_system_key_still_leaves_the_full_deletion_request(
+    rig: Rig, damage: bytes
+) -> None:
+    _unbound_offline(rig)
+    key = rig.root / "keys" / "dev-1.system.key"
+    key.write_bytes(damage)
+    key.chmod(0o600)
+    rig.open()
+    # The journal copy has a key of its own: the binding is still known.
+    data = _sent_request(rig.deliver_all())
+    assert (data["binding_id"], data["reason"]) == ("b", "unbind")
+
+
+def test_both_deletion_keys_damaged_still_leave_a_request_naming_the_device(rig: Rig) -> None:
+    _unbound_offline(rig)
+    for name in ("dev-1.system.key", "dev-1.deletions.key"):
+        (rig.root / "keys" / name).write_bytes(bytes(32))
+    rig.open()
+    assert _sent_request(rig.deliver_all())["binding_id"] is None
 
 
 def test_an_inserted_wipe_journal_is_logged(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
