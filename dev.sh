@@ -27,7 +27,7 @@ apt_install() {
     fi
     local rc=0
     { as_root apt-get update -q && as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q "$@"; } >"$APT_LOG" 2>&1 || rc=$?
+        apt-get install -y -q --no-install-recommends "$@"; } >"$APT_LOG" 2>&1 || rc=$?
     if [ "$ours" -eq 1 ]; then as_root rm -f "$policy"; fi
     if [ "$rc" -ne 0 ]; then
         tail -n 20 "$APT_LOG" >&2
@@ -39,14 +39,18 @@ apt_install() {
     fi
 }
 
-# The programs a job needs (nats-server only for a cluster), then the package in .venv,
-# installed again only when pyproject.toml changed (the install is editable).
+# The programs a job needs (nats-server only for a cluster, Chromium only for the tests,
+# which look at the report page in it), then the package in .venv, installed again only
+# when pyproject.toml changed (the install is editable).
 setup() {
-    local missing=() need_nats="$1"
+    local missing=() need_nats="$1" need_browser="$2"
     command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
     command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)  # captures (--capture)
     if [ "$need_nats" -eq 1 ]; then
         command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+    fi
+    if [ "$need_browser" -eq 1 ]; then
+        command -v chromium >/dev/null || missing+=(chromium)
     fi
     command -v openssl >/dev/null || missing+=(openssl)
     if [ ${#missing[@]} -gt 0 ]; then
@@ -75,7 +79,9 @@ case "$job" in
 esac
 need_nats=0  # the tests and benchmark run clusters; another job only with --cluster
 case "$job $*" in test*|bench*|*--cluster*) need_nats=1 ;; esac
-setup "$need_nats"
+need_browser=0
+[ "$job" = test ] && need_browser=1
+setup "$need_nats" "$need_browser"
 case "$job" in
     setup) ;;
     broker) exec .venv/bin/smartmi-sim broker up "$@" ;;

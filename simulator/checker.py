@@ -402,7 +402,7 @@ class _History:
 FROM_BEFORE_MARGIN_S = 60.0
 
 
-def _left(truth: DeviceTruth, r: Received) -> tuple[float, str]:
+def departure(truth: DeviceTruth, r: Received) -> tuple[float, str]:
     """When a message left the device, and by what evidence (SPEC §4).
 
     By evidence that is not the agent's, in this order: the observer's capture at the
@@ -423,7 +423,7 @@ def _judge_personal(v: Verdict, history: _History, r: Received, env: Any, purpos
     """The SPEC §3 invariant over one item's span, from its capture to its departure."""
     truth = history.truth
     captured = truth.real_time(parse_rfc3339(env.captured_at))
-    departed, evidence = _left(truth, r)
+    departed, evidence = departure(truth, r)
     left = max(departed, captured)  # a device clock off by more than the timeline says
     tl = history.judging(captured, left)
     dev, msg_id = truth.device_id, env.msg_id

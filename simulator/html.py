@@ -3,8 +3,9 @@
 One self-contained HTML file: the charts are SVG drawn by matplotlib and written into
 the page, the style sheet is inline, and there is no script, font or image fetched
 when it is viewed. It shows the summary, connected devices and messages over time
-with broker restarts and violations marked, the latency distribution, and every
-violation (up to a cap) with its details.
+with broker restarts and violations marked, the latency distribution, every
+violation (up to a cap) with its details, and, for the first devices with one, that
+device's story on one time axis (``simulator.story``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import io
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from agent.errors import ConfigError
 from simulator import report
+from simulator.story import ARRIVED, CAPTURED, DELIVERED, ISSUED, LANES, LEFT, USER, Story
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -46,23 +49,30 @@ def available() -> None:
 
 
 def write(
-    doc: dict[str, Any], received: Sequence[Received], latencies: Sequence[float], path: Path
+    doc: dict[str, Any],
+    received: Sequence[Received],
+    latencies: Sequence[float],
+    path: Path,
+    stories: Sequence[Story] = (),
 ) -> None:
-    """Write the page for the report ``doc``, what the backend ``received``, and the
-    judged messages' ``latencies`` (seconds)."""
-    path.write_text(page(doc, received, latencies), encoding="utf-8")
+    """Write the page for the report ``doc``, what the backend ``received``, the
+    judged messages' ``latencies`` (seconds) and the violating devices' ``stories``."""
+    path.write_text(page(doc, received, latencies, stories), encoding="utf-8")
 
 
-def page(doc: dict[str, Any], received: Sequence[Received], latencies: Sequence[float]) -> str:
+def page(
+    doc: dict[str, Any],
+    received: Sequence[Received],
+    latencies: Sequence[float],
+    stories: Sequence[Story] = (),
+) -> str:
     """The whole page as a string."""
     import matplotlib  # a heavy import, only for --html
 
     matplotlib.use("Agg")  # no display: render to files only
     matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "smartmi", "font.size": 9})
     series = doc.get("series") or {}
-    start = float(series.get("started_at") or 0.0) or min(
-        (r.arrived_at for r in received), default=0.0
-    )
+    start = started_at(doc, received)
     arrived: dict[str, float] = {}
     for r in received:
         msg_id = r.envelope().get("msg_id")
@@ -87,7 +97,9 @@ def page(doc: dict[str, Any], received: Sequence[Received], latencies: Sequence[
         charts.append(("Violations on the timeline", _violations_chart(marks, end - start)))
     body = [_summary(doc)]
     body += [f"<section><h2>{html.escape(t)}</h2>{svg}</section>" for t, svg in charts]
-    body.append(_violation_table(marks))
+    anchors = {story.device_id: f"story-{n}" for n, story in enumerate(stories)}
+    body.append(_violation_table(marks, anchors))
+    body += [_story(story, anchors[story.device_id]) for story in stories]
     title = f"smartmi-sim: {doc.get('scenario')} — {doc.get('verdict', '?').upper()}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -106,7 +118,17 @@ border-bottom:1px solid #ddd;vertical-align:top}th{background:#f4f4f4}
 .fail{color:#fff;background:#d62728;padding:.1em .5em;border-radius:.3em}
 .incomplete,.no-verdict{color:#000;background:#ffd34d;padding:.1em .5em;border-radius:.3em}
 svg{max-width:100%;height:auto}code{font-size:.95em}
+tr.flagged td{background:#fde8e8}.story ul{padding-left:1.2em}
 """
+
+
+def started_at(doc: dict[str, Any], received: Sequence[Received]) -> float:
+    """The time the page counts its seconds from: the run's start, else the first
+    arrival."""
+    series = doc.get("series") or {}
+    return float(series.get("started_at") or 0.0) or min(
+        (r.arrived_at for r in received), default=0.0
+    )
 
 
 def _summary(doc: dict[str, Any]) -> str:
@@ -304,13 +326,18 @@ def _violations_chart(marks: list[tuple[float, dict[str, Any]]], span: float) ->
     return _svg(fig)
 
 
-def _violation_table(marks: Iterable[tuple[float, dict[str, Any]]]) -> str:
+def _violation_table(marks: Iterable[tuple[float, dict[str, Any]]], anchors: dict[str, str]) -> str:
     rows = sorted(marks, key=lambda m: m[0])
     if not rows:
         return "<section><h2>Violations</h2><p>None: every promise held.</p></section>"
+
+    def device(name: str) -> str:
+        code = f"<code>{html.escape(name)}</code>"
+        return f'<a href="#{anchors[name]}">{code}</a>' if name in anchors else code
+
     cells = "".join(
         f"<tr><td>{at:.1f}</td><td>{html.escape(v['kind'])}</td>"
-        f"<td><code>{html.escape(v['device'])}</code></td>"
+        f"<td>{device(v['device'])}</td>"
         f"<td><code>{html.escape(str(v.get('msg_id') or ''))}</code></td>"
         f"<td>{html.escape(v['detail'])}</td></tr>"
         for at, v in rows[:MAX_VIOLATION_ROWS]
@@ -324,6 +351,88 @@ def _violation_table(marks: Iterable[tuple[float, dict[str, Any]]]) -> str:
         f"<section><h2>Violations ({len(rows)})</h2><table><tr><th>s</th><th>rule</th>"
         f"<th>device</th><th>msg_id</th><th>detail</th></tr>{cells}</table>{more}</section>"
     )
+
+
+_LANE_MARKERS: Final = {
+    USER: "^",
+    ISSUED: "s",
+    DELIVERED: "D",
+    CAPTURED: "o",
+    LEFT: ">",
+    ARRIVED: "o",
+}
+
+
+def _story(story: Story, anchor: str) -> str:
+    """A violating device's story: its chart, then its choices and the messages a
+    violation names, in time order (the other messages are on the chart)."""
+    flagged = story.flagged
+    told = [m for m in story.moments if m.msg_id is None or m.msg_id in flagged]
+    rows = "".join(
+        ('<tr class="flagged">' if m.msg_id in flagged else "<tr>") + f"<td>{m.at:.2f}</td>"
+        f"<td>{html.escape(m.lane)}</td><td>{html.escape(m.what)}</td>"
+        f"<td><code>{html.escape(m.msg_id or '')}</code></td></tr>"
+        for m in told
+    )
+    others = len({m.msg_id for m in story.moments if m.msg_id and m.msg_id not in flagged})
+    why = "".join(
+        f"<li><b>{html.escape(v['kind'])}</b> {html.escape(v['detail'])}"
+        + (f" <code>{html.escape(v['msg_id'])}</code>" if v.get("msg_id") else "")
+        + "</li>"
+        for v in story.violations
+    )
+    return (
+        f'<section id="{anchor}" class="story"><h2>Device <code>'
+        f"{html.escape(story.device_id)}</code>: its story</h2><ul>{why}</ul>"
+        f"{_story_chart(story)}<table><tr><th>s</th><th>lane</th><th>what</th>"
+        f"<th>msg_id</th></tr>{rows}</table>"
+        f"<p>{others} other messages of this device are on the chart only.</p></section>"
+    )
+
+
+def _story_chart(story: Story) -> str:
+    fig, ax = _figure(2.6)
+    y = {lane: len(LANES) - 1 - i for i, lane in enumerate(LANES)}
+    paths: dict[str, list[tuple[float, float]]] = {}
+    for m in story.moments:
+        if m.msg_id is not None:
+            paths.setdefault(m.msg_id, []).append((m.at, y[m.lane]))
+    for msg_id, points in paths.items():
+        bad = msg_id in story.flagged
+        ax.plot(
+            *zip(*sorted(points), strict=True),
+            color=VIOLATION_COLOUR if bad else "#bbb",
+            lw=2.2 if bad else 0.6,
+            zorder=3 if bad else 1,
+        )
+    span = max((m.at for m in story.moments), default=1.0) - min(
+        (m.at for m in story.moments), default=0.0
+    )
+    labelled: dict[str, tuple[float, int]] = {}  # lane: the last label's time and step
+    for m in story.moments:
+        colour = KIND_COLOURS.get(m.kind or "", "#444")
+        ax.plot(m.at, y[m.lane], _LANE_MARKERS[m.lane], color=colour, markersize=5, zorder=2)
+        if m.lane in (USER, ISSUED):
+            # Choices close together are stepped up, so that their labels do not overlap.
+            last, step = labelled.get(m.lane, (-math.inf, 0))
+            step = step + 1 if m.at - last < max(span, 1.0) * 0.05 else 0
+            labelled[m.lane] = (m.at, step)
+            ax.annotate(
+                m.what,
+                (m.at, y[m.lane]),
+                xytext=(2, 5 + 8 * step),
+                textcoords="offset points",
+                fontsize=7,
+                rotation=20,
+            )
+    for m in story.moments:
+        if m.lane == LEFT and m.msg_id in story.flagged:
+            ax.plot(m.at, y[m.lane], "x", color=VIOLATION_COLOUR, markersize=11, mew=2, zorder=4)
+    ax.set_yticks([y[lane] for lane in LANES], LANES)
+    ax.set_ylim(-0.5, len(LANES) - 0.2)
+    ax.grid(axis="x", color="#eee")
+    ax.set_xlabel("seconds since the run started (red: the message a violation names)")
+    return _svg(fig)
 
 
 def stamp(at: float) -> str:

@@ -25,7 +25,7 @@ from agent.core.identity import MAX_BACKENDS, up_topic
 from agent.errors import ConfigError, TransportError
 from agent.runtime import metrics, mqtt
 from agent.runtime.tls import client_context
-from simulator import html, report, timeline
+from simulator import html, report, story, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
 from simulator.checker import DeviceTruth, Verdict, check
 from simulator.cloud import Received
@@ -73,13 +73,22 @@ class Outputs:
         if self.html is not None:
             html.available()
 
-    def write(self, doc: dict[str, Any], received: list[Received], verdict: Verdict) -> None:
-        """The report, and the JUnit file and page if asked for."""
+    def write(
+        self,
+        doc: dict[str, Any],
+        received: list[Received],
+        verdict: Verdict,
+        truths: dict[str, DeviceTruth],
+    ) -> None:
+        """The report, and the JUnit file and page if asked for (the page with the
+        story of each of the first devices with a violation)."""
         report.write_json(doc, self.report)
         if self.junit is not None:
             report.write_junit(doc, self.junit)
         if self.html is not None:
-            html.write(doc, received, verdict.latencies_s, self.html)
+            start = html.started_at(doc, received)
+            told = story.stories(truths, received, doc["violations"], start)
+            html.write(doc, received, verdict.latencies_s, self.html, told)
 
     def written(self) -> str:
         """The line that says where they went."""
@@ -500,7 +509,7 @@ def judge_shards(
             raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
     verdict = check(truths, received, outages=outages)
     doc = report.merged(docs, verdict, broker_peak_kib=broker_peak_kib)
-    outputs.write(doc, received, verdict)
+    outputs.write(doc, received, verdict, truths)
     if outputs.timeline is not None:
         timeline.write(outputs.timeline, truths, outages)
     print(report.summary(doc))
@@ -581,7 +590,7 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
         )
         doc["capture"] = report.judged(seen, doc["grace_s"]) | {"agrees": agree}
         failures = max(failures, len(seen.violations))
-    outputs.write(doc, fleet.cloud.received, verdict)
+    outputs.write(doc, fleet.cloud.received, verdict, truths)
     print(report.summary(doc))
     if "capture" in doc:
         cap = doc["capture"]

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from agent.core.purposes import Purpose
 from agent.errors import ConfigError
-from simulator import html
+from simulator import html, story
+from simulator.checker import DeviceTruth
 from simulator.cloud import Received
 from simulator.run import Outputs
 
 START = 1_800_000_000.0
+# Headless, and nothing reached for on a closed network.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
 
 
 def message(n: int, kind: str, at: float) -> Received:
@@ -118,3 +134,86 @@ def test_without_matplotlib_the_run_is_refused_before_it_starts(
     outputs = Outputs(report=tmp_path / "r.json", html=tmp_path / "r.html")
     with pytest.raises(ConfigError, match=r"--html needs matplotlib: pip install"):
         outputs.check()
+
+
+def a_withdrawal_ignored() -> tuple[DeviceTruth, list[Received], list[dict[str, object]]]:
+    """A device whose user granted diagnostics, then withdrew them from the cloud; a
+    crash captured after the withdrawal reached the device still left."""
+    truth = DeviceTruth("dev-1", "adults", "1")
+    truth.log(START + 0.0, "bind", minor=False)
+    truth.log(START + 0.5, "grant", purpose="diagnostics")
+    truth.log(START + 2.0, "withdraw", purpose="diagnostics", via="cloud", command_id="c-1")
+    truth.delivered["c-1"] = START + 2.1
+    truth.queued("early", Purpose.DIAGNOSTICS, START + 1.0)
+    truth.queued("late", Purpose.DIAGNOSTICS, START + 3.0)
+    truth.seen_at.update({"early": START + 1.05, "late": START + 3.1})
+    received = [
+        Received("dev-1", "crash", json.dumps({"msg_id": m}).encode(), START + at)
+        for m, at in (("early", 1.2), ("late", 3.4))
+    ]
+    violations: list[dict[str, object]] = [
+        {"kind": "no-consent", "device": "dev-1", "msg_id": "late", "detail": "withdrawn"}
+    ]
+    return truth, received, violations
+
+
+def test_a_violating_device_tells_its_story_on_one_time_axis(tmp_path: Path) -> None:
+    truth, received, violations = a_withdrawal_ignored()
+    told = story.stories({"dev-1": truth}, received, violations, START)
+    out = tmp_path / "r.html"
+    html.write(report(violations), received, [0.2, 0.4], out, told)
+    page = out.read_text()
+    assert fetched(page) == []
+    assert '<a href="#story-0"><code>dev-1</code></a>' in page  # the table links to it
+    section = page[page.index('<section id="story-0"') :]
+    assert section.count("<svg") == 1
+    rows = re.findall(
+        r"<tr(?: class=\"(\w+)\")?><td>([\d.]+)</td><td>([^<]+)</td><td>([^<]+)", section
+    )
+    assert [(flag, at, lane, what) for flag, at, lane, what in rows] == [
+        ("", "0.00", "user chose", "bind"),
+        ("", "0.50", "user chose", "grant diagnostics"),
+        ("", "2.00", "cloud issued", "withdraw diagnostics"),
+        ("", "2.10", "delivered to device", "withdraw diagnostics"),
+        ("flagged", "3.00", "captured", "crash"),
+        ("flagged", "3.10", "left the device", "crash (seen at the broker)"),
+        ("flagged", "3.40", "reached the backend", "crash"),
+    ]
+    assert "1 other messages of this device are on the chart only." in section
+
+
+def test_the_page_renders_in_headless_chromium(tmp_path: Path) -> None:
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (./dev.sh test installs it)")
+    truth, received, violations = a_withdrawal_ignored()
+    told = story.stories({"dev-1": truth}, received, violations, START)
+    page = tmp_path / "r.html"
+    html.write(report(violations), received, [0.2, 0.4], page, told)
+    shot = tmp_path / "r.png"
+    subprocess.run(
+        [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1200)
+    rows = [
+        y
+        for y, line in enumerate(pixels.tolist())
+        if any(abs(r - 0xD6 / 255) < 0.03 and abs(g - 0x27 / 255) < 0.03 for r, g, *_ in line)
+    ]
+    # Drawn in red: the badge at the top, the marks on the charts, and the message the
+    # violation names in the device's story, the last section (about 80 % down).
+    assert min(rows) < len(pixels) * 0.1
+    assert max(rows) > len(pixels) * 0.7

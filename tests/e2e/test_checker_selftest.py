@@ -17,7 +17,7 @@ import pytest
 from agent.core import consent
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import CrashReport
-from simulator import html, report
+from simulator import html, report, story
 from simulator.broker import MosquittoBroker
 from simulator.checker import check
 from simulator.fleet import Fleet
@@ -84,6 +84,8 @@ def envelope(
 async def test_every_kind_of_violation_is_caught(
     tmp_path: Path, own_broker: MosquittoBroker, pki: DevPki
 ) -> None:
+    liars: list[str] = []
+
     async def inject(fleet: Fleet) -> None:
         adults = sorted(d for d in fleet.devices if "adults" in d)
         kid = next(d for d in fleet.devices if "kids" in d)
@@ -91,6 +93,7 @@ async def test_every_kind_of_violation_is_caught(
         # 1. A device whose fault switch ignores consent: it captures after withdrawal.
         # Its in-memory consent says granted, with no grant on the timeline.
         liar = fleet.devices[adults[0]].core
+        liars.append(adults[0])
         forged = consent.grant(liar.consent, Purpose.DIAGNOSTICS, now=now - 10, source="local")
         liar.settings = dataclasses.replace(liar.settings, consent=forged)
         liar.capture_crash(CrashReport("after withdrawal", "x"), now=now)
@@ -150,13 +153,26 @@ async def test_every_kind_of_violation_is_caught(
     )
     await fleet.run()
     verdict = check({d: dev.truth for d, dev in fleet.devices.items()}, fleet.cloud.received)
+    [liar_id] = liars
     caught = {v.kind for v in verdict.violations}
     assert caught == set(RULES), sorted(verdict.violations, key=lambda v: v.kind)
     # The page a person looks at lists every one of them, on the timeline and in full.
     page_path = tmp_path / "selftest.html"
-    html.write(report.build(fleet, verdict), fleet.cloud.received, verdict.latencies_s, page_path)
+    doc = report.build(fleet, verdict)
+    truths = {d: dev.truth for d, dev in fleet.devices.items()}
+    start = html.started_at(doc, fleet.cloud.received)
+    told = story.stories(truths, fleet.cloud.received, doc["violations"], start)
+    html.write(doc, fleet.cloud.received, verdict.latencies_s, page_path, told)
     page = page_path.read_text()
     assert f"Violations ({len(verdict.violations)})" in page
     assert "Violations on the timeline" in page
     for v in verdict.violations:
         assert escape(v.detail) in page
+    # The liar's story: its withdrawal, then the crash it captured and sent after it.
+    section = page[page.index(f"<code>{escape(liar_id)}</code>: its story") :]
+    section = section[: section.index("</section>")]
+    withdrawn = section.index("<td>withdraw diagnostics</td>")
+    assert section.index('<tr class="flagged">', withdrawn) > withdrawn
+    assert "left the device</td><td>crash (seen at the broker)" in section or (
+        "left the device</td><td>crash (acknowledged by the broker)" in section
+    )
