@@ -64,7 +64,7 @@ def _arguments() -> argparse.Namespace:
         type=positive_int,
         default=5000,
         help="fleet size on the 3-node NATS cluster (the target is 50,000; on a 2-core "
-        "machine the cluster fails well below it, see the README; a worker per 15,000)",
+        "machine the cluster fails well below it, see docs/brokers.md; a worker per 15,000)",
     )
     parser.add_argument(
         "--cluster-limit",

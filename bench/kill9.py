@@ -37,7 +37,7 @@ from simulator.broker import LocalBroker, MosquittoBroker, repo_broker_config
 from simulator.cloud import Cloud
 from simulator.nats import NatsCluster
 from simulator.pki import DevPki
-from tests.e2e.fleet import Agent, crash
+from simulator.rig import Agent, crash
 
 AGENTS = 4
 CATCH_UP_S: list[float] = []  # how long each killed cluster node took to catch up

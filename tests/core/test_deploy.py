@@ -17,7 +17,7 @@ EXAMPLE = tomllib.loads((ROOT / "agent.example.toml").read_text())
 
 def install_commands() -> list[list[str]]:
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Installing on a Raspberry Pi") :]
+    section = readme[readme.index("## Installing on a Raspberry Pi") :]
     block = section[section.index("```sh\n") + 6 : section.index("\n```", section.index("```sh"))]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 

@@ -11,7 +11,7 @@ import pytest_asyncio
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
-from tests.e2e.fleet import Agent
+from simulator.rig import Agent
 
 
 @pytest_asyncio.fixture

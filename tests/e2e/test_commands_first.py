@@ -28,7 +28,7 @@ from agent.runtime import transport as transport_mod
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
-from tests.e2e.fleet import Agent, crash, kinds, until
+from simulator.rig import Agent, crash, kinds, until
 from tests.mqtt_probe import PahoClient
 
 pytestmark = pytest.mark.asyncio

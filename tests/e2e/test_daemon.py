@@ -17,8 +17,8 @@ from agent.cli import main as cli
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
+from simulator.rig import until
 from tests import hostile_crashes
-from tests.e2e.fleet import until
 
 pytestmark = pytest.mark.asyncio
 

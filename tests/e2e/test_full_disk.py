@@ -24,7 +24,7 @@ from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
 from simulator.pki import DevPki
-from tests.e2e.fleet import until
+from simulator.rig import until
 from tests.e2e.test_daemon import DEVICE, agent, log_line, spawn, write_config
 
 pytestmark = pytest.mark.asyncio

@@ -18,7 +18,7 @@ from agent.runtime import metrics
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
-from tests.e2e.fleet import until
+from simulator.rig import until
 from tests.e2e.test_daemon import DEVICE, agent, log_line, spawn, write_config
 from tests.prometheus import samples
 

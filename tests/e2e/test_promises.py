@@ -18,7 +18,7 @@ from agent.core.location import Precision
 from agent.core.purposes import Purpose
 from agent.errors import ConsentNotInForce
 from simulator.cloud import Cloud
-from tests.e2e.fleet import Agent, crash, kinds, running, until
+from simulator.rig import Agent, crash, kinds, running, until
 
 pytestmark = pytest.mark.asyncio
 

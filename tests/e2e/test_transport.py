@@ -22,7 +22,7 @@ from agent.runtime.tls import client_context
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
-from tests.e2e.fleet import Agent, crash, running, until
+from simulator.rig import Agent, crash, running, until
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,4 +1,6 @@
-"""Full agents over a real store, a real transport and a real Mosquitto, for end-to-end tests."""
+"""One full agent over its own state directory (a real store, device and transport
+against a real broker) that can be stopped and rebooted: for end-to-end tests and
+the benchmark that kills agents."""
 
 from __future__ import annotations
 
@@ -65,9 +67,15 @@ class Agent:
         )
         return self.core
 
+    def _started(self) -> Transport:
+        if self.transport is None:
+            raise RuntimeError(f"agent {self.device_id} is not started")
+        return self.transport
+
     def start(self) -> Transport:
         """Start the transport (the core must be open)."""
-        assert self.core is not None
+        if self.core is None:
+            raise RuntimeError(f"agent {self.device_id} is not open")
         cn = self.cert_for or self.device_id
         ident = self.pki.ensure_devices([cn])[cn]
         ctx = client_context(self.ca or self.pki.ca_cert, ident.cert, ident.key)
@@ -93,13 +101,11 @@ class Agent:
 
     async def connected(self) -> None:
         """Wait until the transport is connected."""
-        assert self.transport is not None
-        await asyncio.wait_for(self.transport.connected.wait(), CONNECT_TIMEOUT)
+        await asyncio.wait_for(self._started().connected.wait(), CONNECT_TIMEOUT)
 
     async def synced(self) -> None:
         """Wait until the cloud answered this connection's command sync."""
-        assert self.transport is not None
-        await asyncio.wait_for(self.transport.synced.wait(), CONNECT_TIMEOUT)
+        await asyncio.wait_for(self._started().synced.wait(), CONNECT_TIMEOUT)
 
     async def next_command(self) -> tuple[str, object]:
         """The next command outcome (a result dict or a CommandRejected)."""
@@ -109,8 +115,7 @@ class Agent:
     async def stop(self) -> None:
         """Stop the transport and close the store (the device powers off)."""
         if self.task is not None:
-            assert self.transport is not None
-            self.transport.stop(self.task)
+            self._started().stop(self.task)
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
             self.task = None
@@ -129,9 +134,8 @@ class Agent:
 
     async def idle(self) -> None:
         """Wait until the transport has nothing in flight and nothing sendable."""
-        assert self.transport is not None
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            await self.transport.idle.wait()
+            await self._started().idle.wait()
 
 
 @contextlib.asynccontextmanager
