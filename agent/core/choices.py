@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
 from typing import TypeVar
 
@@ -11,9 +12,14 @@ E = TypeVar("E", bound=enum.StrEnum)
 
 
 def parse_choice(kind: type[E], value: str, what: str) -> E:
-    """``kind(value)``, or a SchemaError naming ``what`` and every valid value."""
+    """``kind(value)``, or a SchemaError naming ``what``, the closest valid value if
+    one is close, and every valid value."""
     try:
         return kind(value)
     except ValueError:
-        options = ", ".join(member.value for member in kind)
-        raise SchemaError(f"unknown {what} {value!r}; use one of {options}") from None
+        values = [member.value for member in kind]
+        close = difflib.get_close_matches(value, values, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SchemaError(
+            f"unknown {what} {value!r}{hint}; use one of {', '.join(values)}"
+        ) from None

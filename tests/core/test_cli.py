@@ -403,3 +403,26 @@ def test_export_to_a_bad_path_is_named(
     assert rc == 1
     assert message.format(tmp=tmp_path) in str(err)
     assert "Traceback" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["consent", "grant", "activaton"],
+            "unknown purpose 'activaton' (did you mean 'activation'?)",
+        ),
+        (
+            ["location", "precision", "cty"],
+            "unknown location precision 'cty' (did you mean 'city'?)",
+        ),
+        (["consent", "grant", "xyz"], "unknown purpose 'xyz'; use one of activation, diagnostics"),
+    ],
+)
+def test_a_mistyped_choice_gets_the_closest_one(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
