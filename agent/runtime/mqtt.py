@@ -391,8 +391,11 @@ def _why_it_ended(
     return _translate(group.exceptions[0])
 
 
-def _register_write_safely(client: aiomqtt.Client) -> None:
-    """paho asks for a writer when it has bytes to write; add it only for a live socket."""
+def _register_write_safely(
+    client: aiomqtt.Client, on_writable: Callable[[], None] | None = None
+) -> None:
+    """paho asks for a writer when it has bytes to write; add it only for a live socket.
+    ``on_writable`` hears when the writer has written everything paho held."""
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     broke = client._disconnected  # aiomqtt 2.5.1: the future that ends the connection
@@ -406,6 +409,9 @@ def _register_write_safely(client: aiomqtt.Client) -> None:
             except Exception as exc:  # noqa: BLE001  # any failure here ends the connection
                 if not broke.done():
                     broke.set_exception(exc)
+                return
+            if on_writable is not None and not c.want_write():
+                on_writable()
 
         def add() -> None:
             # Not closed (nor reused) meanwhile, and still something to write: the
@@ -429,6 +435,7 @@ async def connect(
     *,
     on_puback: Callable[[PubAck], None] | None = None,
     on_message: Callable[[Incoming], None] | None = None,
+    on_writable: Callable[[], None] | None = None,
     logger: LastErrorLog | None = None,
 ) -> AsyncIterator[Connection]:
     """Open a connection for the duration of the block; every failure is a TransportError.
@@ -437,7 +444,9 @@ async def connect(
     the way to publish; without it ``Connection.publish`` waits for each PUBACK.
     With ``on_message`` every incoming message is handled by it as the socket is read
     (and acknowledged when it returns, with ``Options.manual_ack``); without it they
-    wait for ``Connection.incoming``.
+    wait for ``Connection.incoming``. ``on_writable`` is called when the socket took
+    the last bytes paho held (``Connection.pending_write`` turned false): one who
+    waits for room awaits it instead of looking again and again.
     """
     o = options
     v5 = o.protocol == "v5"
@@ -458,7 +467,7 @@ async def connect(
         "max_inflight_messages": o.max_inflight,
     }
     client = _Client(o.host, o.port, on_puback=on_puback, on_message=on_message, **kwargs)
-    _register_write_safely(client)
+    _register_write_safely(client, on_writable)
     if o.manual_ack:
         # paho's public setter, reached through aiomqtt 2.5.1's private client attribute.
         client._client.manual_ack_set(True)

@@ -70,7 +70,9 @@ log = logging.getLogger("smartmi.transport")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # keep commands queued for a device offline up to a week
 HOUSEKEEPING_S = 600.0  # the drain loop wakes at least this often while idle
-BLOCKED_POLL_S = 0.02  # how often a full socket is looked at again
+# A full socket is awaited: the adapter pokes the drain when it took paho's last bytes.
+# This is only the backstop, should that word be missed.
+BLOCKED_BACKSTOP_S = 1.0
 NO_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK: accepted, but nobody subscribed (§3.4.2.1)
 # The command sync is repeated while no answer comes: after 10-15 s, then doubling to
 # 5 min. Both the request and the answer are QoS 1 on persistent sessions, and an answer
@@ -301,7 +303,11 @@ class Transport:
         """One connection, from CONNECT to its loss; always ends with an exception."""
         log_ = mqtt.LastErrorLog("smartmi.mqtt", {"device": self.device_id})
         async with mqtt.connect(
-            self._options(), on_puback=self._on_puback, on_message=self._on_message, logger=log_
+            self._options(),
+            on_puback=self._on_puback,
+            on_message=self._on_message,
+            on_writable=self.poke,
+            logger=log_,
         ) as conn:
             self._stop_if_asked()
             self._conn = conn
@@ -384,11 +390,11 @@ class Transport:
             if now < self._paused_until:
                 timeout = self._paused_until - now
             elif conn.pending_write():
-                timeout = BLOCKED_POLL_S  # the socket is full: hand over nothing more
+                timeout = BLOCKED_BACKSTOP_S  # the socket is full: hand over nothing more
             else:
                 self._hand_over(conn, now)
                 if conn.pending_write():
-                    timeout = BLOCKED_POLL_S
+                    timeout = BLOCKED_BACKSTOP_S
             await _wait(self._wake, timeout)
 
     def _hand_over(self, conn: mqtt.Connection, now: float) -> None:

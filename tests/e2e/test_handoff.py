@@ -22,6 +22,7 @@ import pytest
 
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
+from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
 from agent.store.database import Database
@@ -217,3 +218,41 @@ async def test_a_withdrawal_under_backpressure_stops_what_has_not_left(
     assert len(arrived) < handed  # the item paho was still writing never arrived whole
     assert device.queued_count() == 0  # the rest was deleted unsent (P2)
     device.store.db.close()
+
+
+async def test_a_full_socket_is_awaited_the_adapter_says_when_it_took_the_last_bytes(
+    pki: DevPki,
+) -> None:
+    """``on_writable`` is the word the drain awaits instead of looking again: it comes
+    once the peer reads again and paho has written everything it held, not before."""
+    peer = StalledPeer(pki)
+    peer.start()
+    ident = pki.ensure_devices([DEVICE])[DEVICE]
+    options = mqtt.Options(
+        "127.0.0.1",
+        peer.port,
+        client_context(pki.ca_cert, ident.cert, ident.key),
+        DEVICE,
+        max_inflight=10_000,  # every PUBLISH is written at once, none held in paho's queue
+    )
+    writable = asyncio.Event()
+    payload = b"x" * 60_000
+    async with mqtt.connect(options, on_puback=lambda _ack: None, on_writable=writable.set) as conn:
+        conn.publish_nowait(f"smartmi/v1/{DEVICE}/up/sync", json.dumps({"sync_id": "s"}).encode())
+        assert await asyncio.to_thread(peer.stalled.wait, 15)  # the peer reads no more
+        async with asyncio.timeout(30):
+            # Full for good: the kernel grows a socket's send buffer for a while, and
+            # each time paho writes all it held again (and says so) until it cannot.
+            while True:
+                while not conn.pending_write():
+                    conn.publish_nowait(f"smartmi/v1/{DEVICE}/up/crash", payload)
+                    conn.flush()
+                writable.clear()
+                await asyncio.sleep(0.5)  # the loop runs; the writer waits on the socket
+                if conn.pending_write():
+                    break
+        assert not writable.is_set()  # no word while the socket stays full
+        peer.drain.set()  # the peer reads again
+        await asyncio.wait_for(writable.wait(), 15)
+        assert not conn.pending_write()
+    await asyncio.to_thread(peer.thread.join, 20)
