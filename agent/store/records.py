@@ -710,9 +710,9 @@ class DeviceStore:
                 )
             self.deletions_recreated += 1
             requests.append(copy)
-        requests.extend(self._stand_ins())
+        stand_ins = self._stand_ins()
         outstanding = self._deletion_counter("made") - self._deletion_counter("done")
-        lost = max(0, outstanding - len(requests))
+        lost = max(0, outstanding - len(requests) - len(stand_ins))
         if lost and now is not None:
             log.error(
                 "deletion requests lost with their journal copies; "
@@ -720,8 +720,9 @@ class DeviceStore:
                 extra={"device": self.device_id, "count": lost},
             )
             self._add_stand_ins(lost, now)
-            requests.extend(self._stand_ins())
+            stand_ins = self._stand_ins()
             self.deletions_lost += lost
+        requests += stand_ins
         requests.sort(key=lambda r: (r.captured_at, r.seq))
         return requests
 

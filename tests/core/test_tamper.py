@@ -277,3 +277,24 @@ def test_in_safe_mode_an_action_fails_with_the_stores_error_not_a_placeholder_ve
     for action in actions:
         with pytest.raises(StorageError, match=r"dev-1\.data\.key is corrupt"):
             action()
+
+
+def test_a_second_loss_adds_one_stand_in_beside_the_first(rig: Rig) -> None:
+    _unbound_offline(rig)
+    _edit(rig, "DELETE FROM deletion_requests")
+    _edit(rig, "DELETE FROM deletion_journal")
+    core = rig.open()
+    first = core.next_batch(now=rig.now)  # the first stand-in, handed over, not acknowledged
+    core.give_back([o.msg_id for o in first])
+    core.bind("b-2", now=rig.tick())
+    core.unbind(now=rig.tick())  # a second request, lost with its copy too
+    assert rig.db is not None
+    rig.db.close()
+    rig.db = None
+    _edit(rig, "DELETE FROM deletion_requests")
+    _edit(rig, "DELETE FROM deletion_journal")
+    core = rig.open()
+    sent = [o.msg_id for o in rig.deliver_all()]
+    assert len(sent) == len(set(sent)) == 2  # each once: the first kept, one more made
+    assert first[0].msg_id in sent
+    assert core.status()["deletion_requests_lost"] == 1  # since this opening
