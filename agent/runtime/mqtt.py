@@ -277,14 +277,24 @@ class Connection:
         self, topic_filter: str, qos: int = 1, *, ack_within: float | None = None
     ) -> None:
         """Subscribe and wait up to ``ack_within`` s for the SUBACK (the client's
-        timeout by default)."""
-        await self._client.subscribe(topic_filter, qos=qos, timeout=ack_within)
+        timeout by default); a refused subscription is a TransportError."""
+        await self.subscribe_many([topic_filter], qos, ack_within=ack_within)
 
     async def subscribe_many(
         self, topic_filters: list[str], qos: int = 1, *, ack_within: float | None = None
     ) -> None:
-        """Subscribe to several filters in one SUBSCRIBE, waiting for its SUBACK."""
-        await self._client.subscribe([(f, qos) for f in topic_filters], timeout=ack_within)
+        """Subscribe to several filters in one SUBSCRIBE, waiting for its SUBACK.
+
+        A filter the broker refused (a SUBACK code of 0x80 or above: not authorised, or
+        a clustered broker that could not set it up) is a TransportError, so the caller
+        connects again instead of waiting, subscribed to nothing, for what never comes.
+        """
+        codes = await self._client.subscribe([(f, qos) for f in topic_filters], timeout=ack_within)
+        refused = [
+            f"{f} ({code})" for f, code in zip(topic_filters, codes, strict=False) if _refused(code)
+        ]
+        if refused:
+            raise TransportError(f"the broker refused the subscription to {', '.join(refused)}")
 
     def publish_nowait(self, topic: str, payload: bytes) -> int:
         """Hand a QoS 1 PUBLISH to the client; its PUBACK comes to ``on_puback``."""
@@ -376,6 +386,13 @@ class Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _refused(code: object) -> bool:
+    """Whether a SUBACK code refuses the filter (0x80 or above, either protocol)."""
+    if isinstance(code, ReasonCode):
+        return bool(code.is_failure)
+    return isinstance(code, int) and code >= 0x80
 
 
 def _why_it_ended(

@@ -9,6 +9,7 @@ a marker published after it is the next message the subscriber sees.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import shutil
 import ssl
@@ -18,8 +19,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.core.identity import down_topic, up_topic
-from agent.errors import BrokerError
+from agent.core.identity import down_filter, down_topic, up_topic
+from agent.errors import BrokerError, TransportError
+from agent.runtime import mqtt as agent_mqtt
+from agent.runtime.tls import client_context
 from simulator.nats import NatsCluster, users_conf
 from simulator.pki import DevPki
 from tests.mqtt_probe import PahoClient, ctx_for, raw_connect
@@ -159,3 +162,24 @@ def test_tls_1_2_refuses_cbc_suites(nats: NatsCluster, cipher: str) -> None:
 def test_a_device_id_with_a_dot_is_refused_with_the_reason() -> None:
     with pytest.raises(BrokerError, match=r"'fan\.kitchen' contains '\.'"):
         users_conf(["dev-1", "fan.kitchen"])
+
+
+def test_a_subscription_the_cluster_refuses_is_an_error_not_silence(nats: NatsCluster) -> None:
+    """NATS answers a refused SUBSCRIBE with 0x80: the adapter raises, so the caller
+    (a device's down/, the backend's up/) connects again instead of waiting, subscribed
+    to nothing."""
+    pki = nats.pki
+    ident = pki.device("acl-a")
+    tls = client_context(pki.ca_cert, ident.cert, ident.key)
+    host, port = nats.host, nats.ports[0]
+    options = agent_mqtt.Options(host, port, tls, "acl-a-refused", protocol="v311")
+
+    async def attempt() -> None:
+        async with agent_mqtt.connect(options) as conn:
+            await conn.subscribe(down_filter("acl-a"))  # its own: granted
+            await conn.subscribe_many([down_filter("acl-a"), down_filter("acl-b")])
+
+    with pytest.raises(
+        TransportError, match=r"refused the subscription to smartmi/v1/acl-b/down/\+ \("
+    ):
+        asyncio.run(attempt())
