@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ _LIVE = (
 
 def _ms(ts: float) -> int:
     return round(ts * 1000)
+
+
+# A stand-in's msg_id, as ``_add_stand_ins`` makes it (a UUID's text).
+_STAND_IN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,22 +732,27 @@ class DeviceStore:
         return requests
 
     def _stand_ins(self) -> list[StoredItem]:
+        """The stand-ins; a row that makes no valid request (edited by hand, damaged)
+        is deleted, loudly, and the request it stood for is counted lost again, so a
+        fresh stand-in replaces it."""
         rows = self.db.conn.execute(
             "SELECT rowid, msg_id, created_ms FROM deletion_stand_ins WHERE device_id = ?",
             (self.device_id,),
         ).fetchall()
-        return [
-            StoredItem(
-                rowid,
-                msg_id,
-                Purpose.ACTIVATION,
-                cms / 1000,
-                rules.deletion_request(
-                    self.device_id, msg_id, now=cms / 1000, binding_id=None, reason="unknown"
-                ),
-            )
-            for rowid, msg_id, cms in rows
-        ]
+        out = []
+        for rowid, msg_id, cms in rows:
+            try:
+                item = _stand_in(self.device_id, rowid, msg_id, cms)
+            except (TypeError, ValueError, OverflowError) as exc:  # SchemaError is one
+                log.error(  # noqa: TRY400  # the row is named, no traceback
+                    "a deletion stand-in makes no valid request; it is replaced",
+                    extra={"device": self.device_id, "row": rowid, "error": str(exc)[:200]},
+                )
+                with self.db.transaction() as c:
+                    c.execute("DELETE FROM deletion_stand_ins WHERE rowid = ?", (rowid,))
+                continue
+            out.append(item)
+        return out
 
     def _add_stand_ins(self, count: int, now: float) -> None:
         with self.db.transaction() as c:
@@ -880,3 +890,12 @@ def _open_with(vaults: list[Vault], blob: bytes, aad: bytes, *, table: str, row_
         except TamperedRecord:
             continue
     return vaults[-1].open(blob, aad, table=table, row_id=row_id)
+
+
+def _stand_in(device_id: str, rowid: int, msg_id: object, created_ms: object) -> StoredItem:
+    """The request a stand-in row makes; ValueError or TypeError if it makes none."""
+    if not isinstance(msg_id, str) or not _STAND_IN_ID.fullmatch(msg_id):
+        raise ValueError(f"msg_id {str(msg_id)[:80]!r} is not one a stand-in gets")
+    at = float(created_ms) / 1000  # type: ignore[arg-type]  # checked by the caller's except
+    payload = rules.deletion_request(device_id, msg_id, now=at, binding_id=None, reason="unknown")
+    return StoredItem(rowid, msg_id, Purpose.ACTIVATION, at, payload)

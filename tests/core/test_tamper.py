@@ -298,3 +298,35 @@ def test_a_second_loss_adds_one_stand_in_beside_the_first(rig: Rig) -> None:
     assert len(sent) == len(set(sent)) == 2  # each once: the first kept, one more made
     assert first[0].msg_id in sent
     assert core.status()["deletion_requests_lost"] == 1  # since this opening
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("msg_id", "x" * 500), ("created_ms", "not a time"), ("msg_id", "")],
+)
+def test_a_damaged_stand_in_is_replaced_not_raised(
+    rig: Rig, column: str, value: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    _unbound_offline(rig)
+    _edit(rig, "DELETE FROM deletion_requests")
+    _edit(rig, "DELETE FROM deletion_journal")
+    core = rig.open()
+    core.give_back([o.msg_id for o in core.next_batch(now=rig.now)])  # the stand-in is made
+    assert rig.db is not None
+    rig.db.close()
+    rig.db = None
+    with sqlite3.connect(rig.root / "state.db") as c:
+        c.execute("CREATE TABLE t AS SELECT * FROM deletion_stand_ins")  # keep the shape
+        c.execute("DELETE FROM deletion_stand_ins")
+        c.execute(
+            "INSERT INTO deletion_stand_ins (device_id, msg_id, created_ms) "
+            "SELECT device_id, ?, created_ms FROM t"
+            if column == "msg_id"
+            else "INSERT INTO deletion_stand_ins (device_id, msg_id, created_ms) "
+            "SELECT device_id, msg_id, ? FROM t",
+            (value,),
+        )
+    rig.open()
+    sent = rig.deliver_all()
+    assert [o.kind for o in sent] == ["deletion-request"]  # a fresh stand-in went instead
+    assert "a deletion stand-in makes no valid request; it is replaced" in caplog.text
