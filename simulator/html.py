@@ -72,7 +72,8 @@ def page(
     matplotlib.use("Agg")  # no display: render to files only
     matplotlib.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "smartmi", "font.size": 9})
     series = doc.get("series") or {}
-    start = started_at(doc, received)
+    # The page counts its seconds from the run's start, else from the first arrival.
+    start = _started(doc) or min((r.arrived_at for r in received), default=0.0)
     arrived: dict[str, float] = {}
     for r in received:
         msg_id = r.envelope().get("msg_id")
@@ -99,7 +100,7 @@ def page(
     body += [f"<section><h2>{html.escape(t)}</h2>{svg}</section>" for t, svg in charts]
     anchors = {story.device_id: f"story-{n}" for n, story in enumerate(stories)}
     body.append(_violation_table(marks, anchors))
-    body += [_story(story, anchors[story.device_id]) for story in stories]
+    body += [_story(story, anchors[story.device_id], start) for story in stories]
     title = f"smartmi-sim: {doc.get('scenario')} — {doc.get('verdict', '?').upper()}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -120,15 +121,6 @@ border-bottom:1px solid #ddd;vertical-align:top}th{background:#f4f4f4}
 svg{max-width:100%;height:auto}code{font-size:.95em}
 tr.flagged td{background:#fde8e8}.story ul{padding-left:1.2em}
 """
-
-
-def started_at(doc: dict[str, Any], received: Sequence[Received]) -> float:
-    """The time the page counts its seconds from: the run's start, else the first
-    arrival."""
-    series = doc.get("series") or {}
-    return float(series.get("started_at") or 0.0) or min(
-        (r.arrived_at for r in received), default=0.0
-    )
 
 
 def _summary(doc: dict[str, Any]) -> str:
@@ -363,13 +355,14 @@ _LANE_MARKERS: Final = {
 }
 
 
-def _story(story: Story, anchor: str) -> str:
+def _story(story: Story, anchor: str, start: float) -> str:
     """A violating device's story: its chart, then its choices and the messages a
-    violation names, in time order (the other messages are on the chart)."""
+    violation names, in time order (the other messages are on the chart); seconds
+    count from ``start``."""
     flagged = story.flagged
     told = [m for m in story.moments if m.msg_id is None or m.msg_id in flagged]
     rows = "".join(
-        ('<tr class="flagged">' if m.msg_id in flagged else "<tr>") + f"<td>{m.at:.2f}</td>"
+        ('<tr class="flagged">' if m.msg_id in flagged else "<tr>") + f"<td>{m.at - start:.2f}</td>"
         f"<td>{html.escape(m.lane)}</td><td>{html.escape(m.what)}</td>"
         f"<td><code>{html.escape(m.msg_id or '')}</code></td></tr>"
         for m in told
@@ -384,19 +377,20 @@ def _story(story: Story, anchor: str) -> str:
     return (
         f'<section id="{anchor}" class="story"><h2>Device <code>'
         f"{html.escape(story.device_id)}</code>: its story</h2><ul>{why}</ul>"
-        f"{_story_chart(story)}<table><tr><th>s</th><th>lane</th><th>what</th>"
+        f"{_story_chart(story, start)}<table><tr><th>s</th><th>lane</th><th>what</th>"
         f"<th>msg_id</th></tr>{rows}</table>"
         f"<p>{others} other messages of this device are on the chart only.</p></section>"
     )
 
 
-def _story_chart(story: Story) -> str:
+def _story_chart(story: Story, start: float) -> str:
     fig, ax = _figure(2.6)
+    at = {m: m.at - start for m in story.moments}  # seconds since the run started
     y = {lane: len(LANES) - 1 - i for i, lane in enumerate(LANES)}
     paths: dict[str, list[tuple[float, float]]] = {}
     for m in story.moments:
         if m.msg_id is not None:
-            paths.setdefault(m.msg_id, []).append((m.at, y[m.lane]))
+            paths.setdefault(m.msg_id, []).append((at[m], y[m.lane]))
     for msg_id, points in paths.items():
         bad = msg_id in story.flagged
         ax.plot(
@@ -405,21 +399,21 @@ def _story_chart(story: Story) -> str:
             lw=2.2 if bad else 0.6,
             zorder=3 if bad else 1,
         )
-    span = max((m.at for m in story.moments), default=1.0) - min(
-        (m.at for m in story.moments), default=0.0
+    span = max((at[m] for m in story.moments), default=1.0) - min(
+        (at[m] for m in story.moments), default=0.0
     )
     labelled: dict[str, tuple[float, int]] = {}  # lane: the last label's time and step
     for m in story.moments:
         colour = KIND_COLOURS.get(m.kind or "", "#444")
-        ax.plot(m.at, y[m.lane], _LANE_MARKERS[m.lane], color=colour, markersize=5, zorder=2)
+        ax.plot(at[m], y[m.lane], _LANE_MARKERS[m.lane], color=colour, markersize=5, zorder=2)
         if m.lane in (USER, ISSUED):
             # Choices close together are stepped up, so that their labels do not overlap.
             last, step = labelled.get(m.lane, (-math.inf, 0))
-            step = step + 1 if m.at - last < max(span, 1.0) * 0.05 else 0
-            labelled[m.lane] = (m.at, step)
+            step = step + 1 if at[m] - last < max(span, 1.0) * 0.05 else 0
+            labelled[m.lane] = (at[m], step)
             ax.annotate(
                 m.what,
-                (m.at, y[m.lane]),
+                (at[m], y[m.lane]),
                 xytext=(2, 5 + 8 * step),
                 textcoords="offset points",
                 fontsize=7,
@@ -427,7 +421,7 @@ def _story_chart(story: Story) -> str:
             )
     for m in story.moments:
         if m.lane == LEFT and m.msg_id in story.flagged:
-            ax.plot(m.at, y[m.lane], "x", color=VIOLATION_COLOUR, markersize=11, mew=2, zorder=4)
+            ax.plot(at[m], y[m.lane], "x", color=VIOLATION_COLOUR, markersize=11, mew=2, zorder=4)
     ax.set_yticks([y[lane] for lane in LANES], LANES)
     ax.set_ylim(-0.5, len(LANES) - 0.2)
     ax.grid(axis="x", color="#eee")

@@ -86,8 +86,7 @@ class Outputs:
         if self.junit is not None:
             report.write_junit(doc, self.junit)
         if self.html is not None:
-            start = html.started_at(doc, received)
-            told = story.stories(truths, received, doc["violations"], start)
+            told = story.stories(truths, received, doc["violations"])
             html.write(doc, received, verdict.latencies_s, self.html, told)
 
     def written(self) -> str:

@@ -3,8 +3,9 @@
 What its user chose and when; what the cloud issued for it and when the broker
 delivered it; what the device captured; when each message left the device (by the
 checker's own evidence: the observer's capture at the broker, else the PUBACK, else
-the backend's arrival) and when it reached the backend. Times are seconds since the
-run started, on the real clock (a device's skewed stamps are put back on it).
+the backend's arrival) and when it reached the backend. Times are on the real clock
+(a device's skewed stamps are put back on it); the page counts them from the run's
+start.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ MAX_STORIES: Final = 12  # devices told in full on the page; the rest are in the
 class Moment:
     """One thing that happened to the device."""
 
-    at: float  # seconds since the run started
+    at: float  # on the real clock
     lane: str
     what: str
     msg_id: str | None = None  # the message it concerns, if any
@@ -71,7 +72,6 @@ def tell(
     truth: DeviceTruth,
     received: Iterable[Received],
     violations: Sequence[dict[str, Any]],
-    start: float,
 ) -> Story:
     """``truth``'s story, with what the backend ``received`` from the device."""
     moments: list[Moment] = []
@@ -79,14 +79,14 @@ def tell(
         label = _choice(what, info)
         command_id = info.get("command_id")
         if info.get("via") != "cloud":
-            moments.append(Moment(t - start, USER, label))
+            moments.append(Moment(t, USER, label))
             continue
-        moments.append(Moment(t - start, ISSUED, label))
+        moments.append(Moment(t, ISSUED, label))
         if isinstance(command_id, str) and command_id in truth.delivered:
-            moments.append(Moment(truth.delivered[command_id] - start, DELIVERED, label))
+            moments.append(Moment(truth.delivered[command_id], DELIVERED, label))
     for msg_id, (purpose, at) in truth.queued_items.items():
         kind = POLICIES[purpose].kind
-        moments.append(Moment(truth.real_time(at) - start, CAPTURED, kind, msg_id, kind))
+        moments.append(Moment(truth.real_time(at), CAPTURED, kind, msg_id, kind))
     arrived: set[str] = set()
     for r in received:
         sent = r.msg_id
@@ -94,11 +94,11 @@ def tell(
             continue
         arrived.add(sent)
         left, evidence = departure(truth, r)
-        moments.append(Moment(left - start, LEFT, f"{r.kind} ({evidence})", sent, r.kind))
-        moments.append(Moment(r.arrived_at - start, ARRIVED, r.kind, sent, r.kind))
+        moments.append(Moment(left, LEFT, f"{r.kind} ({evidence})", sent, r.kind))
+        moments.append(Moment(r.arrived_at, ARRIVED, r.kind, sent, r.kind))
         captured = r.envelope().get("captured_at")
         if r.kind == DELETION_KIND and isinstance(captured, str):
-            at = truth.real_time(parse_rfc3339(captured)) - start
+            at = truth.real_time(parse_rfc3339(captured))
             moments.append(Moment(at, CAPTURED, r.kind, sent, r.kind))
     moments.sort(key=lambda m: (m.at, LANES.index(m.lane)))
     return Story(truth.device_id, tuple(moments), tuple(violations))
@@ -108,7 +108,6 @@ def stories(
     truths: dict[str, DeviceTruth],
     received: Iterable[Received],
     violations: Sequence[dict[str, Any]],
-    start: float,
     *,
     limit: int = MAX_STORIES,
 ) -> list[Story]:
@@ -122,4 +121,4 @@ def stories(
     for r in received:
         if r.device_id in by_device:
             by_device[r.device_id].append(r)
-    return [tell(truths[d], by_device[d], vs, start) for d, vs in named.items()]
+    return [tell(truths[d], by_device[d], vs) for d, vs in named.items()]

@@ -159,7 +159,7 @@ def a_withdrawal_ignored() -> tuple[DeviceTruth, list[Received], list[dict[str, 
 
 def test_a_violating_device_tells_its_story_on_one_time_axis(tmp_path: Path) -> None:
     truth, received, violations = a_withdrawal_ignored()
-    told = story.stories({"dev-1": truth}, received, violations, START)
+    told = story.stories({"dev-1": truth}, received, violations)
     out = tmp_path / "r.html"
     html.write(report(violations), received, [0.2, 0.4], out, told)
     page = out.read_text()
@@ -187,7 +187,7 @@ def test_the_page_renders_in_headless_chromium(tmp_path: Path) -> None:
     if browser is None:
         pytest.skip("chromium is not installed (./dev.sh test installs it)")
     truth, received, violations = a_withdrawal_ignored()
-    told = story.stories({"dev-1": truth}, received, violations, START)
+    told = story.stories({"dev-1": truth}, received, violations)
     page = tmp_path / "r.html"
     html.write(report(violations), received, [0.2, 0.4], page, told)
     shot = tmp_path / "r.png"

@@ -160,8 +160,7 @@ async def test_every_kind_of_violation_is_caught(
     page_path = tmp_path / "selftest.html"
     doc = report.build(fleet, verdict)
     truths = {d: dev.truth for d, dev in fleet.devices.items()}
-    start = html.started_at(doc, fleet.cloud.received)
-    told = story.stories(truths, fleet.cloud.received, doc["violations"], start)
+    told = story.stories(truths, fleet.cloud.received, doc["violations"])
     html.write(doc, fleet.cloud.received, verdict.latencies_s, page_path, told)
     page = page_path.read_text()
     assert f"Violations ({len(verdict.violations)})" in page
