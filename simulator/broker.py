@@ -133,9 +133,12 @@ class LocalBroker(Protocol):
 
     protocol: Literal["v5", "v311"]
     backend_persistent: bool
+    replicas: int  # how many nodes keep each stored message (1: one broker)
 
     @property
     def host(self) -> str: ...
+    @property
+    def jetstream_urls(self) -> list[str]: ...
     @property
     def port(self) -> int: ...
     @property
@@ -162,6 +165,12 @@ class MosquittoBroker:
     protocol: Literal["v5", "v311"] = "v5"
     # The backend starts clean on every connection (see simulator/cloud.py).
     backend_persistent = False
+    replicas = 1
+
+    @property
+    def jetstream_urls(self) -> list[str]:
+        """None: the backend subscribes to up/ over MQTT."""
+        return []
 
     def __init__(
         self,

@@ -405,12 +405,16 @@ FROM_BEFORE_MARGIN_S = 60.0
 def departure(truth: DeviceTruth, r: Received) -> tuple[float, str]:
     """When a message left the device, and by what evidence (SPEC §4).
 
-    By evidence that is not the agent's, in this order: the observer's capture at the
-    broker, when one ran and saw the message; else the broker's PUBACK, as the fleet
-    recorded it; else the backend's arrival. The order is a preference, not the
-    earliest of the three: a PUBACK time reaches the record through the device, and
-    the backend reads late under load, so neither overrides what the observer saw.
+    By evidence that is not the agent's, in this order: the time the broker stored it,
+    by the broker's clock (JetStream keeps it per message: a NATS cluster); else the
+    observer's capture at the broker, when one ran and saw the message; else the
+    broker's PUBACK, as the fleet recorded it; else the backend's arrival. The order is
+    a preference, not the earliest of them: a PUBACK time reaches the record through
+    the device, and the backend and the observer read late under load, so none of them
+    overrides the broker's own record, nor the later ones what the observer saw.
     """
+    if r.stored_at is not None:
+        return r.stored_at, "stored by the broker"
     msg_id = r.msg_id or ""
     if msg_id in truth.seen_at:
         return truth.seen_at[msg_id], "seen at the broker"

@@ -253,9 +253,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             path(args.key),
             protocol=args.protocol,
             fallbacks=tuple(args.fallback or ()),
+            jetstream=tuple(args.jetstream or ()),
         )
-    elif args.fallback:
-        raise ConfigError("--fallback goes with --broker")
+    elif args.fallback or args.jetstream:
+        raise ConfigError("--fallback and --jetstream go with --broker")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, not {args.workers} (1 is one process)")
     if args.shard and args.workers:
@@ -487,6 +488,14 @@ def _add_scale_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="URL",
         help="with --broker: another node of a cluster on the same host (repeatable)",
+    )
+    p.add_argument(
+        "--jetstream",
+        action="append",
+        metavar="URL",
+        help="with --broker on a NATS cluster: a node's NATS port (tls://HOST:PORT, "
+        "repeatable); the backend reads the uplink from JetStream there, with the time "
+        "the broker stored each message, instead of subscribing over MQTT",
     )
 
 

@@ -2,7 +2,9 @@
 
 It connects with the backend identity (the only one the ACL lets read every
 device's ``up/`` and write every ``down/``), records each message with its arrival
-time for the checker, and lets callers await a condition on what arrived.
+time for the checker, and lets callers await a condition on what arrived. On a NATS
+cluster it reads the uplink from JetStream instead (``simulator/jetstream.py``), with
+the time the broker stored each message; commands go down over MQTT either way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from agent.core.purposes import rfc3339
 from agent.errors import TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
+from simulator.jetstream import JetStreamAt, Uplink, UplinkReader
 from simulator.pki import DevPki
 
 if TYPE_CHECKING:
@@ -42,6 +45,9 @@ class Received:
     kind: str
     payload: bytes
     arrived_at: float
+    # When the broker stored it, by the broker's clock (JetStream's timestamp): it had
+    # left the device by then. None where the broker does not say (Mosquitto).
+    stored_at: float | None = None
 
     def envelope(self) -> dict[str, Any]:
         """The decoded JSON envelope ({} if it is not JSON)."""
@@ -72,6 +78,10 @@ class Cloud:
     persistent: bool = False
     # Other nodes of a clustered broker, tried in turn after a failed or lost connection.
     fallback_ports: tuple[int, ...] = ()
+    # A NATS cluster's JetStream: read the uplink there, not over MQTT. None: subscribe
+    # to up/ over MQTT.
+    jetstream: JetStreamAt | None = None
+    reader: UplinkReader | None = None
     _endpoint: int = 0
     # One of several backend consumers (a fleet shard): its own identity and client
     # ID, and only these devices' messages are its business (None: every device's).
@@ -80,7 +90,11 @@ class Cloud:
     last_error: str | None = None  # why the last connection failed or ended
     clock: Callable[[], float] = time.time
     received: list[Received] = field(default_factory=list)
-    _changed: asyncio.Condition | None = None
+    # Who waits in wait_for: a predicate over what arrived, and its future.
+    _waiters: list[tuple[Callable[[list[Received]], bool], asyncio.Future[None]]] = field(
+        default_factory=list
+    )
+    _checking: bool = False
     _conn: mqtt.Connection | None = None
     online: asyncio.Event = field(default_factory=asyncio.Event)
     online_at: list[float] = field(default_factory=list)  # each (re)subscription
@@ -111,6 +125,9 @@ class Cloud:
             protocol=broker.protocol,
             persistent=broker.backend_persistent,
             fallback_ports=tuple(broker.ports[1:]),
+            jetstream=JetStreamAt(tuple(broker.jetstream_urls), broker.replicas)
+            if broker.jetstream_urls
+            else None,
         )
 
     @contextlib.asynccontextmanager
@@ -127,13 +144,25 @@ class Cloud:
         ctx = self.tls or client_context(
             self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key
         )
-        self._changed = asyncio.Condition()
         self.online = asyncio.Event()
-        task = asyncio.create_task(self._run(ctx), name="cloud:collect")
+        tasks = [asyncio.create_task(self._run(ctx), name="cloud:collect")]
+        reading = asyncio.Event()
+        if self.jetstream is not None:
+            self.reader = UplinkReader(
+                list(self.jetstream.urls),
+                ctx,
+                self.client_id,
+                self._uplink_stored,
+                replicas=self.jetstream.replicas,
+            )
+            tasks.append(asyncio.create_task(self.reader.run(reading), name="cloud:jetstream"))
+        else:
+            reading.set()
         try:
             try:
                 async with asyncio.timeout(CONNECT_WITHIN_S):
                     await self.online.wait()
+                    await _first(reading, tasks[1:])
             except TimeoutError:
                 raise TransportError(
                     f"the backend could not connect to the broker at {self.host}:{self.port} "
@@ -143,9 +172,11 @@ class Cloud:
             yield self
         finally:
             self._stopping = True
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _options(self, ctx: ssl.SSLContext) -> mqtt.Options:
         ports = (self.port, *self.fallback_ports)
@@ -186,7 +217,9 @@ class Cloud:
         """What the backend subscribes to: every uplink, or, as a shard's consumer on a
         broker with clean sessions, only its own devices' (so the broker does not send
         every uplink once per shard). A persistent session keeps the one wildcard: NATS
-        makes a JetStream consumer per filter."""
+        makes a JetStream consumer per filter. None where JetStream is read instead."""
+        if self.jetstream is not None:
+            return []
         if self.devices is None or self.persistent:
             return [UP_FILTER_ALL]
         return [up_filter(d) for d in sorted(self.devices)]
@@ -199,29 +232,51 @@ class Cloud:
             )
 
     async def _collect(self, conn: mqtt.Connection) -> None:
-        assert self._changed is not None  # noqa: S101  # set by connected()
         async for message in conn.incoming():
-            self.delivered_to_us += 1
-            parts = message.topic.split("/")
-            if self.devices is not None and (len(parts) < 3 or parts[2] not in self.devices):
-                continue  # another shard's device: its own backend consumer records it
-            payload = message.payload or b""
-            if len(parts) == 5 and parts[4] == "sync":  # the command sync, not data
-                self.syncs_seen += 1
-                if self.answer_syncs:
-                    self._answer(parts[2], payload)
-                else:
-                    self.held_syncs.append((parts[2], payload))
-            elif len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
-                self.received.append(Received(parts[2], parts[4], payload, self.clock()))
-            async with self._changed:
-                self._changed.notify_all()
+            self._uplink(message.topic, message.payload or b"", None)
+
+    def _uplink_stored(self, message: Uplink) -> None:
+        self._uplink(message.topic, message.payload, message.stored_at)
+
+    def _uplink(self, topic: str, payload: bytes, stored_at: float | None) -> None:
+        """Record one uplink message (answer it, if it is a command sync)."""
+        self.delivered_to_us += 1
+        parts = topic.split("/")
+        if self.devices is not None and (len(parts) < 3 or parts[2] not in self.devices):
+            return  # another shard's device: its own backend consumer records it
+        if len(parts) == 5 and parts[4] == "sync":  # the command sync, not data
+            self.syncs_seen += 1
+            if self.answer_syncs:
+                self._answer(parts[2], payload)
+            else:
+                self.held_syncs.append((parts[2], payload))
+        elif len(parts) == 5:  # smartmi/v1/{id}/up/{kind}
+            self.received.append(Received(parts[2], parts[4], payload, self.clock(), stored_at))
+        self._notify()
+
+    def _notify(self) -> None:
+        """Check the waiters of ``wait_for`` once the messages of this turn of the event
+        loop are in (not once per message: a predicate may look at every device)."""
+        if self._waiters and not self._checking:
+            self._checking = True
+            asyncio.get_running_loop().call_soon(self._check)
+
+    def _check(self) -> None:
+        self._checking = False
+        for predicate, done in self._waiters:
+            if not done.done() and predicate(self.received):
+                done.set_result(None)
 
     async def wait_for(self, predicate: Callable[[list[Received]], bool]) -> list[Received]:
         """Wait until ``predicate(received)`` holds (callers bound it with asyncio.timeout)."""
-        assert self._changed is not None, "use Cloud.connected() first"  # noqa: S101
-        async with self._changed:
-            await self._changed.wait_for(lambda: predicate(self.received))
+        if predicate(self.received):
+            return self.received
+        entry = (predicate, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        finally:
+            self._waiters.remove(entry)
         return self.received
 
     def answer_held(self, index: int) -> None:
@@ -285,3 +340,15 @@ class Cloud:
     def of(self, device_id: str, kind: str | None = None) -> list[Received]:
         """What arrived from one device (optionally of one kind)."""
         return [r for r in self.received if r.device_id == device_id and kind in (None, r.kind)]
+
+
+async def _first(event: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for ``event``; raise what a task in ``tasks`` failed with, if one ends first."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]

@@ -45,6 +45,7 @@ from simulator.broker import memory_kib
 from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
+from simulator.jetstream import JetStreamAt
 from simulator.pki import DevPki
 from simulator.scenario import FAULTS, Event, Group, Scenario
 
@@ -215,6 +216,7 @@ class Fleet:
         protocol: Literal["v5", "v311"] = "v5",
         ports: Sequence[int] = (),
         backend_persistent: bool = False,
+        jetstream: JetStreamAt | None = None,
         authorize: Callable[[list[str]], object] | None = None,
         shard: tuple[int, int] = (1, 1),
         broker_keeps_acknowledged: bool = False,
@@ -248,6 +250,7 @@ class Fleet:
             protocol=protocol,
             persistent=backend_persistent,
             fallback_ports=tuple(self.ports[1:]),
+            jetstream=jetstream,
         )
         self.progress = progress
         # Runs after the timeline, before the drain: the checker's self-test breaks

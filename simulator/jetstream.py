@@ -1,0 +1,168 @@
+"""The backend reads a NATS cluster's uplink from JetStream, not over MQTT (SPEC §4, §5).
+
+NATS stores every QoS 1 message an MQTT client publishes in the stream ``$MQTT_msgs``
+(subject ``$MQTT.msgs.<topic with '.' for '/'>``) before it sends the PUBACK, and keeps
+it while a consumer still wants it (interest retention). The simulated cloud reads
+the fleet's ``up/`` there through one durable pull consumer of its own, replicated
+like the stream, in batches, with several workers: what NATS's MQTT layer would give
+one MQTT subscription (a consumer with at most ``max_ack_pending`` unacknowledged,
+through one session) becomes a queue any number of workers drain.
+
+Each message carries the time the broker stored it (its JetStream timestamp): when
+it had left the device, by the broker's clock, which the checker takes as departure.
+Commands still go down over MQTT, to each device's own subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import nats
+from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import Error as JsError
+
+from agent.errors import TransportError
+
+STREAM: Final = "$MQTT_msgs"
+_PREFIX: Final = "$MQTT.msgs."
+UP_SUBJECT: Final = _PREFIX + "smartmi.v1.*.up.>"
+# Messages one fetch asks for, and fetches in flight at once: a worker records and
+# acknowledges its batch while the others wait on the next.
+BATCH: Final = 500
+WORKERS: Final = 4
+# Unacknowledged messages the consumer may have out: every worker's batch, twice.
+MAX_ACK_PENDING: Final = 2 * BATCH * WORKERS
+# A message fetched and not acknowledged within this is delivered again (the worker
+# holding it died with its connection); the checker counts the duplicate by msg_id.
+ACK_WAIT_S: Final = 30.0
+_FETCH_WAIT_S: Final = 1.0
+_INBOX: Final = "_INBOX_smartmi_backend"
+
+
+def inbox_prefix(durable: str) -> str:
+    """Where a backend's JetStream replies come: its own, so the ACL can name it."""
+    return f"{_INBOX}.{durable}"
+
+
+def backend_permissions(durable: str) -> tuple[list[str], list[str]]:
+    """What a backend identity may publish and subscribe to on the NATS port: its own
+    consumer's API, fetches and acknowledgements, and replies to its own inbox."""
+    publish = [
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{STREAM}.{durable}.>",
+        f"$JS.API.CONSUMER.INFO.{STREAM}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{durable}",
+        f"$JS.ACK.{STREAM}.{durable}.>",
+    ]
+    return publish, [f"{inbox_prefix(durable)}.>"]
+
+
+def topic_of(subject: str) -> str:
+    """The MQTT topic of a ``$MQTT_msgs`` subject (device IDs carry no '.')."""
+    return subject.removeprefix(_PREFIX).replace(".", "/")
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamAt:
+    """Where a NATS cluster's JetStream is: every node's NATS port, and on how many
+    nodes the backend's consumer is kept (as many as keep the stream)."""
+
+    urls: tuple[str, ...]  # tls://host:port
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Uplink:
+    """One message from the stream: its MQTT topic, payload, and when NATS stored it."""
+
+    topic: str
+    payload: bytes
+    stored_at: float  # the broker's clock, seconds since the epoch
+
+
+@dataclass
+class UplinkReader:
+    """A durable pull consumer over the fleet's ``up/``, drained by ``workers``."""
+
+    servers: list[str]  # tls://host:port of every node
+    tls: ssl.SSLContext
+    durable: str
+    on_message: Callable[[Uplink], None]
+    replicas: int = 1
+    workers: int = WORKERS
+    batch: int = BATCH
+    fetched: int = 0
+    last_error: str | None = None
+
+    async def run(self, ready: asyncio.Event) -> None:
+        """Connect, make sure the consumer exists, set ``ready``, and drain until
+        cancelled. The client reconnects to any node by itself."""
+        try:
+            nc = await nats.connect(
+                servers=self.servers,
+                tls=self.tls,
+                inbox_prefix=inbox_prefix(self.durable),
+                name=self.durable,
+                connect_timeout=10,
+                reconnect_time_wait=0.2,
+                max_reconnect_attempts=-1,
+                error_cb=self._error,
+            )
+        except (OSError, NatsError, TimeoutError) as exc:
+            raise TransportError(f"the backend could not reach JetStream: {exc}") from exc
+        try:
+            js = nc.jetstream(timeout=10)
+            await js.add_consumer(
+                STREAM,
+                ConsumerConfig(
+                    durable_name=self.durable,
+                    filter_subject=UP_SUBJECT,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.ALL,
+                    ack_wait=ACK_WAIT_S,
+                    max_ack_pending=MAX_ACK_PENDING,
+                    max_waiting=4 * self.workers,
+                    num_replicas=self.replicas,
+                ),
+            )
+            subs = [
+                await js.pull_subscribe_bind(self.durable, stream=STREAM)
+                for _ in range(self.workers)
+            ]
+            ready.set()
+            async with asyncio.TaskGroup() as tg:
+                for i, sub in enumerate(subs):
+                    tg.create_task(self._drain(sub), name=f"cloud:jetstream:{i}")
+        except (NatsError, JsError) as exc:
+            raise TransportError(f"the backend's JetStream consumer failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(NatsError, OSError, TimeoutError):
+                await nc.close()
+
+    async def _drain(self, sub: nats.js.JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=_FETCH_WAIT_S)
+            except TimeoutError:
+                continue  # nothing waiting: ask again
+            except NatsError as exc:  # a node went away mid-fetch: the client reconnects
+                self.last_error = str(exc)
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                self.fetched += 1
+                stored = msg.metadata.timestamp.timestamp()
+                self.on_message(Uplink(topic_of(msg.subject), msg.data, stored))
+                # Recorded first: a message lost with the process is delivered again.
+                with contextlib.suppress(NatsError):
+                    await msg.ack()
+
+    async def _error(self, exc: Exception) -> None:
+        self.last_error = str(exc)
