@@ -497,6 +497,11 @@ class NatsCluster:
                     found += 1
         return found in (0, len(_MQTT_STREAMS))
 
+    def monitoring(self, path: str, index: int = 0) -> dict[str, Any]:
+        """A node's monitoring endpoint (``/connz``, ``/jsz?consumers=true``) as JSON;
+        {} if it does not answer."""
+        return self._get(self.nodes[index], path)
+
     def _get(self, node: _Node, path: str) -> dict[str, Any]:
         """A monitoring endpoint's JSON; {} if the node does not answer."""
         url = f"http://{self.bind}:{node.http_port}{path}"

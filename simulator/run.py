@@ -110,12 +110,14 @@ class ExternalBroker:
     # A NATS cluster's NATS ports (--jetstream): the backend reads the uplink there.
     jetstream: tuple[str, ...] = ()
 
-    def jetstream_at(self) -> JetStreamAt | None:
-        """Where the backend reads the uplink, if not over MQTT; ConfigError on a bad URL."""
-        for url in self.jetstream:
+    def __post_init__(self) -> None:
+        for url in self.jetstream:  # wrong at once, before any identity is read
             if not url.startswith("tls://"):
                 raise ConfigError(f"--jetstream {url}: give a node's NATS port as tls://HOST:PORT")
             _host_port("--jetstream", "mqtts://" + url.removeprefix("tls://"))
+
+    def jetstream_at(self) -> JetStreamAt | None:
+        """Where the backend reads the uplink, if not over MQTT."""
         return JetStreamAt(self.jetstream, min(len(self.jetstream), 3)) if self.jetstream else None
 
     def address(self) -> tuple[str, int, ssl.SSLContext]:

@@ -4,7 +4,7 @@ clean history passes. A checker that cannot fail is worthless (SPEC §4)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -258,6 +258,23 @@ def test_a_slow_backend_is_not_a_late_device() -> None:
     assert kinds_of(t, late) == ["no-consent"]
     t.acked = {"c": T0 + 2.1}  # but the broker had it before the withdrawal
     assert kinds_of(t, late) == []
+
+
+def test_the_brokers_stored_time_is_departure_before_any_other_evidence() -> None:
+    """JetStream's timestamp (the broker's clock when it stored the message) decides:
+    a late backend, a late observer and a late PUBACK record do not make a violation,
+    and an early one of them does not hide a message stored after the withdrawal."""
+    t = truth()
+    t.log(T0 + 3, "withdraw", purpose="diagnostics")
+    t.seen_at = {"c": T0 + 15}  # an observer that read late
+    t.acked = {"c": T0 + 16}
+    stored_early = message("crash", "c", T0 + 2, T0 + 20)
+    assert kinds_of(t, [stored_early]) == ["no-consent"]
+    assert kinds_of(t, [replace(stored_early, stored_at=T0 + 2.05)]) == []
+    t.seen_at = {"c": T0 + 2.1}  # seen early, but the broker stored it late
+    t.acked = {"c": T0 + 2.2}
+    assert kinds_of(t, [stored_early]) == []
+    assert kinds_of(t, [replace(stored_early, stored_at=T0 + 6)]) == ["no-consent"]
 
 
 def test_a_suspension_covers_the_items_held_through_it() -> None:

@@ -96,7 +96,12 @@ def test_shards_run_apart_and_check_judges_them_together(
         (["--shard", "one"], "--shard 'one': give K/N"),
         (["--workers", "2", "--shard", "1/2"], "give one of them"),
         (["--workers", "17"], "--workers must be 1 to 16"),
-        (["--fallback", "mqtts://127.0.0.1:1"], "--fallback goes with --broker"),
+        (["--fallback", "mqtts://127.0.0.1:1"], "--fallback and --jetstream go with --broker"),
+        (["--jetstream", "tls://127.0.0.1:1"], "--fallback and --jetstream go with --broker"),
+        (
+            ["--broker", "mqtts://127.0.0.1:1", "--jetstream", "nats://127.0.0.1:2"],
+            "--jetstream nats://127.0.0.1:2: give a node's NATS port as tls://HOST:PORT",
+        ),
     ],
 )
 def test_bad_shard_arguments_get_a_clear_error(
