@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -73,7 +74,7 @@ async def _read(cloud: Cloud, msg_id: str) -> Received:
 def test_the_backend_reads_from_jetstream_with_the_time_the_broker_stored_it(
     cluster: NatsCluster, device: PahoClient
 ) -> None:
-    async def body() -> tuple[float, float, Received, dict[str, object], dict[str, object]]:
+    async def body() -> tuple[float, float, Received, dict[str, Any], dict[str, Any]]:
         async with Cloud.on(cluster, cluster.pki).connected() as cloud:
             before = time.time()
             await asyncio.to_thread(device.publish, up_topic(DEVICE, "crash"), _crash("s1", before))
