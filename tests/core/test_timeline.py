@@ -13,6 +13,7 @@ from agent.core.purposes import Purpose
 from agent.errors import ConfigError
 from simulator import timeline
 from simulator.checker import DeviceTruth
+from simulator.cloud import Received
 from simulator.run import read_shards
 
 
@@ -46,6 +47,22 @@ def test_down_lines_are_deliveries_not_data(tmp_path: Path) -> None:
         ("d2", "sync", 14.0),
     ]
     assert capture.delivered == {"d1": {"c1": 11.0}, "d2": {"c2": 12.5}}
+
+
+def test_what_a_backend_received_keeps_the_brokers_stored_time(tmp_path: Path) -> None:
+    """A shard's received file carries each message's stored time (from JetStream) to
+    the checker that judges all shards: without it, departure falls back to arrival."""
+    path = tmp_path / "received.txt"
+    payload = json.dumps(CRASH).encode()
+    timeline.write_capture(
+        path,
+        [Received("d1", "crash", payload, 20.0, 10.25), Received("d2", "crash", payload, 21.0)],
+    )
+    got = timeline.read_capture(path).received
+    assert [(r.device_id, r.arrived_at, r.stored_at) for r in got] == [
+        ("d1", 20.0, 10.25),
+        ("d2", 21.0, None),
+    ]
 
 
 def test_a_line_on_another_topic_is_named(tmp_path: Path) -> None:

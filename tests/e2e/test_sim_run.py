@@ -186,7 +186,11 @@ def test_check_names_a_bad_capture_or_timeline(
     timeline.write_text('{"schema": "smartmi.timeline/1", "devices": {}}')
     capture.write_text("not a capture line\n")
     assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 1
-    assert "line 1 is not 'TIME TOPIC HEX'" in capsys.readouterr().err
+    assert "line 1 is not 'TIME TOPIC HEX [STORED]'" in capsys.readouterr().err
+    capture.write_text("1.5 smartmi/v1/d/up/crash 7b7d -3\n")  # a stored time that is not one
+    assert main(["check", "--timeline", str(timeline), "--capture", str(capture)]) == 1
+    assert "line 1 is not 'TIME TOPIC HEX [STORED]'" in (err := capsys.readouterr().err)
+    assert "stored time '-3' is not a time" in err
     assert main(["check", "--timeline", str(tmp_path / "no.json"), "--capture", str(capture)]) == 1
     assert "timeline file not found" in capsys.readouterr().err
 
