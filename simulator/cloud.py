@@ -155,18 +155,22 @@ class Cloud:
                 self._uplink_stored,
                 replicas=self.jetstream.replicas,
             )
-            tasks.append(asyncio.create_task(self.reader.run(reading), name="cloud:jetstream"))
+            tasks.append(
+                asyncio.create_task(
+                    self.reader.run_until_cancelled(reading), name="cloud:jetstream"
+                )
+            )
         else:
             reading.set()
         try:
             try:
                 async with asyncio.timeout(CONNECT_WITHIN_S):
                     await self.online.wait()
-                    await _first(reading, tasks[1:])
+                    await reading.wait()
             except TimeoutError:
                 raise TransportError(
                     f"the backend could not connect to the broker at {self.host}:{self.port} "
-                    f"within {CONNECT_WITHIN_S:g} s ({self.last_error or 'no answer'}); is "
+                    f"within {CONNECT_WITHIN_S:g} s ({self._why_not_online()}); is "
                     "it running there, and does it trust the CA of --ca?"
                 ) from None
             yield self
@@ -177,6 +181,12 @@ class Cloud:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def _why_not_online(self) -> str:
+        if not self.online.is_set():
+            return self.last_error or "no answer"
+        reading = self.reader.last_error if self.reader is not None else None
+        return f"its JetStream consumer: {reading or 'no answer'}"
 
     def _options(self, ctx: ssl.SSLContext) -> mqtt.Options:
         ports = (self.port, *self.fallback_ports)
@@ -341,14 +351,3 @@ class Cloud:
         """What arrived from one device (optionally of one kind)."""
         return [r for r in self.received if r.device_id == device_id and kind in (None, r.kind)]
 
-
-async def _first(event: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for ``event``; raise what a task in ``tasks`` failed with, if one ends first."""
-    waiting = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([waiting, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiting.cancel()
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
