@@ -1,4 +1,4 @@
-"""The Raspberry Pi install agrees with itself: the README's commands, the example
+"""The Raspberry Pi install agrees with itself: docs/pi.md's commands, the example
 configuration, the systemd unit and the tmpfiles entry name the same files, owners
 and modes."""
 
@@ -16,14 +16,13 @@ EXAMPLE = tomllib.loads((ROOT / "agent.example.toml").read_text())
 
 
 def install_commands() -> list[list[str]]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Installing on a Raspberry Pi") :]
+    section = (ROOT / "docs" / "pi.md").read_text()
     block = section[section.index("```sh\n") + 6 : section.index("\n```", section.index("```sh"))]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
 def installed() -> dict[str, dict[str, str]]:
-    """Each file the README installs: its destination -> source, mode, owner, group."""
+    """Each file the install commands install: its destination -> source, mode, owner, group."""
     out: dict[str, dict[str, str]] = {}
     for argv in install_commands():
         if not argv or argv[0] != "install" or "-d" in argv:
