@@ -224,7 +224,9 @@ def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> No
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a simulated fleet and check it."""
-    from simulator.run import ExternalBroker, Outputs, parse_shard, run
+    from simulator.external import ExternalBroker
+    from simulator.outputs import Outputs
+    from simulator.run import parse_shard, run
     from simulator.scenario import find_scenario
 
     # SIGTERM (a CI time limit, `kill`, a service manager) stops the run as Ctrl-C does:

@@ -350,4 +350,3 @@ class Cloud:
     def of(self, device_id: str, kind: str | None = None) -> list[Received]:
         """What arrived from one device (optionally of one kind)."""
         return [r for r in self.received if r.device_id == device_id and kind in (None, r.kind)]
-

@@ -4,192 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import shutil
 import signal
-import socket
 import ssl
-import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any
 
-from agent.config import mqtts_host_port
-from agent.core.identity import MAX_BACKENDS, up_topic
-from agent.errors import ConfigError, TransportError
-from agent.runtime import metrics, mqtt
-from agent.runtime.tls import client_context
-from simulator import html, report, story, timeline
+from agent.core.identity import MAX_BACKENDS
+from agent.errors import ConfigError
+from agent.runtime import metrics
+from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
-from simulator.checker import DeviceTruth, Verdict, check
-from simulator.cloud import Received
-from simulator.fleet import Fleet, scenario_devices
+from simulator.checker import check
+from simulator.external import ExternalBroker
+from simulator.fleet import Fleet
 from simulator.jetstream import JetStreamAt
 from simulator.nats import NatsCluster
+from simulator.observer import OBSERVER_PROBE, observe, observed_restart, wait_observing
+from simulator.outputs import INTERRUPTED, Outputs, new_run_dir, outcome
 from simulator.pki import DevPki
-from simulator.scenario import Scenario, load_scenario
-
-# A device identity whose command syncs show that the observer's capture is live.
-OBSERVER_PROBE: Final = "sim-observer-probe"
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """Where a run writes what it found."""
-
-    report: Path
-    junit: Path | None = None
-    timeline: Path | None = None
-    capture: Path | None = None
-    received: Path | None = None  # what the backend consumer received, as a capture
-    metrics: Path | None = None  # the agents' metrics at the end, Prometheus text format
-    html: Path | None = None  # the report as one self-contained page
-
-    def check(self) -> None:
-        """Every output can be written: found before the run, not after it."""
-        for option, path in (
-            ("--report", self.report),
-            ("--junit", self.junit),
-            ("--timeline", self.timeline),
-            ("--capture", self.capture),
-            ("--received", self.received),
-            ("--metrics", self.metrics),
-            ("--html", self.html),
-        ):
-            if path is None:
-                continue
-            folder = path.parent
-            if path.is_dir():
-                raise ConfigError(f"{option} {path} is a directory; name a file in it")
-            if not folder.is_dir():
-                raise ConfigError(f"{option} {path}: the folder {folder} does not exist")
-            if not os.access(folder, os.W_OK):
-                raise ConfigError(f"{option} {path}: the folder {folder} is not writable")
-        if self.html is not None:
-            html.available()
-
-    def write(
-        self,
-        doc: dict[str, Any],
-        received: list[Received],
-        verdict: Verdict,
-        truths: dict[str, DeviceTruth],
-    ) -> None:
-        """The report, and the JUnit file and page if asked for (the page with the
-        story of each of the first devices with a violation)."""
-        report.write_json(doc, self.report)
-        if self.junit is not None:
-            report.write_junit(doc, self.junit)
-        if self.html is not None:
-            told = story.stories(truths, received, doc["violations"])
-            html.write(doc, received, verdict.latencies_s, self.html, told)
-
-    def written(self) -> str:
-        """The line that says where they went."""
-        extra = [f"{k}: {p}" for k, p in (("JUnit", self.junit), ("page", self.html)) if p]
-        return f"report: {self.report}" + "".join(f", {e}" for e in extra)
-
-
-@dataclass(frozen=True)
-class ExternalBroker:
-    """A broker the simulator did not start, and the backend's identity on it."""
-
-    url: str
-    ca: Path | None
-    cert: Path | None
-    key: Path | None
-    protocol: Literal["v5", "v311"] = "v5"
-    # Other nodes of a clustered broker on the same host (--fallback).
-    fallbacks: tuple[str, ...] = ()
-    # A NATS cluster's NATS ports (--jetstream): the backend reads the uplink there.
-    jetstream: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        for url in self.jetstream:  # wrong at once, before any identity is read
-            if not url.startswith("tls://"):
-                raise ConfigError(f"--jetstream {url}: give a node's NATS port as tls://HOST:PORT")
-            _host_port("--jetstream", "mqtts://" + url.removeprefix("tls://"))
-
-    def jetstream_at(self) -> JetStreamAt | None:
-        """Where the backend reads the uplink, if not over MQTT."""
-        return JetStreamAt(self.jetstream, min(len(self.jetstream), 3)) if self.jetstream else None
-
-    def address(self) -> tuple[str, int, ssl.SSLContext]:
-        """Host, port and the backend's TLS context; ConfigError on a bad URL or identity."""
-        if not (self.ca and self.cert and self.key):
-            raise ConfigError("--broker needs --ca, --cert and --key (the backend's identity)")
-        host, port = _host_port("--broker", self.url)
-        tls = client_context(self.ca, self.cert, self.key)
-        _listening("--broker", host, port)
-        return host, port, tls
-
-    def ports(self) -> list[int]:
-        """The broker's port, then each fallback's (all on the broker's host)."""
-        host, port = _host_port("--broker", self.url)
-        ports = [port]
-        for url in self.fallbacks:
-            other, p = _host_port("--fallback", url)
-            if other != host:
-                raise ConfigError(f"--fallback {url}: must be on the broker's host {host}")
-            ports.append(p)
-        return ports
-
-
-PROBE_S: Final = 5.0  # how long --broker's address may take to accept a TCP connection
-
-
-def _listening(option: str, host: str, port: int) -> None:
-    """ConfigError at once, naming the address and the fix, unless something accepts a
-    TCP connection there (the backend would otherwise retry for 30 s)."""
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_S):
-            return
-    except ConnectionRefusedError:
-        why = "nothing listens there (connection refused)"
-    except TimeoutError:
-        why = f"no answer within {PROBE_S:g} s (a firewall, or the wrong host)"
-    except OSError as exc:
-        why = exc.strerror or str(exc)
-    raise ConfigError(
-        f"{option}: cannot reach {host}:{port}: {why}. Start a broker there (for a local "
-        "one: smartmi-sim broker up) or give the address it listens on"
-    )
-
-
-def _host_port(option: str, url: str) -> tuple[str, int]:
-    try:
-        return mqtts_host_port(url)
-    except ValueError as exc:
-        raise ConfigError(f"{option}: {exc}") from None
-
-
-INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
-NO_VERDICT: Final = 3  # the fleet fell behind its schedule (simulator.fleet.MAX_LAG_S)
-SHARD_STOP_S: Final = 60.0  # how long an interrupted worker may take to write what it has
-KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
-
-
-def new_run_dir(dev_dir: Path, name: str, *, prune: bool = True) -> Path:
-    """A fresh directory under ``DIR/runs`` for one run; unless ``prune`` is off (a
-    shard, whose siblings run beside it), the oldest beyond the last KEEP_RUNS are
-    removed first, so the directory does not grow with every run."""
-    runs = dev_dir / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    past = sorted(
-        (p for p in runs.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime_ns, p.name)
-    )
-    for old in past[: max(0, len(past) - (KEEP_RUNS - 1))] if prune else ():
-        shutil.rmtree(old, ignore_errors=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = runs / f"{name}-{stamp}-{os.getpid()}"
-    workdir.mkdir()
-    return workdir
+from simulator.scenario import load_scenario
+from simulator.workers import read_shards, run_workers
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -237,7 +75,7 @@ def run(
     if not 1 <= workers <= MAX_BACKENDS:
         raise ConfigError(f"--workers must be 1 to {MAX_BACKENDS}, not {workers}")
     if workers > 1:
-        return _run_workers(
+        return run_workers(
             devices=devices,
             scenario=scenario,
             scenario_path=scenario_path,
@@ -275,7 +113,7 @@ def run(
             what = f"a {cluster}-node NATS cluster" if cluster else "Mosquitto"
             print(f"started {what} on {started.url} (log {started.log_path})", file=sys.stderr)
             if outputs.capture is not None:
-                restart = _observed_restart(restart, started, pki, outputs.capture, observer_back)
+                restart = observed_restart(restart, started, pki, outputs.capture, observer_back)
         else:
             host, port, cloud_tls = broker.address()
         protocol = local.protocol if local is not None else broker.protocol if broker else "v5"
@@ -331,237 +169,6 @@ def _play(fleet: Fleet, local: LocalBroker | None) -> None:
         fleet.interrupted()
     if local is not None:
         fleet.stats.broker_peak_kib = local.peak_rss_kib()
-
-
-def _run_workers(
-    *,
-    devices: int,
-    scenario: Scenario,
-    scenario_path: Path,
-    dev_dir: Path,
-    outputs: Outputs,
-    seed: int | None,
-    grace_s: float | None,
-    cluster: int,
-    workers: int,
-) -> int:
-    """N shard processes against one local broker; one checker over all of them."""
-    if scenario.restarts_broker:
-        raise ConfigError(
-            "the scenario restarts the broker, which only a single process can do: run it "
-            "without --workers",
-            where=str(scenario_path),
-        )
-    if outputs.capture is not None:
-        raise ConfigError("--capture goes with a single process: run it without --workers")
-    if devices < workers:
-        raise ConfigError(f"--workers {workers} needs at least {workers} devices")
-    pki = DevPki(dev_dir / "pki").ensure()
-    workdir = new_run_dir(dev_dir, f"{scenario.name}-workers")
-    local: LocalBroker = NatsCluster(pki, nodes=cluster) if cluster else MosquittoBroker(pki)
-    with local:
-        local.start()
-        # Every device's identity and broker entry before any worker starts.
-        ids = [d for _, d in scenario_devices(scenario, devices)]
-        pki.ensure_devices(ids)
-        local.authorize(ids)
-        what = f"a {cluster}-node NATS cluster" if cluster else "Mosquitto"
-        print(f"started {what} on {local.url}; {workers} workers", file=sys.stderr)
-        procs = [
-            _spawn_shard(
-                k,
-                workers,
-                local=local,
-                pki=pki,
-                devices=devices,
-                scenario_path=scenario_path,
-                dev_dir=dev_dir,
-                workdir=workdir,
-                seed=seed,
-                grace_s=grace_s,
-            )
-            for k in range(1, workers + 1)
-        ]
-        interrupted = False
-        try:
-            _wait_for_shards(procs, workdir)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cmd_run maps it to the same)
-            interrupted = True
-            print(
-                "smartmi-sim: interrupted; stopping the workers, then judging what arrived so far",
-                file=sys.stderr,
-                flush=True,
-            )
-            _interrupt_shards(procs)
-        broker_peak_kib = local.peak_rss_kib()
-    done = (0, 1, NO_VERDICT, INTERRUPTED) if interrupted else (0, 1, NO_VERDICT)
-    failed = [k for k, p in enumerate(procs, 1) if p.returncode not in done]
-    if failed:
-        logs = ", ".join(str(workdir / f"shard{k}.log") for k in failed)
-        raise ConfigError(f"worker(s) {failed} failed; their logs: {logs}")
-    if outputs.metrics is not None:
-        metrics.merge_files(
-            [workdir / f"shard{k}.prom" for k in range(1, workers + 1)], outputs.metrics
-        )
-    rc = judge_shards(
-        [workdir / f"shard{k}.timeline.json" for k in range(1, workers + 1)],
-        [workdir / f"shard{k}.received.txt" for k in range(1, workers + 1)],
-        [workdir / f"shard{k}.json" for k in range(1, workers + 1)],
-        outputs,
-        broker_peak_kib=broker_peak_kib,
-    )
-    return INTERRUPTED if interrupted else rc
-
-
-def _wait_for_shards(procs: list[subprocess.Popen[bytes]], workdir: Path) -> None:
-    """Wait for every shard to end, with a progress line every 5 s."""
-    started = time.monotonic()
-    shown = started
-    while any(p.poll() is None for p in procs):
-        time.sleep(0.5)
-        if time.monotonic() - shown >= 5:
-            shown = time.monotonic()
-            running = sum(p.poll() is None for p in procs)
-            print(
-                f"[{shown - started:6.1f}s] workers running {running}/{len(procs)} "
-                f"(each one's progress: {workdir}/shard*.log)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
-def _interrupt_shards(procs: list[subprocess.Popen[bytes]], wait_s: float = SHARD_STOP_S) -> None:
-    """Interrupt every shard still running, as Ctrl-C would: each stops its devices and
-    writes what it has (its report is marked incomplete). One that has not ended within
-    ``wait_s`` is killed, so no worker outlives the run (nor the broker it uses)."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + wait_s
-    try:
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.0, deadline - time.monotonic()))
-    finally:  # also when a second Ctrl-C cuts the wait short
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-def _spawn_shard(
-    k: int,
-    n: int,
-    *,
-    local: LocalBroker,
-    pki: DevPki,
-    devices: int,
-    scenario_path: Path,
-    dev_dir: Path,
-    workdir: Path,
-    seed: int | None,
-    grace_s: float | None,
-) -> subprocess.Popen[bytes]:
-    """Start ``smartmi-sim run --shard K/N`` against ``local`` as backend consumer K."""
-    ident = pki.backend_consumer(k)
-    host = local.host
-    cmd = [
-        sys.executable, "-m", "simulator.cli", "--dir", str(dev_dir), "run",
-        "--devices", str(devices), "--scenario", str(scenario_path), "--shard", f"{k}/{n}",
-        "--broker", local.url, "--protocol", local.protocol,
-        "--ca", str(pki.ca_cert), "--cert", str(ident.cert), "--key", str(ident.key),
-        "--report", str(workdir / f"shard{k}.json"),
-        "--timeline", str(workdir / f"shard{k}.timeline.json"),
-        "--received", str(workdir / f"shard{k}.received.txt"),
-        "--metrics", str(workdir / f"shard{k}.prom"),
-    ]  # fmt: skip
-    for port in local.ports[1:]:
-        cmd += ["--fallback", f"mqtts://{host}:{port}"]
-    for url in local.jetstream_urls:
-        cmd += ["--jetstream", url]
-    if seed is not None:
-        cmd += ["--seed", str(seed)]
-    if grace_s is not None:
-        cmd += ["--grace", str(grace_s)]
-    log = (workdir / f"shard{k}.log").open("wb")
-    try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    finally:
-        log.close()
-
-
-def read_shards(
-    timelines: list[Path], captures: list[Path]
-) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]], list[Received]]:
-    """The timelines and captures of one fleet's shards, merged: every device's truth
-    (a device in two timelines is an error; a capture's command deliveries added to
-    it), the broker outages in order, and every message received."""
-    truths: dict[str, DeviceTruth] = {}
-    outages: list[tuple[float, float]] = []
-    for path in timelines:
-        t, o = timeline.read(path)
-        if set(t) & set(truths):
-            raise ConfigError("a device appears in two timelines", where=str(path))
-        truths.update(t)
-        outages.extend(o)
-    received: list[Received] = []
-    for path in captures:
-        capture = timeline.read_capture(path)
-        capture.note_in(truths)
-        received += capture.received
-    return truths, sorted(outages), received
-
-
-def judge_shards(
-    timelines: list[Path],
-    captures: list[Path],
-    reports: list[Path],
-    outputs: Outputs,
-    *,
-    broker_peak_kib: int = 0,
-) -> int:
-    """Judge the shards of one fleet together: their timelines, what their backend
-    consumers received, and their reports, merged into one report (with the peak
-    memory of the broker they shared, when this process started it)."""
-    truths, outages, received = read_shards(timelines, captures)
-    docs = []
-    for path in reports:
-        try:
-            docs.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read a shard's report: {exc}", where=str(path)) from exc
-    verdict = check(truths, received, outages=outages)
-    doc = report.merged(docs, verdict, broker_peak_kib=broker_peak_kib)
-    outputs.write(doc, received, verdict, truths)
-    if outputs.timeline is not None:
-        timeline.write(outputs.timeline, truths, outages)
-    print(report.summary(doc))
-    print(outputs.written())
-    return _outcome(doc, len(verdict.violations))
-
-
-def _observed_restart(
-    restart_broker: Callable[[], object],
-    broker: LocalBroker,
-    pki: DevPki,
-    capture: Path,
-    back: list[float],
-) -> Callable[[], None]:
-    """``restart_broker`` (Mosquitto's restart, a cluster's node failure), then wait
-    until the observer's subscription is live again: what the broker acknowledged
-    before then may be lost to the observer too."""
-
-    def restart() -> None:
-        restart_broker()
-        try:
-            asyncio.run(
-                wait_observing(broker.host, broker.port, pki, capture, protocol=broker.protocol)
-            )
-        except ConfigError as exc:  # judged all the same: its window lasts until now
-            print(f"smartmi-sim: warning: {exc}", file=sys.stderr)
-        back.append(time.time())
-
-    return restart
 
 
 async def _with_task_dump(work: Coroutine[Any, Any, None]) -> None:
@@ -623,25 +230,7 @@ def _judge(fleet: Fleet, outputs: Outputs) -> int:
             + ("agrees with the backend" if cap["agrees"] else "DISAGREES with the backend")
         )
     print(outputs.written())
-    return _outcome(doc, failures)
-
-
-def _outcome(doc: dict[str, Any], failures: int) -> int:
-    """The exit code of a run, with its one line on stderr: NO_VERDICT when the fleet
-    fell behind its schedule, or did not drain and found nothing; 1 with ``failures``
-    violations, else 0."""
-    late_by = doc["schedule"]["late"] or (None if failures else report.undrained(doc))
-    if late_by:
-        print(f"smartmi-sim: no verdict: {late_by}", file=sys.stderr)
-        return NO_VERDICT
-    if failures:
-        counts = ", ".join(f"{n} {k}" for k, n in doc["violation_counts"].items() if n)
-        print(
-            f"smartmi-sim: {failures} privacy violations ({counts or 'in the capture'})",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return outcome(doc, failures)
 
 
 def check_capture(
@@ -663,73 +252,3 @@ def check_capture(
     )
     print("\n".join(report.verdict_summary(doc)))
     return 1 if verdict.violations else 0
-
-
-@contextlib.contextmanager
-def observe(
-    host: str, port: int, pki: DevPki, out: Path, *, protocol: str = "v5"
-) -> Iterator[None]:
-    """``mosquitto_sub`` as the observer identity, writing every uplink and every
-    command sent down to ``out``."""
-    version = "mqttv5" if protocol == "v5" else "mqttv311"
-    cmd = [
-        "mosquitto_sub", "-h", host, "-p", str(port), "-V", version, "-q", "1",
-        "-i", f"smartmi-observer-{os.getpid()}", "--cafile", str(pki.ca_cert),
-        "--cert", str(pki.observer.cert), "--key", str(pki.observer.key),
-        "-t", "smartmi/v1/+/up/#", "-t", "smartmi/v1/+/down/#", "-F", "%U %t %x",
-    ]  # fmt: skip
-    try:
-        sink = out.open("wb")
-    except OSError as exc:
-        raise ConfigError(f"cannot write the capture: {exc.strerror}", where=str(out)) from exc
-    try:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.DEVNULL)
-    except FileNotFoundError:
-        sink.close()
-        raise ConfigError(
-            "--capture needs mosquitto_sub (Debian: apt-get install mosquitto-clients)"
-        ) from None
-    try:
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        sink.close()
-
-
-async def wait_observing(
-    host: str,
-    port: int,
-    pki: DevPki,
-    out: Path,
-    within: float = 60,
-    *,
-    protocol: Literal["v5", "v311"] = "v5",
-) -> None:
-    """Wait until the observer's subscription is live: a probe device's sync request
-    (not data; the checker skips it) shows up in the capture. A broker busy with a
-    reconnect storm may refuse or time out the probe: it tries again until ``within``."""
-    probe = OBSERVER_PROBE
-    ident = pki.ensure_devices([probe])[probe]
-    options = mqtt.Options(
-        host=host,
-        port=port,
-        tls=client_context(pki.ca_cert, ident.cert, ident.key),
-        client_id=probe,
-        protocol=protocol,
-        persistent=False,
-    )
-    deadline = time.monotonic() + within
-    marker = os.urandom(8).hex()
-    while time.monotonic() < deadline:
-        try:
-            async with mqtt.connect(options) as conn:
-                while time.monotonic() < deadline:
-                    payload = json.dumps({"probe": marker}).encode()
-                    await conn.publish(up_topic(probe, "sync"), payload)
-                    await asyncio.sleep(0.2)
-                    if marker.encode().hex().encode() in await asyncio.to_thread(out.read_bytes):
-                        return
-        except TransportError:
-            await asyncio.sleep(0.5)
-    raise ConfigError(f"the observer's capture stayed empty for {within:g} s", where=str(out))

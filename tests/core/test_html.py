@@ -16,7 +16,7 @@ from agent.errors import ConfigError
 from simulator import html, story
 from simulator.checker import DeviceTruth
 from simulator.cloud import Received
-from simulator.run import Outputs
+from simulator.outputs import Outputs
 
 START = 1_800_000_000.0
 # Headless, and nothing reached for on a closed network.

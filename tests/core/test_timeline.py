@@ -14,7 +14,7 @@ from agent.errors import ConfigError
 from simulator import timeline
 from simulator.checker import DeviceTruth
 from simulator.cloud import Received
-from simulator.run import read_shards
+from simulator.workers import read_shards
 
 
 def line(at: float, topic: str, doc: object) -> str:

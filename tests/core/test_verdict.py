@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from simulator import report
-from simulator.run import NO_VERDICT, _outcome
+from simulator.outputs import NO_VERDICT, outcome
 
 
 def doc(*, drained: bool, violations: int = 0, complete: bool = True) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def test_a_run_that_did_not_drain_and_found_nothing_gives_no_verdict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stuck = doc(drained=False)
-    assert _outcome(stuck, 0) == NO_VERDICT
+    assert outcome(stuck, 0) == NO_VERDICT
     assert "smartmi-sim: no verdict: the fleet did not drain" in capsys.readouterr().err
     assert report.verdict_summary(stuck)[0].startswith("  NO VERDICT  the fleet did not drain")
     report.write_junit(stuck, tmp_path / "j.xml")
@@ -59,5 +59,5 @@ def test_otherwise_the_verdict_stands(
     code: int,
 ) -> None:
     assert (
-        _outcome(doc(drained=drained, violations=violations, complete=complete), violations) == code
+        outcome(doc(drained=drained, violations=violations, complete=complete), violations) == code
     )

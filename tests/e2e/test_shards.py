@@ -120,7 +120,7 @@ def test_bad_shard_arguments_get_a_clear_error(
 
 
 def test_the_runs_directory_keeps_the_last_few(tmp_path: Path) -> None:
-    from simulator.run import KEEP_RUNS, new_run_dir
+    from simulator.outputs import KEEP_RUNS, new_run_dir
 
     made = []
     for n in range(KEEP_RUNS + 3):
