@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from agent.device import open_device
 from agent.errors import AgentError, ConfigError, DaemonUnreachable
 from agent.runtime import control, summaries
 from agent.runtime.logs import setup_logging
+from agent.runtime.terminal import anywhere, quiet_pipe
 from agent.store import faults
 from agent.store.fsutil import write_private
 from agent.store.statedir import as_owner_of, require_usable
@@ -106,14 +106,6 @@ def _require_state(config: AgentConfig) -> None:
             "--config file (the daemon, or a verb that changes something, makes it on "
             "first use)"
         )
-
-
-def anywhere(flag: str, *, help: str) -> argparse.ArgumentParser:
-    """A parent parser with a global option, for every verb's parser: the option may
-    come before or after the verb. Its default is left to the top-level parser."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(flag, default=argparse.SUPPRESS, help=help)
-    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,14 +258,6 @@ def _identity(config: AgentConfig, result: dict[str, Any]) -> bool:
     found = doctor.identity(config, now=time.time())
     result["identity"] = [f.to_json() for f in found if f.level != doctor.OK]
     return any(f.level == doctor.FAIL for f in found)
-
-
-def quiet_pipe() -> int:
-    """The reader of our output went away (``| head``): stop without a traceback, as
-    the shell's own tools do, and say so by the exit status."""
-    with contextlib.suppress(OSError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

@@ -9,20 +9,17 @@ import shutil
 import signal
 import sys
 import textwrap
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from agent import installed_version
-from agent.cli import anywhere, quiet_pipe
 from agent.core.identity import validate_device_id
 from agent.errors import AgentError, ConfigError
+from agent.runtime.terminal import anywhere, quiet_pipe
 
 if TYPE_CHECKING:
-    from simulator.broker import LocalBroker
-    from simulator.pki import DevPki
+    pass
 
 DEFAULT_DEV_DIR = Path(os.environ.get("SMARTMI_DEV_DIR", ".smartmi-dev"))
 
@@ -72,154 +69,28 @@ def cmd_pki_device(args: argparse.Namespace) -> int:
     return 0
 
 
-AGENT_TOML = """\
-# A development agent for device {device_id}, against `smartmi-sim broker up`.
-[device]
-id = "{device_id}"
-serial = "DEV-{device_id}"
-model = "smartmi.fan.dev"
-firmware_version = "1.0.0"
-
-[privacy]
-policy_version = "1"
-
-[paths]
-state_dir = "agents/{device_id}"
-
-[broker]
-url = "mqtts://{host}:{port}"
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-"""
-
-
 def cmd_agent_config(args: argparse.Namespace) -> int:
     """Write an agent.toml for one dev device (issuing its certificate if needed)."""
-    pki = _pki(args).ensure()
-    ident = pki.ensure_devices([args.device_id])[args.device_id]
+    from simulator.dev import write_agent_config
+
     out = Path(args.output or Path(args.dir) / f"{args.device_id}.toml")
-    if out.exists() and not args.force:
-        print(f"{out} exists (use --force to rewrite it)")
-        return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        AGENT_TOML.format(
-            device_id=args.device_id,
-            host=args.host,
-            port=args.port,
-            ca=pki.ca_cert,
-            cert=ident.cert,
-            key=ident.key,
-        )
+    return write_agent_config(
+        _pki(args), args.device_id, out, host=args.host, port=args.port, force=args.force
     )
-    print(f"wrote {out}; run: smartmi-agent --config {out} run")
-    return 0
 
 
 def cmd_broker_up(args: argparse.Namespace) -> int:
     """Run a local Mosquitto (or a NATS cluster) with the fleet's TLS setup until Ctrl-C."""
-    from simulator.broker import MosquittoBroker, find_mosquitto
-    from simulator.nats import NatsCluster, find_nats_server
+    from simulator.dev import broker_up
 
-    if args.cluster:
-        find_nats_server()  # fail before generating anything if the binary is missing
-    else:
-        find_mosquitto()
-    pki = _pki(args).ensure()
-    pki.ensure_devices([args.sample_device])
-    sample = pki.device(args.sample_device)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    broker: LocalBroker
-    if args.cluster:
-        broker = NatsCluster(
-            pki, nodes=args.cluster, port=args.port, bind=args.bind, devices=_issued(pki)
-        )
-    else:
-        broker = MosquittoBroker(pki, port=args.port, bind=args.bind, connection_messages=True)
-    with broker:
-        host = broker.host
-        # A minimal cloud beside the broker: it answers the agents' command syncs, so an
-        # agent on this bare broker does not hold its personal data (SPEC §3).
-        responder = threading.Thread(target=_answer_syncs, args=(broker, pki, stop), daemon=True)
-        if not args.no_cloud:
-            responder.start()
-        if args.cluster:
-            print(f"NATS cluster of {args.cluster} (MQTT 3.1.1, mutual TLS) listening on:")
-            for url in broker.urls if isinstance(broker, NatsCluster) else ():
-                print(f"  {url}")
-            print('  agents: protocol = "v311", fallback_urls = the other nodes')
-        else:
-            print(f"Mosquitto (mutual TLS) listening on {broker.url}")
-        print(f"  CA:             {pki.ca_cert}")
-        print(f"  backend:        --cert {pki.backend.cert} --key {pki.backend.key}")
-        print(f"  sample device:  --cert {sample.cert} --key {sample.key}")
-        print(f"  broker log:     {broker.log_path}")
-        print("Watch every device's uplink as an observer (it can read, not write):")
-        version = "mqttv311" if broker.protocol == "v311" else "mqttv5"
-        print(
-            f"  mosquitto_sub -h {host} -p {broker.port} -V {version} -i watcher "
-            f"--cafile {pki.ca_cert} --cert {pki.observer.cert} --key {pki.observer.key} "
-            "-t 'smartmi/v1/+/up/#' -v"
-        )
-        if not args.no_cloud:
-            print("A dev cloud answers the agents' command syncs (--no-cloud: none does).")
-        print("Press Ctrl-C to stop.", flush=True)
-        ticks = 0
-        while not stop.wait(0.5):
-            if not broker.running:
-                print(
-                    f"the broker stopped unexpectedly; log:\n{broker.log_tail()}", file=sys.stderr
-                )
-                return 1
-            ticks += 1
-            if args.cluster and ticks % 4 == 0:
-                # Devices issued since (smartmi-sim pki device) get their ACL entries.
-                broker.authorize(_issued(pki))
-    print("broker stopped")
-    return 0
-
-
-def _issued(pki: DevPki) -> list[str]:
-    """The device IDs the dev PKI has issued that a NATS cluster can serve; the others
-    are named on stderr once (NATS subjects cannot carry a '.')."""
-    from simulator.nats import nats_device_id
-
-    ids = []
-    for cert in sorted((pki.root / "devices").glob("*.pem")):
-        try:
-            ids.append(nats_device_id(cert.stem))
-        except AgentError as exc:
-            if cert.stem not in _SKIPPED:
-                _SKIPPED.add(cert.stem)
-                print(f"smartmi-sim: warning: not served: {exc}", file=sys.stderr)
-    return ids
-
-
-_SKIPPED: set[str] = set()
-
-
-def _answer_syncs(broker: LocalBroker, pki: DevPki, stop: threading.Event) -> None:
-    """The dev cloud: the backend identity, answering every command sync until ``stop``."""
-    import asyncio
-
-    from simulator.cloud import Cloud
-
-    async def serve() -> None:
-        async with Cloud.on(broker, pki).connected():
-            while not stop.is_set():  # noqa: ASYNC110  # a thread's Event, set by a signal
-                await asyncio.sleep(0.5)
-
-    try:
-        asyncio.run(serve())
-    except AgentError as exc:
-        print(f"dev cloud: {exc}", file=sys.stderr)
+    return broker_up(
+        _pki(args),
+        cluster=args.cluster,
+        port=args.port,
+        bind=args.bind,
+        sample_device=args.sample_device,
+        cloud=not args.no_cloud,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

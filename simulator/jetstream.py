@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,22 @@ def backend_permissions(durable: str) -> tuple[list[str], list[str]]:
 def topic_of(subject: str) -> str:
     """The MQTT topic of a ``$MQTT_msgs`` subject (device IDs carry no '.')."""
     return subject.removeprefix(_PREFIX).replace(".", "/")
+
+
+class _EofOverTls(logging.Filter):
+    """nats-py's protocol answers a TLS connection's end with ``True`` from
+    ``eof_received``, which asyncio reports as a warning at every close: harmless (the
+    connection closes all the same), and noise on a user's terminal."""
+
+    NOTICE = "returning true from eof_received() has no effect when using ssl"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.NOTICE
+
+
+_ASYNCIO_LOG = logging.getLogger("asyncio")
+if not any(isinstance(f, _EofOverTls) for f in _ASYNCIO_LOG.filters):
+    _ASYNCIO_LOG.addFilter(_EofOverTls())
 
 
 @dataclass(frozen=True, slots=True)
