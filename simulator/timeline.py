@@ -27,8 +27,8 @@ from typing import Any, Final
 
 from agent.core.purposes import Purpose
 from agent.errors import ConfigError
-from simulator.checker import DeviceTruth
 from simulator.cloud import Received
+from simulator.truth import DeviceTruth
 
 SCHEMA: Final = "smartmi.timeline/1"
 

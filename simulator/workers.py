@@ -16,13 +16,14 @@ from agent.errors import ConfigError
 from agent.runtime import metrics
 from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
-from simulator.checker import DeviceTruth, check
+from simulator.checker import check
 from simulator.cloud import Received
 from simulator.fleet import scenario_devices
 from simulator.nats import NatsCluster
 from simulator.outputs import INTERRUPTED, NO_VERDICT, Outputs, new_run_dir, outcome
 from simulator.pki import DevPki
 from simulator.scenario import Scenario
+from simulator.truth import DeviceTruth
 
 SHARD_STOP_S: Final = 60.0  # how long an interrupted worker may take to write what it has
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from agent.core.purposes import DELETION_KIND, POLICIES, Purpose, build_envelope, rfc3339
-from simulator.checker import DeviceTruth, check, percentiles
+from simulator.checker import check, percentiles
 from simulator.cloud import Received
+from simulator.truth import DeviceTruth
 
 T0 = 1_800_000_000.0
 DEV = "chk-1"

@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core.purposes import Purpose
-from simulator.checker import DeviceTruth, check
+from simulator.checker import check
+from simulator.truth import DeviceTruth
 from tests.core.test_checker import DEV, NO_LOCATION, T0, activation_at, message
 
 GRACE = 2.0

@@ -14,9 +14,9 @@ import pytest
 from agent.core.purposes import Purpose
 from agent.errors import ConfigError
 from simulator import html, story
-from simulator.checker import DeviceTruth
 from simulator.cloud import Received
 from simulator.outputs import Outputs
+from simulator.truth import DeviceTruth
 
 START = 1_800_000_000.0
 # Headless, and nothing reached for on a closed network.

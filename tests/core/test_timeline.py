@@ -12,8 +12,8 @@ from agent.core.identity import down_topic, up_topic
 from agent.core.purposes import Purpose
 from agent.errors import ConfigError
 from simulator import timeline
-from simulator.checker import DeviceTruth
 from simulator.cloud import Received
+from simulator.truth import DeviceTruth
 from simulator.workers import read_shards
 
 

@@ -24,11 +24,12 @@ from nats.errors import Error as NatsError
 from agent.core.identity import up_topic
 from agent.core.purposes import Purpose
 from agent.runtime.tls import client_context
-from simulator.checker import DeviceTruth, check
+from simulator.checker import check
 from simulator.cloud import Cloud, Received
 from simulator.jetstream import STREAM, UP_SUBJECT
 from simulator.nats import NatsCluster
 from simulator.pki import DevPki
+from simulator.truth import DeviceTruth
 from tests.core.test_checker import message
 from tests.mqtt_probe import PahoClient
 

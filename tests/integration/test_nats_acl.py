@@ -23,7 +23,8 @@ from agent.core.identity import down_filter, down_topic, up_topic
 from agent.errors import BrokerError, TransportError
 from agent.runtime import mqtt as agent_mqtt
 from agent.runtime.tls import client_context
-from simulator.nats import NatsCluster, users_conf
+from simulator.nats import NatsCluster
+from simulator.nats_config import users_conf
 from simulator.pki import DevPki
 from tests.mqtt_probe import PahoClient, ctx_for, raw_connect
 
