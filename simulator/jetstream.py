@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import nats
+from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import Error as JsError
 
@@ -134,21 +135,29 @@ class UplinkReader:
                 await asyncio.sleep(0.5)
 
     async def run(self, ready: asyncio.Event) -> None:
-        """Connect, make sure the consumer exists, set ``ready``, and drain until
-        cancelled. The client reconnects to any node by itself."""
+        """Connect to any node, make sure the consumer exists, set ``ready``, and drain
+        until cancelled or the connection is lost (a TransportError).
+
+        Reconnecting is ours, with a new client each time, not nats-py's: its own
+        reconnect drops a connection that failed half-way (a node killed during the TLS
+        upgrade) without closing it, and a fresh client closes what it opened."""
         self._stopping = False
+        nc = NATS()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 servers=self.servers,
                 tls=self.tls,
                 inbox_prefix=inbox_prefix(self.durable),
                 name=self.durable,
                 connect_timeout=10,
-                reconnect_time_wait=0.2,
-                max_reconnect_attempts=-1,
+                allow_reconnect=False,
+                reconnect_time_wait=1,
+                max_reconnect_attempts=2,
                 error_cb=self._error,
             )
         except (OSError, NatsError, TimeoutError) as exc:
+            with contextlib.suppress(NatsError, OSError, TimeoutError):
+                await nc.close()
             raise TransportError(f"the backend could not reach JetStream: {exc}") from exc
         try:
             js = nc.jetstream(timeout=10)
@@ -171,7 +180,7 @@ class UplinkReader:
             ]
             ready.set()
             workers = [
-                asyncio.create_task(self._drain(sub), name=f"cloud:jetstream:{i}")
+                asyncio.create_task(self._drain(nc, sub), name=f"cloud:jetstream:{i}")
                 for i, sub in enumerate(subs)
             ]
             try:
@@ -186,13 +195,15 @@ class UplinkReader:
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
 
-    async def _drain(self, sub: nats.js.JetStreamContext.PullSubscription) -> None:
+    async def _drain(self, nc: NATS, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
+            if nc.is_closed:
+                raise TransportError(f"the connection to JetStream was lost ({self.last_error})")
             try:
                 msgs = await sub.fetch(self.batch, timeout=_FETCH_WAIT_S)
             except TimeoutError:
                 continue  # nothing waiting: ask again
-            except NatsError as exc:  # a node went away mid-fetch: the client reconnects
+            except NatsError as exc:  # the connection ends, or a request failed
                 self.last_error = str(exc)
                 await asyncio.sleep(0.2)
                 continue
