@@ -43,7 +43,7 @@ def opens_with_any_key(rig: Rig, row: tuple[str, str, int, bytes]) -> bool:
     who knows the record format)."""
     assert rig.core is not None
     msg_id, purpose, cms, blob = row
-    aad = rig.core.store._item_aad(msg_id, purpose, cms)
+    aad = rig.core.store._outbox._item_aad(msg_id, purpose, cms)
     nonce, body = blob[1:13], blob[13:]
     for path in (rig.root / "keys").glob("*.key"):
         try:
@@ -156,9 +156,9 @@ def test_a_store_from_before_item_keys_is_upgraded_and_its_rows_still_withdraw(
     rig.db = None
     core = rig.open()
     with core.store.db.transaction() as c:
-        vault = core.store._data_vault()
+        vault = core.store._sealing.data_vault()
         for n, msg_id in enumerate(ids):
-            aad = core.store._item_aad(msg_id, D.value, 1000 + n)
+            aad = core.store._outbox._item_aad(msg_id, D.value, 1000 + n)
             c.execute(
                 "INSERT INTO outbox (device_id, msg_id, purpose, captured_ms, blob) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -176,8 +176,8 @@ def test_the_mark_outlives_every_row_of_its_key_whatever_the_count_says(tmp_path
     assert core is not None
     fill(rig, 50)
     core.withdraw(D, now=rig.tick())
-    for key_id in list(core.store._rows):
-        core.store._rows[key_id] = 0  # a count gone wrong must not orphan rows
+    for key_id in list(core.store._outbox._rows):
+        core.store._outbox._rows[key_id] = 0  # a count gone wrong must not orphan rows
     assert core.reap(10) == 10
     assert core.store.shredded_pending()
     core.reap_all()

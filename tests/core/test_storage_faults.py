@@ -107,7 +107,7 @@ def test_no_new_data_key_while_a_wipe_is_unfinished(rig: Rig) -> None:
     store = core.store
     store.begin_wipe("unbind", None)
     store.keys.destroy("dev-1.data")  # a wipe cut short after the key was destroyed
-    store._data = None  # as after a restart
+    store._sealing.forget_data()  # as after a restart
     with pytest.raises(StorageError, match="a wipe is not finished"):
         store.enqueue("late", D, rig.tick(), b"{}")
     assert store.keys.load("dev-1.data") is None
