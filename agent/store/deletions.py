@@ -17,16 +17,15 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from agent.core import rules
 from agent.core.purposes import Purpose
 from agent.errors import StorageError, TamperedRecord
-from agent.store.database import Database
-from agent.store.keys import KeyStore
+from agent.store.family import TableFamily
 from agent.store.outbox import StoredItem
-from agent.store.quarantine import Quarantine
-from agent.store.sealing import Sealing, ms
+from agent.store.sealing import ms
 from agent.store.vault import Vault
 
 log = logging.getLogger("smartmi.store")
@@ -35,24 +34,14 @@ log = logging.getLogger("smartmi.store")
 _STAND_IN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-class Deletions:
+@dataclass(eq=False, repr=False)
+class Deletions(TableFamily):
     """One device's deletion requests, their journal copies and their stand-ins."""
 
-    def __init__(
-        self,
-        db: Database,
-        device_id: str,
-        keys: KeyStore,
-        sealing: Sealing,
-        quarantine: Quarantine,
-    ) -> None:
-        self.db = db
-        self.device_id = device_id
-        self.keys = keys
-        self.sealing = sealing
-        self.quarantine = quarantine
-        self.recreated = 0  # requests re-created from their journal copies since opening
-        self.lost = 0  # requests replaced by stand-ins since opening
+    recreated: int = field(
+        default=0, init=False
+    )  # requests re-created from their journal copies since opening
+    lost: int = field(default=0, init=False)
 
     def _request_aad(self, msg_id: str, created_ms: int) -> bytes:
         return self.sealing.aad("deletion_requests", msg_id, created_ms)

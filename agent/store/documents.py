@@ -14,35 +14,21 @@ counter (a copy of the database put back) fails to open, as does an edited one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.errors import TamperedRecord
-from agent.store.database import Database
-from agent.store.keys import KeyStore
-from agent.store.quarantine import Quarantine
-from agent.store.sealing import Sealing
+from agent.store.family import TableFamily
 from agent.store.vault import Vault
 
 Table = Literal["state", "control"]
 
 
-class Documents:
+@dataclass(eq=False, repr=False)
+class Documents(TableFamily):
     """One device's state and control records, sealed with their generations."""
 
-    def __init__(
-        self,
-        db: Database,
-        device_id: str,
-        keys: KeyStore,
-        sealing: Sealing,
-        quarantine: Quarantine,
-    ) -> None:
-        self.db = db
-        self.device_id = device_id
-        self.keys = keys
-        self.sealing = sealing
-        self.quarantine = quarantine
-        self._generations: dict[str, int] = {}
+    _generations: dict[str, int] = field(default_factory=dict, init=False)
 
     def _load(self, table: Table, vault: Vault) -> dict[str, Any] | None:
         """The device's row of ``table``, or None; TamperedRecord after quarantining it."""

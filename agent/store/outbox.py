@@ -18,15 +18,13 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core.purposes import Purpose
 from agent.errors import StorageError, TamperedRecord
-from agent.store.database import Database
-from agent.store.keys import KeyStore
-from agent.store.quarantine import Quarantine
-from agent.store.sealing import Sealing, ms
+from agent.store.family import TableFamily
+from agent.store.sealing import ms
 from agent.store.vault import Vault
 from agent.store.wipes import refuse_while_unfinished
 
@@ -50,32 +48,20 @@ class StoredItem:
     payload: bytes
 
 
-class Outbox:
+@dataclass(eq=False, repr=False)
+class Outbox(TableFamily):
     """One device's queued items and item keys, with counts of rows per key."""
 
-    def __init__(
-        self,
-        db: Database,
-        device_id: str,
-        keys: KeyStore,
-        sealing: Sealing,
-        quarantine: Quarantine,
-    ) -> None:
-        self.db = db
-        self.device_id = device_id
-        self.keys = keys
-        self.sealing = sealing
-        self.quarantine = quarantine
-        # Item keys, read on first use: the live one of each purpose, the shredded ones
-        # not yet reaped (with why), and how many outbox rows each key sealed (None: the
-        # data key), so that a shredding knows what it destroyed without reading rows.
-        self._keys_loaded = False
-        self._live: dict[Purpose, str] = {}
-        self._dead: dict[str, str] = {}
-        self._rows: dict[str | None, int] = {}
-        self._item_vaults: dict[str, Vault] = {}
-        # Shredded rows deleted since the device last asked (``take_reaped``), by reason.
-        self._reaped: dict[str, list[str]] = {}
+    # Item keys, read on first use: the live one of each purpose, the shredded ones
+    # not yet reaped (with why), and how many outbox rows each key sealed (None: the
+    # data key), so that a shredding knows what it destroyed without reading rows.
+    _keys_loaded: bool = field(default=False, init=False)
+    _live: dict[Purpose, str] = field(default_factory=dict, init=False)
+    _dead: dict[str, str] = field(default_factory=dict, init=False)
+    _rows: dict[str | None, int] = field(default_factory=dict, init=False)
+    _item_vaults: dict[str, Vault] = field(default_factory=dict, init=False)
+    # Shredded rows deleted since the device last asked (``take_reaped``), by reason.
+    _reaped: dict[str, list[str]] = field(default_factory=dict, init=False)
 
     def _item_aad(self, msg_id: str, purpose: str, captured_ms: int) -> bytes:
         return self.sealing.aad("outbox", msg_id, purpose, captured_ms)
