@@ -123,6 +123,11 @@ class UplinkReader:
     fetched: int = 0
     last_error: str | None = None
     _stopping: bool = False
+    # The consumer exists (created by this reader or before it). It is durable and
+    # replicated like the stream, so a reconnect binds to it without asking the
+    # JetStream API, which a cluster that just lost a node may not answer for tens of
+    # seconds (seen: 10 s timeouts for 50 s in the twenty-kills loop).
+    _created: bool = False
 
     async def run_until_cancelled(self, ready: asyncio.Event) -> None:
         """``run``, and again after a failure (the consumer is durable: nothing it held
@@ -161,19 +166,8 @@ class UplinkReader:
             raise TransportError(f"the backend could not reach JetStream: {exc}") from exc
         try:
             js = nc.jetstream(timeout=10)
-            await js.add_consumer(
-                STREAM,
-                ConsumerConfig(
-                    durable_name=self.durable,
-                    filter_subject=UP_SUBJECT,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=ACK_WAIT_S,
-                    max_ack_pending=MAX_ACK_PENDING,
-                    max_waiting=4 * self.workers,
-                    num_replicas=self.replicas,
-                ),
-            )
+            if not self._created:
+                await self._create(js)
             subs = [
                 await js.pull_subscribe_bind(self.durable, stream=STREAM)
                 for _ in range(self.workers)
@@ -194,6 +188,23 @@ class UplinkReader:
         finally:
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
+
+    async def _create(self, js: JetStreamContext) -> None:
+        """Make sure the durable consumer exists (an existing one is left as it is)."""
+        await js.add_consumer(
+            STREAM,
+            ConsumerConfig(
+                durable_name=self.durable,
+                filter_subject=UP_SUBJECT,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ACK_WAIT_S,
+                max_ack_pending=MAX_ACK_PENDING,
+                max_waiting=4 * self.workers,
+                num_replicas=self.replicas,
+            ),
+        )
+        self._created = True
 
     async def _drain(self, nc: NATS, sub: JetStreamContext.PullSubscription) -> None:
         while not self._stopping:
