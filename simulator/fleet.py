@@ -25,16 +25,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal
 
 from agent.core.identity import backend_id
-from agent.core.items import DropReason
 from agent.core.location import Precision
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
-from agent.device import CoreConfig, CrashReport, Device
+from agent.device import CoreConfig, Device
 from agent.errors import AgentError, CommandRejected
 from agent.runtime import metrics
-from agent.runtime.collectors import parse_crash_file
 from agent.runtime.tls import client_context
 from agent.runtime.transport import BrokerTarget, Transport
 from agent.store.database import Database
@@ -43,33 +41,19 @@ from agent.store.records import DeviceStore
 from simulator.acks import AckBatch
 from simulator.broker import memory_kib
 from simulator.cloud import Cloud
+from simulator.devices import OnRealTime, SimDevice, crash_report, scenario_devices, shard_of
 from simulator.faults import FaultProxy
 from simulator.jetstream import JetStreamAt
 from simulator.pki import DevPki
-from simulator.scenario import FAULTS, Event, Group, Scenario
+from simulator.scenario import FAULTS, Event, Scenario
 from simulator.truth import DeviceTruth
 
-_T = TypeVar("_T")
 log = logging.getLogger("smartmi.sim")
 
 
 def rss_kib() -> int:
     """This process's resident memory (KiB), from /proc; 0 where unavailable."""
     return memory_kib()
-
-
-def _crash_report(text: str | None, k: int) -> CrashReport:
-    """A crash as the collector reads it from a crash file (``text``), or a plain one."""
-    if text is None:
-        return CrashReport(
-            signature=f"SIGSEGV in sim #{k}",
-            stack='Traceback (most recent call last):\n  File "/home/sim/app.py"',
-            ip_addresses=("10.0.0.2",),
-            default_gateway="10.0.0.1",
-            uptime_s=float(k),
-        )
-    signature, stack, uptime = parse_crash_file(text.encode())
-    return CrashReport(signature, stack, ("10.0.0.2",), "10.0.0.1", uptime_s=uptime)
 
 
 STOP_WAIT_S = 10.0  # how long a stopped transport gets to finish
@@ -99,72 +83,6 @@ def late(max_lag_s: float, latest: str) -> str | None:
         f"{MAX_LAG_S:g} s is allowed; the latest event: {latest}), so it did not play what "
         "the scenario says: run fewer devices, or spread the scenario's events out"
     )
-
-
-def scenario_devices(scenario: Scenario, n: int) -> list[tuple[Group, str]]:
-    """Every device of a run of ``scenario`` with ``n`` devices: its group and ID."""
-    return [
-        (g, f"sim-{g.name}-{i:05d}")
-        for g, size in zip(scenario.groups, scenario.sizes(n), strict=True)
-        for i in range(size)
-    ]
-
-
-def shard_of(devices: list[_T], shard: tuple[int, int]) -> list[_T]:
-    """Shard K of N (K = 1..N): every Nth of ``devices``, starting at the Kth."""
-    k, n = shard
-    return devices[k - 1 :: n]
-
-
-@dataclass
-class SimDevice:
-    """One simulated device: its core, transport and ground truth."""
-
-    device_id: str
-    group: Group
-    core: Device
-    transport: Transport
-    truth: DeviceTruth
-    target: BrokerTarget | None = None
-    task: asyncio.Task[None] | None = None
-    binds: int = 0
-    clock_offset: float = 0.0  # the device clock minus real time (a ``clock`` event)
-    # Issue times of the cloud commands on their way to the device, in order (None: a
-    # replay, which is not the user's choice); the device takes them in that order.
-    issued: list[float | None] = field(default_factory=list)
-
-    def now(self) -> float:
-        """The device's own clock."""
-        return time.time() + self.clock_offset
-
-
-@dataclass(frozen=True, slots=True)
-class _OnRealTime:
-    """What a device tells its ground truth, with the times it gives on its own clock
-    (which a ``clock`` event moves) put back on the real one: the truth, the checker
-    and every other piece of evidence (the observer, the backend, the outage windows)
-    keep real time. A PUBACK on the clock of a device eight days fast had the checker
-    take the item for one that left eight days late."""
-
-    dev: SimDevice
-
-    def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:
-        """An item queued with consent, at real time."""
-        self.dev.truth.queued(msg_id, purpose, at - self.dev.clock_offset)
-
-    def acknowledged(self, msg_id: str, at: float) -> None:
-        """The broker acknowledged an item, at real time."""
-        self.dev.truth.acknowledged(msg_id, at - self.dev.clock_offset)
-
-    def dropped(self, msg_ids: list[str], reason: DropReason) -> None:
-        """Items deleted unsent."""
-        self.dev.truth.dropped(msg_ids, reason)
-
-    def sendable(self) -> None:
-        """Not part of the ground truth."""
-
-    def stopped(self, purposes: frozenset[Purpose]) -> None:
-        """Not part of the ground truth."""
 
 
 @dataclass
@@ -347,7 +265,7 @@ class Fleet:
             ),
             now=dev.now(),
         )
-        dev.core.watch(_OnRealTime(dev))
+        dev.core.watch(OnRealTime(dev))
         dev.transport = Transport(
             dev.core,
             dev.target,
@@ -459,7 +377,7 @@ class Fleet:
         the loop let go between them (``_breathe``)."""
         for k in range(e.count):
             await self._breathe()
-            dev.core.capture_crash(_crash_report(e.text, k), now=dev.now())
+            dev.core.capture_crash(crash_report(e.text, k), now=dev.now())
 
     async def _breathe(self) -> None:
         """Let the other tasks run once the timeline has held the loop for HOLD_S."""

@@ -18,7 +18,7 @@ from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
 from simulator.checker import check
 from simulator.cloud import Received
-from simulator.fleet import scenario_devices
+from simulator.devices import scenario_devices
 from simulator.nats import NatsCluster
 from simulator.outputs import INTERRUPTED, NO_VERDICT, Outputs, new_run_dir, outcome
 from simulator.pki import DevPki
