@@ -20,11 +20,14 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Final, Literal, Protocol, Self
 
 from agent.errors import BrokerError
 from simulator.guard import Guard
 from simulator.pki import DevPki
+
+if TYPE_CHECKING:
+    from simulator.jetstream import JetStreamAt
 
 _SEARCH_PATH: Final = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 _START_TIMEOUT: Final = 15.0
@@ -153,12 +156,11 @@ class LocalBroker(Protocol):
 
     protocol: Literal["v5", "v311"]
     backend_persistent: bool
-    replicas: int  # how many nodes keep each stored message (1: one broker)
 
     @property
     def host(self) -> str: ...
     @property
-    def jetstream_urls(self) -> list[str]: ...
+    def jetstream(self) -> JetStreamAt | None: ...
     @property
     def port(self) -> int: ...
     @property
@@ -185,12 +187,11 @@ class MosquittoBroker:
     protocol: Literal["v5", "v311"] = "v5"
     # The backend starts clean on every connection (see simulator/cloud.py).
     backend_persistent = False
-    replicas = 1
 
     @property
-    def jetstream_urls(self) -> list[str]:
+    def jetstream(self) -> JetStreamAt | None:
         """None: the backend subscribes to up/ over MQTT."""
-        return []
+        return None
 
     def __init__(
         self,

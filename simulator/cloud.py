@@ -125,9 +125,7 @@ class Cloud:
             protocol=broker.protocol,
             persistent=broker.backend_persistent,
             fallback_ports=tuple(broker.ports[1:]),
-            jetstream=JetStreamAt(tuple(broker.jetstream_urls), broker.replicas)
-            if broker.jetstream_urls
-            else None,
+            jetstream=broker.jetstream,
         )
 
     @contextlib.asynccontextmanager
@@ -148,13 +146,7 @@ class Cloud:
         tasks = [asyncio.create_task(self._run(ctx), name="cloud:collect")]
         reading = asyncio.Event()
         if self.jetstream is not None:
-            self.reader = UplinkReader(
-                list(self.jetstream.urls),
-                ctx,
-                self.client_id,
-                self._uplink_stored,
-                replicas=self.jetstream.replicas,
-            )
+            self.reader = UplinkReader(self.jetstream, ctx, self.client_id, self._uplink_stored)
             tasks.append(
                 asyncio.create_task(
                     self.reader.run_until_cancelled(reading), name="cloud:jetstream"

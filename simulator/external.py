@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
+from urllib.parse import urlsplit
 
 from agent.config import mqtts_host_port
 from agent.errors import ConfigError
@@ -31,13 +32,17 @@ class ExternalBroker:
 
     def __post_init__(self) -> None:
         for url in self.jetstream:  # wrong at once, before any identity is read
-            if not url.startswith("tls://"):
+            try:
+                parts = urlsplit(url)
+                ok = parts.scheme == "tls" and bool(parts.hostname) and parts.port is not None
+            except ValueError:  # a bad port or IPv6 address
+                ok = False
+            if not ok:
                 raise ConfigError(f"--jetstream {url}: give a node's NATS port as tls://HOST:PORT")
-            _host_port("--jetstream", "mqtts://" + url.removeprefix("tls://"))
 
     def jetstream_at(self) -> JetStreamAt | None:
         """Where the backend reads the uplink, if not over MQTT."""
-        return JetStreamAt(self.jetstream, min(len(self.jetstream), 3)) if self.jetstream else None
+        return JetStreamAt(self.jetstream) if self.jetstream else None
 
     def address(self) -> tuple[str, int, ssl.SSLContext]:
         """Host, port and the backend's TLS context; ConfigError on a bad URL or identity."""

@@ -91,13 +91,22 @@ if not any(isinstance(f, _EofOverTls) for f in _ASYNCIO_LOG.filters):
     _ASYNCIO_LOG.addFilter(_EofOverTls())
 
 
+def replicas_for(nodes: int) -> int:
+    """On how many of a cluster's nodes JetStream keeps each stream: all, up to three
+    (``stream_replicas`` in broker-config/nats-server.conf)."""
+    return min(nodes, 3)
+
+
 @dataclass(frozen=True, slots=True)
 class JetStreamAt:
-    """Where a NATS cluster's JetStream is: every node's NATS port, and on how many
-    nodes the backend's consumer is kept (as many as keep the stream)."""
+    """Where a NATS cluster's JetStream is: every node's NATS port."""
 
     urls: tuple[str, ...]  # tls://host:port
-    replicas: int = 1
+
+    @property
+    def replicas(self) -> int:
+        """On how many nodes the backend's consumer is kept: as many as keep the stream."""
+        return replicas_for(len(self.urls))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +122,12 @@ class Uplink:
 class UplinkReader:
     """A durable pull consumer over the fleet's ``up/``, drained by ``workers``."""
 
-    servers: list[str]  # tls://host:port of every node
+    at: JetStreamAt
     tls: ssl.SSLContext
     durable: str
     on_message: Callable[[Uplink], None]
-    replicas: int = 1
     workers: int = WORKERS
     batch: int = BATCH
-    fetched: int = 0
     last_error: str | None = None
     _stopping: bool = False
     # The consumer exists (created by this reader or before it). It is durable and
@@ -150,7 +157,7 @@ class UplinkReader:
         nc = NATS()
         try:
             await nc.connect(
-                servers=self.servers,
+                servers=list(self.at.urls),
                 tls=self.tls,
                 inbox_prefix=inbox_prefix(self.durable),
                 name=self.durable,
@@ -201,7 +208,7 @@ class UplinkReader:
                 ack_wait=ACK_WAIT_S,
                 max_ack_pending=MAX_ACK_PENDING,
                 max_waiting=4 * self.workers,
-                num_replicas=self.replicas,
+                num_replicas=self.at.replicas,
             ),
         )
         self._created = True
@@ -219,7 +226,6 @@ class UplinkReader:
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
-                self.fetched += 1
                 stored = msg.metadata.timestamp.timestamp()
                 self.on_message(Uplink(topic_of(msg.subject), msg.data, stored))
                 # Recorded first: a message lost with the process is delivered again.

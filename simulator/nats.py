@@ -38,6 +38,7 @@ from simulator.broker import (
     require_free,
 )
 from simulator.guard import Guard
+from simulator.jetstream import JetStreamAt, replicas_for
 from simulator.nats_config import (
     find_nats_server,
     nats_device_id,
@@ -122,7 +123,7 @@ class NatsCluster:
             )
             for i in range(nodes)
         ]
-        self.replicas = min(nodes, 3)
+        self.replicas = replicas_for(nodes)
         self._next_failure = 0
         self.authorize(devices, reload=False)
         self._render()
@@ -163,6 +164,11 @@ class NatsCluster:
         """Every node's NATS port (mutual TLS), where the backend reads the uplink."""
         host = f"[{self.bind}]" if ":" in self.bind else self.bind
         return [f"tls://{host}:{n.client_port}" for n in self.nodes]
+
+    @property
+    def jetstream(self) -> JetStreamAt:
+        """Where the backend reads the uplink: JetStream on every node."""
+        return JetStreamAt(tuple(self.jetstream_urls))
 
     @property
     def log_path(self) -> Path:

@@ -154,8 +154,7 @@ def run(
 def _jetstream_of(local: LocalBroker | None, broker: ExternalBroker | None) -> JetStreamAt | None:
     """Where the backend reads the uplink from JetStream, if it does (a NATS cluster)."""
     if local is not None:
-        urls = tuple(local.jetstream_urls)
-        return JetStreamAt(urls, local.replicas) if urls else None
+        return local.jetstream
     return broker.jetstream_at() if broker is not None else None
 
 

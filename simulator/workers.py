@@ -172,7 +172,7 @@ def _spawn_shard(
     ]  # fmt: skip
     for port in local.ports[1:]:
         cmd += ["--fallback", f"mqtts://{host}:{port}"]
-    for url in local.jetstream_urls:
+    for url in local.jetstream.urls if local.jetstream else ():
         cmd += ["--jetstream", url]
     if seed is not None:
         cmd += ["--seed", str(seed)]
