@@ -167,10 +167,12 @@ class UplinkReader:
                 max_reconnect_attempts=2,
                 error_cb=self._error,
             )
-        except (OSError, NatsError, TimeoutError) as exc:
+        except BaseException as exc:  # a cancel too: nats-py leaves a first attempt open
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
-            raise TransportError(f"the backend could not reach JetStream: {exc}") from exc
+            if isinstance(exc, OSError | NatsError | TimeoutError):
+                raise TransportError(f"the backend could not reach JetStream: {exc}") from exc
+            raise
         try:
             js = nc.jetstream(timeout=10)
             if not self._created:

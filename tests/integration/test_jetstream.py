@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
 from agent.core.identity import up_topic
@@ -141,14 +141,17 @@ def test_only_a_backend_identity_may_use_the_nats_port(cluster: NatsCluster) -> 
     ident = pki.device(DEVICE)
 
     async def connect() -> None:
-        nc = await nats.connect(
-            servers=cluster.jetstream_urls,
-            tls=client_context(pki.ca_cert, ident.cert, ident.key),
-            allow_reconnect=False,
-            connect_timeout=5,
-            max_reconnect_attempts=0,
-        )
-        await nc.close()
+        nc = NATS()
+        try:
+            await nc.connect(
+                servers=cluster.jetstream_urls,
+                tls=client_context(pki.ca_cert, ident.cert, ident.key),
+                allow_reconnect=False,
+                connect_timeout=5,
+                max_reconnect_attempts=0,
+            )
+        finally:  # nats-py leaves a refused first connection open: close it here
+            await nc.close()
 
     with pytest.raises((NatsError, OSError)):
         asyncio.run(connect())
