@@ -74,7 +74,7 @@ class Rig:
             outbox_cap=self.cap,
         )
 
-    def open(self) -> Device:
+    def open(self, *crash_dirs: Path) -> Device:
         if self.db is not None:
             self.db.close()
         self.db = Database(self.root / "state.db", synchronous="NORMAL")
@@ -83,7 +83,7 @@ class Rig:
             store,
             self.config(),
             now=self.now,
-            crash_dirs=[self.root / "crash"],
+            crash_dirs=crash_dirs or [self.root / "crash"],
             new_id=lambda: f"m{next(self.ids)}",
         )
         return self.core

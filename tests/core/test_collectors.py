@@ -178,8 +178,7 @@ def test_the_own_and_the_drop_directory_are_both_collected_and_both_wiped(
     rig = Rig(tmp_path)
     own, drop = tmp_path / "crash", tmp_path / "spool"
     drop.mkdir(mode=0o1733)
-    core = rig.open()
-    core.crash_dirs = (own, drop)
+    core = rig.open(own, drop)
     core.bind("owner-1", now=rig.tick())
     core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
     collector = CrashDirCollector(core, own, drop, started=rig.now)

@@ -382,3 +382,22 @@ async def test_the_daemon_sweeps_retention_on_a_timer(tmp_path: Path) -> None:
     finally:
         sweeper.cancel()
     assert core.dropped[DropReason.EXPIRED] == 1
+
+
+def test_an_item_recalled_on_the_wire_is_ledgered_unconfirmed_when_the_link_goes(
+    rig: Rig,
+) -> None:
+    """P11: it left the device before the withdrawal, and no PUBACK can come for it
+    now; the ledger says it was sent, unconfirmed, once."""
+    bound(rig, D)
+    core = rig.core
+    assert core is not None
+    msg_id = core.capture_crash(CRASH, now=rig.tick())
+    assert [o.msg_id for o in core.next_batch(now=rig.now, limit=1)] == [msg_id]
+    core.withdraw(D, now=rig.tick())
+    core.connection_lost(now=rig.tick())
+    assert not core.acknowledged(msg_id, now=rig.tick())  # too late: changes nothing
+    sent = [e for e in core.export(now=rig.now)["entries"] if e["type"] == "sent"]
+    assert [(e["msg_id"], e["confirmed"]) for e in sent] == [(msg_id, False)]
+    assert core.in_flight() == []
+    assert core.next_batch(now=rig.now) == []

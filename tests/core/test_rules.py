@@ -9,7 +9,6 @@ import pytest
 
 from agent.core import consent, items, lifecycle
 from agent.core.consent import ConsentState, Reason
-from agent.core.items import ItemEvent, ItemState
 from agent.core.lifecycle import Event, State
 from agent.core.location import Precision, coarsen, finer_than, parse_precision, recoarsen
 from agent.core.purposes import (
@@ -116,21 +115,6 @@ def test_lifecycle_steps(state: State, event: Event, new: State, effect: str) ->
 def test_lifecycle_illegal(state: State, event: Event) -> None:
     with pytest.raises(IllegalTransition):
         lifecycle.step(state, event)
-
-
-@pytest.mark.parametrize("state", list(ItemState))
-@pytest.mark.parametrize("event", list(ItemEvent))
-def test_item_table(state: ItemState, event: ItemEvent) -> None:
-    if (state, event) in items.TRANSITIONS:
-        assert items.item_step(state, event) is items.TRANSITIONS[(state, event)]
-    else:
-        with pytest.raises(IllegalTransition):
-            items.item_step(state, event)
-
-
-def test_terminal_states_have_no_exit() -> None:
-    for state in (ItemState.ACKNOWLEDGED, ItemState.DROPPED):
-        assert not any(s is state for s, _ in items.TRANSITIONS)
 
 
 def test_retention_and_cap() -> None:

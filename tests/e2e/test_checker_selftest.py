@@ -95,7 +95,7 @@ async def test_every_kind_of_violation_is_caught(
         liar = fleet.devices[adults[0]].core
         liars.append(adults[0])
         forged = consent.grant(liar.consent, Purpose.DIAGNOSTICS, now=now - 10, source="local")
-        liar.settings = dataclasses.replace(liar.settings, consent=forged)
+        liar.plans.settings = dataclasses.replace(liar.settings, consent=forged)
         liar.capture_crash(CrashReport("after withdrawal", "x"), now=now)
         # 2. An item dropped behind the agent's back: queued with consent, never sent.
         core = fleet.devices[adults[1]].core
