@@ -19,7 +19,7 @@ from agent.core.plans import Plan, Purge
 from agent.core.purposes import Purpose
 from agent.core.settings import Settings
 
-HandOff = Literal["send", "hold", "expired"]
+SendVerdict = Literal["send", "hold", "expired"]
 
 
 def decide(s: Settings, purpose: Purpose) -> Decision:
@@ -27,7 +27,7 @@ def decide(s: Settings, purpose: Purpose) -> Decision:
     return consent.decide(s.consent, purpose)
 
 
-def may_send(s: Settings, purpose: Purpose, captured_at: float, now: float) -> HandOff:
+def may_send(s: Settings, purpose: Purpose, captured_at: float, now: float) -> SendVerdict:
     """At hand-off: send, hold (no consent in force now) or expired (P7: never sent)."""
     if not decide(s, purpose).allowed:
         return "hold"

@@ -29,7 +29,7 @@ from typing import Any
 from agent.core import consent, ledger, lifecycle
 from agent.core.capture import activation, crash, deletion_request, then_activate
 from agent.core.consent import Source
-from agent.core.gate import HandOff, decide, may_send, purge_superseded, superseded
+from agent.core.gate import SendVerdict, decide, may_send, purge_superseded, superseded
 from agent.core.identity import safe_binding_id, validate_binding_id
 from agent.core.items import DropReason
 from agent.core.lifecycle import Event, State
@@ -52,10 +52,10 @@ __all__ = [
     "Capture",
     "CoreConfig",
     "CrashReport",
-    "HandOff",
     "Plan",
     "Purge",
     "Recoarsen",
+    "SendVerdict",
     "Settings",
     "Wipe",
     "activation",
