@@ -10,7 +10,8 @@ import pytest
 from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.runtime import mqtt
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.target import BrokerTarget
+from agent.runtime.transport import Transport
 from tests.core.helpers import Rig
 
 pytestmark = pytest.mark.asyncio
