@@ -43,6 +43,7 @@ from agent.core.purposes import parse_rfc3339, rfc3339
 from agent.device import Device
 from agent.errors import AgentError, CommandRejected, TransportError
 from agent.runtime import mqtt
+from agent.runtime.link import Link
 from agent.runtime.waits import wait_at_most
 
 # The transport's logger: a command's lines sit among its connection's.
@@ -118,7 +119,7 @@ class Commands:
         self._syncs.clear()
 
     # -- commands first ------------------------------------------------------------
-    async def sync(self, conn: mqtt.Connection) -> None:
+    async def sync(self, conn: Link) -> None:
         """Ask the cloud for the commands it issued before this connection, until it answers."""
         attempt = 0
         while not self.synced.is_set():

@@ -24,7 +24,9 @@ socket on our event loop. The transport carries out what the device decides, and
   follow ``agent.core.backoff``, certificate problems the slow schedule.
 
 Each connection uses a fresh paho client with a persistent session on the broker
-(``agent.runtime.target``), so commands sent while the device was offline arrive.
+(``agent.runtime.target``), so commands sent while the device was offline arrive. It
+is opened by a ``Connector`` (``agent.runtime.link``): the adapter's ``mqtt.connect``,
+or a test's fake broker.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from agent.device import Device
 from agent.errors import AgentError, CertificateProblem, PublishRefused, TransportError
 from agent.runtime import mqtt
 from agent.runtime.commands import CommandListener, Commands
+from agent.runtime.link import Connector, Link
 from agent.runtime.target import BrokerTarget
 from agent.runtime.waits import wait_at_most
 
@@ -93,6 +96,7 @@ class Transport:
         rng: random.Random | None = None,
         command_listener: CommandListener | None = None,
         ack_sink: AckSink | None = None,
+        connector: Connector = mqtt.connect,
     ) -> None:
         self.device = device
         self.target = target
@@ -115,7 +119,8 @@ class Transport:
         # Set on every failed connection or refused PUBLISH; callers clear it.
         self.trouble = asyncio.Event()
         self._wake = asyncio.Event()
-        self._conn: mqtt.Connection | None = None
+        self._connect = connector  # the MQTT adapter's, or a test's fake
+        self._conn: Link | None = None
         self._flying: dict[int, Outgoing] = {}  # paho mid -> item, on this connection
         self._paused_until = 0.0
         self._refusals = 0
@@ -220,7 +225,7 @@ class Transport:
     async def _session(self) -> None:
         """One connection, from CONNECT to its loss; always ends with an exception."""
         log_ = mqtt.LastErrorLog("smartmi.mqtt", {"device": self.device_id})
-        async with mqtt.connect(
+        async with self._connect(
             self.target.options(self._endpoint, self.device_id, self.window),
             on_puback=self._on_puback,
             on_message=self.commands.on_message,
@@ -259,7 +264,7 @@ class Transport:
         self.device.connection_lost(now=self.clock())
 
     # -- outgoing ----------------------------------------------------------------
-    async def _drain(self, conn: mqtt.Connection) -> None:
+    async def _drain(self, conn: Link) -> None:
         while True:
             self._wake.clear()
             now = self.clock()
@@ -274,7 +279,7 @@ class Transport:
                     timeout = BLOCKED_BACKSTOP_S
             await wait_at_most(self._wake, timeout)
 
-    def _hand_over(self, conn: mqtt.Connection, now: float) -> None:
+    def _hand_over(self, conn: Link, now: float) -> None:
         """Give paho what it can write now, one item at a time (no recall needed).
 
         Commands first, also between two hand-overs: what the broker has already

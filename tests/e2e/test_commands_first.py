@@ -25,6 +25,7 @@ from agent.core.identity import backend_id
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.errors import StorageError
 from agent.runtime import commands as commands_mod
+from agent.runtime import mqtt
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
@@ -191,7 +192,7 @@ def _wait_until_readable(agent: Agent, within: float = 10.0) -> None:
     """Block (the event loop too) until the device's socket holds unread bytes."""
     assert agent.transport is not None
     conn = agent.transport._conn  # the live connection (test only)
-    assert conn is not None
+    assert isinstance(conn, mqtt.Connection)  # the adapter's, not a fake
     sock = conn._paho.socket()  # paho's TLS socket (test only)
     assert isinstance(sock, socket.socket)
     readable, _, _ = select.select([sock], [], [], within)
