@@ -13,7 +13,8 @@ from agent.core.items import DropReason
 from agent.core.purposes import Purpose
 from agent.device import CrashReport, Device
 from agent.runtime.collectors import parse_crash_file
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.target import BrokerTarget
+from agent.runtime.transport import Transport
 from simulator.scenario import Group, Scenario
 from simulator.truth import DeviceTruth
 

@@ -33,8 +33,9 @@ from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import CoreConfig, Device
 from agent.errors import AgentError, CommandRejected
 from agent.runtime import metrics
+from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import client_context
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore

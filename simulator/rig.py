@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.device import CoreConfig, CrashReport, Device
+from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import client_context
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore

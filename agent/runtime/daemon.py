@@ -24,8 +24,9 @@ from agent.errors import AgentError, ConfigError, StorageError
 from agent.runtime import control
 from agent.runtime.collectors import CrashDirCollector, install_crash_hooks
 from agent.runtime.logs import setup_logging
+from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import check_identity, client_context
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.transport import Transport
 
 if TYPE_CHECKING:
     from agent.runtime.metrics import Snapshot

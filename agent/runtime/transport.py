@@ -1,21 +1,15 @@
-"""The MQTT transport: mutual TLS, QoS 1 hand-off of the outbox, cloud commands, reconnects.
+"""The MQTT transport: mutual TLS, QoS 1 hand-off of the outbox, reconnects.
 
 ``agent.runtime.mqtt`` (aiomqtt over paho-mqtt) runs the connection: paho's own TLS
-socket on our event loop. The transport carries out what the device decides:
+socket on our event loop. The transport carries out what the device decides, and
+``agent.runtime.commands`` takes what the cloud sends on the same connection:
 
-* **Commands first** (SPEC §3). After every (re)connect it subscribes, then sends a
-  sync request on ``up/sync``; the cloud answers on ``down/sync`` after every
-  command it issued before, so the broker delivers the answer behind them. Until
-  the answer arrives only deletion requests leave. Without an answer (a bare broker
-  with no cloud behind it) personal data keeps waiting, the request is repeated
-  with backoff, and ``status`` says so. A command is taken as the socket is read,
-  never queued, and every hand-over of the outbox first reads what the broker has
-  already delivered: a narrowing choice on the socket covers what was captured
-  while the event loop was busy elsewhere.
-* **Acknowledged after it takes effect.** Commands are acknowledged by us, not by
-  paho on receipt: after ``Device.take`` has made the effect durable, or refused
-  the command for good. A command whose effect cannot be written is not
-  acknowledged: the connection is ended so that the broker delivers it again.
+* **Commands first, acknowledged after they take effect** (SPEC §3): each command
+  is taken as paho reads the socket (``Commands.on_message``). Until the cloud has
+  answered the command sync (``synced``) only deletion requests leave, and every
+  hand-over of the outbox first reads what the broker has already delivered
+  (``Connection.read_waiting``): a narrowing choice on the socket covers what was
+  captured while the event loop was busy elsewhere.
 * **A hand-off that needs no recall.** An item goes to paho only when paho has
   nothing left to write, and is written at once; what paho has taken has left the
   device. If a withdrawal, suspension, wipe or coarser precision stops a purpose
@@ -30,76 +24,40 @@ socket on our event loop. The transport carries out what the device decides:
   follow ``agent.core.backoff``, certificate problems the slow schedule.
 
 Each connection uses a fresh paho client with a persistent session on the broker
-(clean start off, a session expiry on v5), so commands sent while the device was
-offline arrive.
-
-Past 400 lines on purpose: the sync, the hand-off and the command loop share one
-connection's state (what is in flight, whether the cloud has answered), which one
-class keeps consistent across a connection's loss.
+(``agent.runtime.target``), so commands sent while the device was offline arrive. It
+is opened by a ``Connector`` (``agent.runtime.link``): the adapter's ``mqtt.connect``,
+or a test's fake broker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import ssl
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from agent.core import backoff, commands
+from agent.core import backoff
 from agent.core.identity import down_filter, up_topic
 from agent.core.items import DropReason, Outgoing
-from agent.core.ordering import Clock
-from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
+from agent.core.purposes import Purpose
 from agent.device import Device
-from agent.errors import (
-    AgentError,
-    CertificateProblem,
-    CommandRejected,
-    PublishRefused,
-    TransportError,
-)
+from agent.errors import AgentError, CertificateProblem, PublishRefused, TransportError
 from agent.runtime import mqtt
+from agent.runtime.commands import CommandListener, Commands
+from agent.runtime.link import Connector, Link
+from agent.runtime.target import BrokerTarget
+from agent.runtime.waits import wait_at_most
 
 log = logging.getLogger("smartmi.transport")
 
-SESSION_EXPIRY_S = 7 * 24 * 3600  # keep commands queued for a device offline up to a week
 HOUSEKEEPING_S = 600.0  # the drain loop wakes at least this often while idle
 # A full socket is awaited: the adapter pokes the drain when it took paho's last bytes.
 # This is only the backstop, should that word be missed.
 BLOCKED_BACKSTOP_S = 1.0
 NO_SUBSCRIBERS = 0x10  # MQTT v5 PUBACK: accepted, but nobody subscribed (§3.4.2.1)
-# The command sync is repeated while no answer comes: after 10-15 s, then doubling to
-# 5 min. Both the request and the answer are QoS 1 on persistent sessions, and an answer
-# to any request of the connection counts, so a repeat is for what a broker or a cloud
-# lost; 5 s was shorter than a busy cloud's answer, and 10,000 simulated devices then
-# sent four requests each.
-SYNC_RETRY = backoff.Backoff(base=15.0, cap=300.0, floor=10.0)
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerTarget:
-    """Where and how to connect."""
-
-    host: str
-    port: int
-    tls: ssl.SSLContext
-    protocol: Literal["v5", "v311"] = "v5"
-    keepalive: int = 60
-    connect_timeout: float = 15.0
-    # Other nodes of a clustered broker (host, port): after a failed or lost
-    # connection the next one is tried, so one node down does not strand the device.
-    fallbacks: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def endpoints(self) -> tuple[tuple[str, int], ...]:
-        """Every address, the first one first."""
-        return ((self.host, self.port), *self.fallbacks)
 
 
 @dataclass(slots=True)
@@ -121,26 +79,8 @@ class TransportStats:
     last_error_kind: str | None = None
 
 
-# (command name, what it did or why it was refused, the time the device acted)
-CommandListener = Callable[[str, "dict[str, Any] | CommandRejected", float], None]
 # Records one acknowledgement: (transport, msg_id, time); the default is ``record_ack``.
 AckSink = Callable[["Transport", str, float], None]
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Wait for ``event`` at most ``seconds``; a cancellation always propagates.
-
-    Python 3.11's ``asyncio.timeout`` can turn a cancellation that arrives as the
-    timeout expires into TimeoutError; a loop that ignored it would never end, and the
-    TaskGroup around it (a connection being stopped) would wait for ever.
-    """
-    try:
-        async with asyncio.timeout(seconds):
-            await event.wait()
-    except TimeoutError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError from None
 
 
 class Transport:
@@ -156,6 +96,7 @@ class Transport:
         rng: random.Random | None = None,
         command_listener: CommandListener | None = None,
         ack_sink: AckSink | None = None,
+        connector: Connector = mqtt.connect,
     ) -> None:
         self.device = device
         self.target = target
@@ -164,27 +105,26 @@ class Transport:
         self.window = window
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
-        self.command_listener = command_listener
         self.ack_sink = ack_sink
         self.stats = TransportStats()
+        # The cloud's side of the connection: the command sync and every command.
+        self.commands = Commands(
+            device, self.stats, clock=clock, rng=self.rng, wake=self.poke, listener=command_listener
+        )
         self.connected = asyncio.Event()
         # Set once the cloud answered this connection's command sync (commands first).
-        self.synced = asyncio.Event()
+        self.synced = self.commands.synced
         # Set while synced with nothing in flight and nothing sendable right now.
         self.idle = asyncio.Event()
         # Set on every failed connection or refused PUBLISH; callers clear it.
         self.trouble = asyncio.Event()
         self._wake = asyncio.Event()
-        self._conn: mqtt.Connection | None = None
+        self._connect = connector  # the MQTT adapter's, or a test's fake
+        self._conn: Link | None = None
         self._flying: dict[int, Outgoing] = {}  # paho mid -> item, on this connection
-        # This connection's command sync requests awaiting an answer: sync_id -> sent at.
-        # Any of them answered is enough (each covers every command issued before this
-        # connection); a request from an earlier connection is not.
-        self._syncs: dict[str, float] = {}
         self._paused_until = 0.0
         self._refusals = 0
         self._stopping = False
-        self._prefix = down_filter(device.device_id).removesuffix("+")  # down/ topics
         device.watch(self)
 
     def stop(self, task: asyncio.Task[None]) -> None:
@@ -282,30 +222,13 @@ class Transport:
             extra={"device": self.device_id, "error": str(exc), "kind": type(exc).__name__},
         )
 
-    def _options(self) -> mqtt.Options:
-        t = self.target
-        host, port = t.endpoints[self._endpoint % len(t.endpoints)]
-        return mqtt.Options(
-            host=host,
-            port=port,
-            tls=t.tls,
-            client_id=self.device_id,
-            protocol=t.protocol,
-            keepalive=t.keepalive,
-            connect_timeout=t.connect_timeout,
-            persistent=True,  # commands sent while the device was offline arrive
-            session_expiry_s=SESSION_EXPIRY_S,
-            max_inflight=self.window,
-            manual_ack=True,  # a command is acknowledged once its effect is durable
-        )
-
     async def _session(self) -> None:
         """One connection, from CONNECT to its loss; always ends with an exception."""
         log_ = mqtt.LastErrorLog("smartmi.mqtt", {"device": self.device_id})
-        async with mqtt.connect(
-            self._options(),
+        async with self._connect(
+            self.target.options(self._endpoint, self.device_id, self.window),
             on_puback=self._on_puback,
-            on_message=self._on_message,
+            on_message=self.commands.on_message,
             on_writable=self.poke,
             logger=log_,
         ) as conn:
@@ -320,7 +243,7 @@ class Transport:
             self._stop_if_asked()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(conn.ended(), name=f"link:{self.device_id}")
-                tg.create_task(self._sync_loop(conn), name=f"sync:{self.device_id}")
+                tg.create_task(self.commands.sync(conn), name=f"sync:{self.device_id}")
                 tg.create_task(self._drain(conn), name=f"drain:{self.device_id}")
         raise TransportError("the connection ended")
 
@@ -334,55 +257,14 @@ class Transport:
     def _lost(self) -> None:
         """The connection is gone: in-flight items wait in the outbox again."""
         self.connected.clear()
-        self.synced.clear()
+        self.commands.lost()
         self.idle.clear()
         self._conn = None
-        self._syncs.clear()
         self._flying.clear()
         self.device.connection_lost(now=self.clock())
 
-    # -- commands first ------------------------------------------------------------
-    async def _sync_loop(self, conn: mqtt.Connection) -> None:
-        """Ask the cloud for the commands it issued before this connection, until it answers."""
-        attempt = 0
-        while not self.synced.is_set():
-            sync_id = uuid.uuid4().hex
-            sent = self.clock()
-            self._syncs[sync_id] = sent
-            body = {"sync_id": sync_id, "device_id": self.device_id, "sent_at": rfc3339(sent)}
-            conn.publish_nowait(up_topic(self.device_id, "sync"), json.dumps(body).encode())
-            conn.flush()
-            wait = SYNC_RETRY.delay(attempt, self.rng)
-            await _wait(self.synced, wait)
-            if not self.synced.is_set():
-                attempt += 1
-                log.warning(
-                    "no answer to the command sync: personal data waits for the cloud",
-                    extra={"device": self.device_id, "waited_s": round(wait, 1)},
-                )
-
-    def _sync_answered(self, payload: bytes, now: float) -> None:
-        answer = commands.parse_sync(payload)
-        sent = self._syncs.get(answer.sync_id)
-        if sent is None:
-            return  # an answer to an earlier connection's request, or a repeated one
-        clock = Clock.from_sync(sent, parse_rfc3339(answer.now), now)
-        self.device.clock_compared(clock, now=now)
-        self.stats.syncs += 1
-        self._syncs.clear()
-        self.synced.set()
-        log.info(
-            "commands synced",
-            extra={
-                "device": self.device_id,
-                "clock_offset_s": round(clock.offset, 3),
-                "clock_error_s": round(clock.error, 3),
-            },
-        )
-        self.poke()
-
     # -- outgoing ----------------------------------------------------------------
-    async def _drain(self, conn: mqtt.Connection) -> None:
+    async def _drain(self, conn: Link) -> None:
         while True:
             self._wake.clear()
             now = self.clock()
@@ -395,9 +277,9 @@ class Transport:
                 self._hand_over(conn, now)
                 if conn.pending_write():
                     timeout = BLOCKED_BACKSTOP_S
-            await _wait(self._wake, timeout)
+            await wait_at_most(self._wake, timeout)
 
-    def _hand_over(self, conn: mqtt.Connection, now: float) -> None:
+    def _hand_over(self, conn: Link, now: float) -> None:
         """Give paho what it can write now, one item at a time (no recall needed).
 
         Commands first, also between two hand-overs: what the broker has already
@@ -475,75 +357,6 @@ class Transport:
         except AgentError as exc:
             # The item stays queued and is sent again: at-least-once.
             log.error("cannot record acknowledgement", extra={"error": str(exc)})  # noqa: TRY400  # an expected failure, no traceback
-
-    # -- incoming ----------------------------------------------------------------
-    def _on_message(self, message: mqtt.Incoming) -> None:
-        """One message from the broker, taken as the socket is read; the adapter
-        acknowledges it when this returns."""
-        prefix = self._prefix
-        topic, payload = message.topic, message.payload
-        now = self.clock()
-        if not topic.startswith(prefix) or payload is None:
-            self._rejected("", CommandRejected("bad-topic"), now)
-        elif topic == prefix + "sync":
-            try:
-                self._sync_answered(payload, now)
-            except CommandRejected as exc:
-                self._rejected("sync", exc, now)
-        else:
-            # An effect that cannot be made durable raises here: not acknowledged, the
-            # connection ends, and the broker delivers the command again.
-            self.handle_command(topic.removeprefix(prefix), payload)
-
-    def handle_command(self, name: str, payload: bytes) -> None:
-        """Validate and carry out one command; hostile input is logged, never raised.
-
-        Returns once the effect is durable (or the command is refused for good);
-        raises TransportError if the effect could not be written.
-        """
-        now = self.clock()
-        try:
-            command = commands.parse(name, payload)
-            taken = self.device.take(command, now=now)
-        except CommandRejected as exc:
-            self._rejected(name, exc, now)
-            return
-        except AgentError as exc:
-            log.error(  # noqa: TRY400  # an expected failure, no traceback
-                "command not applied: its effect could not be written",
-                extra={"device": self.device_id, "command": name, "error": str(exc)},
-            )
-            raise TransportError(f"command {name} not applied: {exc}") from exc
-        if taken.applied:
-            self.stats.commands_applied += 1
-        else:
-            self.stats.commands_ignored += 1
-        log.info(
-            "command taken",
-            extra={
-                "device": self.device_id,
-                "command": name,
-                "command_id": command.command_id,
-                "result": taken.result,
-            },
-        )
-        if self.command_listener is not None:
-            self.command_listener(name, taken.result, now)
-        self.poke()
-
-    def _rejected(self, name: str, exc: CommandRejected, now: float) -> None:
-        self.stats.commands_rejected += 1
-        log.warning(
-            "command rejected",
-            extra={
-                "device": self.device_id,
-                "command": name[:64],
-                "reason": exc.reason,
-                "command_id": exc.command_id,
-            },
-        )
-        if self.command_listener is not None:
-            self.command_listener(name, exc, now)
 
     def status(self) -> dict[str, Any]:
         """Connection counters for ``smartmi-agent status``."""

@@ -13,7 +13,8 @@ import pytest
 from agent.core.purposes import Purpose
 from agent.device import CrashReport, Device
 from agent.errors import StorageError
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.target import BrokerTarget
+from agent.runtime.transport import Transport
 from simulator.acks import AckBatch
 from tests.core.helpers import Rig
 

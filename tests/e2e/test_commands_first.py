@@ -24,7 +24,8 @@ from agent.core.backoff import Backoff
 from agent.core.identity import backend_id
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.errors import StorageError
-from agent.runtime import transport as transport_mod
+from agent.runtime import commands as commands_mod
+from agent.runtime import mqtt
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
@@ -118,7 +119,7 @@ async def test_a_late_answer_to_an_earlier_request_of_this_connection_counts(
     once answered only if it was the latest, so a fleet whose cloud answered each
     after the retry never synced (56,627 requests for 10,000 devices). An answer to
     a request of an earlier connection still does not count."""
-    monkeypatch.setattr(transport_mod, "SYNC_RETRY", Backoff(base=0.2, cap=0.2, floor=0.2))
+    monkeypatch.setattr(commands_mod, "SYNC_RETRY", Backoff(base=0.2, cap=0.2, floor=0.2))
     agent = Agent(tmp_path / "a", "late-sync-dev", own_broker, pki)
     agent.open().bind("b-1", now=time.time() - 60)
 
@@ -191,7 +192,7 @@ def _wait_until_readable(agent: Agent, within: float = 10.0) -> None:
     """Block (the event loop too) until the device's socket holds unread bytes."""
     assert agent.transport is not None
     conn = agent.transport._conn  # the live connection (test only)
-    assert conn is not None
+    assert isinstance(conn, mqtt.Connection)  # the adapter's, not a fake
     sock = conn._paho.socket()  # paho's TLS socket (test only)
     assert isinstance(sock, socket.socket)
     readable, _, _ = select.select([sock], [], [], within)

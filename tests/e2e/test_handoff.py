@@ -23,8 +23,9 @@ import pytest
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import CoreConfig, CrashReport, Device
 from agent.runtime import mqtt
+from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import client_context
-from agent.runtime.transport import BrokerTarget, Transport
+from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
