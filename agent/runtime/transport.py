@@ -41,7 +41,7 @@ from typing import Any
 
 from agent.core import backoff
 from agent.core.identity import down_filter, up_topic
-from agent.core.items import DropReason, Outgoing
+from agent.core.items import DropReason
 from agent.core.purposes import Purpose
 from agent.device import Device
 from agent.errors import AgentError, CertificateProblem, PublishRefused, TransportError
@@ -121,7 +121,8 @@ class Transport:
         self._wake = asyncio.Event()
         self._connect = connector  # the MQTT adapter's, or a test's fake
         self._conn: Link | None = None
-        self._flying: dict[int, Outgoing] = {}  # paho mid -> item, on this connection
+        # paho's packet id -> msg_id, on this connection; the item itself is the device's
+        self._flying: dict[int, str] = {}
         self._paused_until = 0.0
         self._refusals = 0
         self._stopping = False
@@ -153,13 +154,19 @@ class Transport:
         conn = self._conn
         if conn is None or not conn.pending_write():
             return  # everything handed over is on the wire: it has left (P11 ledgers it)
-        if any(o.purpose in purposes for o in self._flying.values()):
+        if any(self._stopped_item(m, purposes) for m in self._flying.values()):
             self.stats.aborted += 1
             log.warning(
                 "connection aborted: a message of a stopped purpose was not fully written",
                 extra={"device": self.device_id, "purposes": sorted(p.value for p in purposes)},
             )
             conn.abort()
+
+    def _stopped_item(self, msg_id: str, purposes: frozenset[Purpose]) -> bool:
+        """Whether the item handed over as ``msg_id`` is of ``purposes``; one the device
+        no longer holds (a wipe forgot it) counts as stopped (fail closed)."""
+        out = self.device.flight(msg_id)
+        return out is None or out.purpose in purposes
 
     def sendable(self) -> None:
         """Something may have become sendable."""
@@ -304,7 +311,7 @@ class Transport:
             except TransportError:
                 self.device.give_back([o.msg_id for o in batch[n:]])
                 raise
-            self._flying[mid] = out
+            self._flying[mid] = out.msg_id
             self.stats.published += 1
             handed += 1
             conn.flush()
@@ -314,16 +321,17 @@ class Transport:
             self.idle.set()
 
     def _on_puback(self, ack: mqtt.PubAck) -> None:
-        out = self._flying.pop(ack.mid, None)
+        msg_id = self._flying.pop(ack.mid, None)
         now = self.clock()
-        if out is None:  # a sync request's PUBACK
+        if msg_id is None:  # a sync request's PUBACK
             if ack.refused:
                 self._undelivered(PublishRefused("sync", ack.code, ack.reason), now)
             return
-        nobody = ack.code == NO_SUBSCRIBERS and out.purpose is not None
-        if ack.refused or nobody:
-            self._undelivered(PublishRefused(out.msg_id, ack.code, ack.reason), now)
-            self.device.retry(out.msg_id)
+        out = self.device.flight(msg_id)
+        personal = out is None or out.purpose is not None  # None: a wipe forgot it
+        if ack.refused or (ack.code == NO_SUBSCRIBERS and personal):
+            self._undelivered(PublishRefused(msg_id, ack.code, ack.reason), now)
+            self.device.retry(msg_id)
             self._paused_until = now + backoff.REFUSED.delay(self._refusals, self.rng)
             self._refusals += 1
         else:
@@ -336,9 +344,9 @@ class Transport:
                 )
                 self._acked_unlogged = 0
             if self.ack_sink is not None:
-                self.ack_sink(self, out.msg_id, now)
+                self.ack_sink(self, msg_id, now)
                 return
-            self.record_ack(out.msg_id, now)
+            self.record_ack(msg_id, now)
         self.poke()
 
     def _undelivered(self, refused: PublishRefused, now: float) -> None:
