@@ -30,8 +30,9 @@ from agent.device import CrashReport
 from agent.runtime.tls import client_context
 from bench import cpu_seconds
 from simulator.broker import MosquittoBroker, memory_kib
-from simulator.fleet import Fleet, rss_kib
+from simulator.fleet import Fleet, FleetBroker
 from simulator.pki import DevPki
+from simulator.sampling import rss_kib
 from simulator.scenario import Scenario
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "simulator" / "scenarios"
@@ -120,9 +121,7 @@ def _fleet(n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path) -> Fleet
         n,
         workdir=workdir,
         pki=pki,
-        broker_host=broker.host,
-        broker_port=broker.port,
-        restart_broker=broker.restart,
+        broker=FleetBroker(broker.host, broker.port, restart=broker.restart),
         progress=False,
     )
 
@@ -130,11 +129,10 @@ def _fleet(n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path) -> Fleet
 async def _built(fleet: Fleet, *purposes: Purpose) -> list[Any]:
     """Build the fleet; every device bound and ``purposes`` granted, before connecting
     (so what they allow waits in each: an activation, or room for crashes)."""
-    await fleet.build()
+    store = await fleet.build()
     devs = list(fleet.devices.values())
     now = time.time()
-    assert fleet.db is not None  # noqa: S101  # built
-    with fleet.db.transaction():
+    with store.db.transaction():
         for d in devs:
             d.core.bind(f"{d.device_id}-b", now=now)
             for purpose in purposes:
@@ -171,7 +169,7 @@ async def _start_and_storm(
     start_s = await _until(lambda: all(len(d.truth.acked) >= 1 for d in devs), 900)
     rss = rss_kib()
     # Reconnect storm: one pending item per device, then the broker restarts.
-    with fleet.db.transaction():  # type: ignore[union-attr]
+    with fleet.store.db.transaction():  # type: ignore[union-attr]
         pending = {d.device_id: d.core.capture_crash(CRASH, now=time.time()) for d in devs}
     attempts_before = sum(d.transport.stats.attempts for d in devs)
     await asyncio.to_thread(broker.restart)
@@ -190,8 +188,8 @@ async def _start_and_storm(
     storm_s = time.monotonic() - t_restart
     lost = [m for dev_id, m in pending.items() if m not in fleet.devices[dev_id].truth.acked]
     await fleet.stop()
-    assert fleet.db is not None  # noqa: S101
-    fleet.db.close()
+    assert fleet.store is not None  # noqa: S101
+    fleet.store.db.close()
     return {
         "devices": n,
         "start_s": start_s,
@@ -222,7 +220,7 @@ async def _sustain(fleet: Fleet, devs: list[Any], seconds: float) -> dict[str, A
     i = 0
     while time.monotonic() - t0 < seconds:
         # Keep about 5 items per device queued: the pipeline, not the producer, limits.
-        with fleet.db.transaction():  # type: ignore[union-attr]
+        with fleet.store.db.transaction():  # type: ignore[union-attr]
             for _ in range(200):
                 d = devs[i % n]
                 i += 1
@@ -232,8 +230,8 @@ async def _sustain(fleet: Fleet, devs: list[Any], seconds: float) -> dict[str, A
     took = time.monotonic() - t0
     acked = sum(d.transport.stats.acknowledged for d in devs) - acked0
     await fleet.stop()
-    assert fleet.db is not None  # noqa: S101
-    fleet.db.close()
+    assert fleet.store is not None  # noqa: S101
+    fleet.store.db.close()
     return {"devices": n, "seconds": took, "msgs_per_s": acked / took}
 
 

@@ -38,8 +38,8 @@ from agent.core.purposes import Purpose
 from bench import cpu_seconds, positive_int
 from bench.fleet import _built, _fleet, _until
 from simulator.broker import MosquittoBroker
-from simulator.fleet import rss_kib
 from simulator.pki import DevPki
+from simulator.sampling import rss_kib
 
 RATE_HZ: Final = 250
 # Innermost match wins; the patterns are substrings of py-spy's "function (file:line)".
@@ -125,8 +125,8 @@ async def _start(
         took = time.monotonic() - t0
         probe("connected")
         await fleet.stop()
-    assert fleet.db is not None  # noqa: S101
-    fleet.db.close()
+    assert fleet.store is not None  # noqa: S101
+    fleet.store.db.close()
     return took
 
 

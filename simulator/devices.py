@@ -59,7 +59,7 @@ class SimDevice:
     core: Device
     transport: Transport
     truth: DeviceTruth
-    target: BrokerTarget | None = None
+    target: BrokerTarget  # where its transport connects
     task: asyncio.Task[None] | None = None
     binds: int = 0
     clock_offset: float = 0.0  # the device clock minus real time (a ``clock`` event)

@@ -76,7 +76,7 @@ class Outputs:
 
 
 INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a tool stopped by Ctrl-C
-NO_VERDICT: Final = 3  # the fleet fell behind its schedule (simulator.fleet.MAX_LAG_S)
+NO_VERDICT: Final = 3  # the fleet fell behind its schedule (simulator.schedule.MAX_LAG_S)
 KEEP_RUNS: Final = 5  # the runs directory keeps this many past runs' stores and logs
 
 

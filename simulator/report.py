@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from simulator.checker import Verdict, percentiles
-from simulator.fleet import MAX_LAG_S, Fleet, late
+from simulator.fleet import Fleet
+from simulator.schedule import MAX_LAG_S, late
 
-# A run that fell behind its schedule (see simulator.fleet.MAX_LAG_S) has no verdict.
+# A run that fell behind its schedule (see simulator.schedule.MAX_LAG_S) has no verdict.
 NO_VERDICT = "no-verdict"
 RULES = (
     "no-consent",

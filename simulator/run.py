@@ -20,7 +20,7 @@ from simulator import report, timeline
 from simulator.broker import LocalBroker, MosquittoBroker
 from simulator.checker import check
 from simulator.external import ExternalBroker
-from simulator.fleet import Fleet
+from simulator.fleet import Fleet, FleetBroker
 from simulator.jetstream import JetStreamAt
 from simulator.nats import NatsCluster
 from simulator.observer import OBSERVER_PROBE, observe, observed_restart, wait_observing
@@ -128,21 +128,23 @@ def run(
             devices,
             workdir=workdir,
             pki=pki,
-            broker_host=host,
-            broker_port=port,
-            restart_broker=restart,
-            cloud_tls=cloud_tls,
+            broker=FleetBroker(
+                host,
+                port,
+                ports=local.ports if local is not None else broker.ports() if broker else (),
+                protocol=protocol,
+                cloud_tls=cloud_tls,
+                backend_persistent=local.backend_persistent
+                if local is not None
+                else protocol == "v311",  # a broker without MQTT 5: NATS keeps the session
+                jetstream=_jetstream_of(local, broker),
+                restart=restart,
+                authorize=local.authorize if local is not None else None,
+                keeps_acknowledged=isinstance(local, NatsCluster),
+            ),
             seed=seed,
             grace_s=grace_s,
-            protocol=protocol,
-            ports=local.ports if local is not None else broker.ports() if broker else (),
-            backend_persistent=local.backend_persistent
-            if local is not None
-            else protocol == "v311",  # a broker without MQTT 5: NATS keeps the session
-            jetstream=_jetstream_of(local, broker),
-            authorize=local.authorize if local is not None else None,
             shard=shard,
-            broker_keeps_acknowledged=isinstance(local, NatsCluster),
         )
         fleet.observer_back = observer_back
         fleet.keep_status = outputs.metrics is not None

@@ -20,7 +20,7 @@ from agent.device import CrashReport
 from simulator import html, report, story
 from simulator.broker import MosquittoBroker
 from simulator.checker import check
-from simulator.fleet import Fleet
+from simulator.fleet import Fleet, FleetBroker
 from simulator.pki import DevPki
 from simulator.report import RULES
 from simulator.scenario import Scenario
@@ -145,9 +145,7 @@ async def test_every_kind_of_violation_is_caught(
         10,
         workdir=tmp_path / "run",
         pki=pki,
-        broker_host=own_broker.host,
-        broker_port=own_broker.port,
-        restart_broker=own_broker.restart,
+        broker=FleetBroker(own_broker.host, own_broker.port, restart=own_broker.restart),
         progress=False,
         inject=inject,
     )

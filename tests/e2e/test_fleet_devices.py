@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from simulator.broker import MosquittoBroker
-from simulator.fleet import FIRMWARE, Fleet
+from simulator.fleet import FIRMWARE, Fleet, FleetBroker
 from simulator.pki import DevPki
 from simulator.scenario import Scenario
 
@@ -28,8 +28,7 @@ def quiet(
         devices,
         workdir=workdir,
         pki=pki,
-        broker_host=broker.host,
-        broker_port=broker.port,
+        broker=FleetBroker(broker.host, broker.port),
         progress=False,
     )
 

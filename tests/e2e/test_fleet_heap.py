@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from simulator.broker import MosquittoBroker
-from simulator.fleet import RUNNING_GC_THRESHOLDS, Fleet
+from simulator.fleet import RUNNING_GC_THRESHOLDS, Fleet, FleetBroker
 from simulator.pki import DevPki
 from simulator.scenario import Scenario
 
@@ -36,8 +36,7 @@ async def test_a_running_fleet_freezes_what_it_built_and_restores_the_collector(
         5,
         workdir=tmp_path / "run",
         pki=pki,
-        broker_host=broker.host,
-        broker_port=broker.port,
+        broker=FleetBroker(broker.host, broker.port),
         progress=False,
         inject=inject,
     )

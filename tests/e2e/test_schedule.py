@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from simulator import fleet as fleet_module
+from simulator import schedule as schedule_module
 from simulator.broker import MosquittoBroker
 from simulator.cli import main
-from simulator.fleet import MAX_LAG_S, Fleet
+from simulator.fleet import Fleet, FleetBroker
 from simulator.pki import DevPki
 from simulator.report import schedule
 from simulator.scenario import Scenario
+from simulator.schedule import MAX_LAG_S
 
 BURST = Scenario.model_validate(
     {
@@ -51,8 +52,7 @@ async def test_a_burst_of_captures_lets_the_devices_run_and_its_lag_is_measured(
         4,
         workdir=tmp_path / "run",
         pki=pki,
-        broker_host=broker.host,
-        broker_port=broker.port,
+        broker=FleetBroker(broker.host, broker.port),
         progress=False,
     )
     gaps: list[float] = []
@@ -62,7 +62,7 @@ async def test_a_burst_of_captures_lets_the_devices_run_and_its_lag_is_measured(
         turn it got while the four bursts were being captured."""
         last = time.monotonic()
         while True:
-            bursting = 8 <= fleet._events_played < 12  # the four bursts
+            bursting = 8 <= fleet.stats.events_played < 12  # the four bursts
             await asyncio.sleep(0.005)
             now = time.monotonic()
             if bursting:
@@ -114,7 +114,7 @@ def test_a_run_behind_its_schedule_exits_with_no_verdict(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No machine keeps a schedule to the microsecond: with that bound, any run is late.
-    monkeypatch.setattr(fleet_module, "MAX_LAG_S", 1e-6)
+    monkeypatch.setattr(schedule_module, "MAX_LAG_S", 1e-6)
     scenario = tmp_path / "small.toml"
     scenario.write_text(SMALL)
     out, junit = tmp_path / "r.json", tmp_path / "j.xml"

@@ -214,7 +214,7 @@ def test_a_run_stopped_while_connecting_reports_how_many_had_connected(
 
     from simulator import report
     from simulator.checker import check
-    from simulator.fleet import Fleet
+    from simulator.fleet import Fleet, FleetBroker
     from simulator.scenario import load_scenario
 
     fleet = Fleet(
@@ -222,8 +222,7 @@ def test_a_run_stopped_while_connecting_reports_how_many_had_connected(
         20,
         workdir=tmp_path / "run",
         pki=DevPki(tmp_path / "pki").ensure(),
-        broker_host="127.0.0.1",
-        broker_port=1,
+        broker=FleetBroker("127.0.0.1", 1),
         progress=False,
     )
     # As run() leaves them when stopped while connecting.
