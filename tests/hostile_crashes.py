@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-SERIAL: Final = "SN-1"  # the serial of tests.core.helpers.Rig's device
+SERIAL: Final = "SN-1"  # the serial of tests.device.helpers.Rig's device
 
 SECRETS: Final = (
     # coordinates

@@ -2,7 +2,7 @@
 
 Where mounting is not allowed (not root, no tmpfs) these tests are skipped with that
 reason; the core's fault handling is also tested without a mount in
-``tests/core/test_storage_faults.py``.
+``tests/device/test_storage_faults.py``.
 """
 
 from __future__ import annotations

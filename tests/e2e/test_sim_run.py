@@ -14,8 +14,8 @@ import pytest
 from simulator.cli import main
 from simulator.pki import DevPki
 from simulator.report import RULES, write_junit
-from tests.core.test_html import fetched
 from tests.prometheus import prometheus_samples
+from tests.shell.test_html import fetched
 from tests.sim_process import interrupted_run
 
 SMOKE = Path(__file__).parents[2] / "simulator" / "scenarios" / "smoke.toml"

@@ -31,7 +31,7 @@ from agent.core.lifecycle import State
 from agent.core.purposes import POLICIES, Purpose
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
 
 PURPOSES = st.sampled_from(list(Purpose))
 

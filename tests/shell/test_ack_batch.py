@@ -16,7 +16,7 @@ from agent.errors import StorageError
 from agent.runtime.target import BrokerTarget
 from agent.runtime.transport import Transport
 from simulator.acks import AckBatch
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
 
 pytestmark = pytest.mark.asyncio
 

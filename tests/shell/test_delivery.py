@@ -14,8 +14,8 @@ from agent.core.purposes import Purpose, rfc3339
 from agent.device import CrashReport
 from agent.runtime.target import BrokerTarget
 from agent.runtime.transport import Transport
-from tests.core.fake_broker import FakeBroker
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
+from tests.shell.fake_broker import FakeBroker
 
 pytestmark = pytest.mark.asyncio
 

@@ -15,7 +15,7 @@ from agent.core.crashes import EXTERNAL, Frame, frames_of, module_of
 from agent.core.purposes import Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.runtime.collectors import parse_crash_file
-from tests.core.helpers import Rig, granted_rig
+from tests.device.helpers import Rig, granted_rig
 from tests.hostile_crashes import SECRETS, TEXTS, leaked
 
 D = Purpose.DIAGNOSTICS

@@ -16,7 +16,7 @@ from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
 from agent.store.keys import FileKeyStore
-from tests.core.helpers import Recorder, Rig, granted_rig
+from tests.device.helpers import Recorder, Rig, granted_rig
 
 D, A = Purpose.DIAGNOSTICS, Purpose.ACTIVATION
 CRASH = CrashReport(signature="SIGSEGV in fan_ctl", stack='File "fan.py", line 3')

@@ -13,7 +13,7 @@ from agent.core.purposes import Purpose, parse_envelope, rfc3339
 from agent.device import CrashReport
 from agent.errors import StorageError
 from agent.store.database import Database
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
 
 CRASH = CrashReport(signature="boom", stack="trace")
 

@@ -35,7 +35,7 @@ from agent.core.ordering import Clock
 from agent.core.purposes import Purpose, parse_envelope, parse_rfc3339, rfc3339
 from agent.device import CrashReport, Device
 from agent.errors import AgentError
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
 
 T0 = 1_800_000_000.0
 CLOCK_ERROR_S = 0.3  # the command sync's error: choices closer than this have no known order

@@ -23,7 +23,7 @@ from agent.runtime.collectors import (
     parse_proc_route,
 )
 from agent.runtime.control import act
-from tests.core.helpers import Rig, granted_rig
+from tests.device.helpers import Rig, granted_rig
 
 ROUTE = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
 eth0\t00000000\t0102A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0

@@ -11,7 +11,7 @@ import pytest
 from agent.errors import ConfigError
 from agent.runtime.tls import check_identity
 from simulator.pki import DevPki
-from tests.core.helpers import as_other_user, shared_dir
+from tests.device.helpers import as_other_user, shared_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from agent.core.ordering import Clock
 from agent.core.purposes import Purpose, rfc3339
 from agent.device import Device
 from agent.errors import CommandRejected
-from tests.core.helpers import Rig
+from tests.device.helpers import Rig
 
 NOW = 1_800_000_000.0
 UNKNOWN_ORDER = "ignored: not certainly newer than the latest change (the order is unknown)"

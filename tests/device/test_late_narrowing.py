@@ -20,7 +20,7 @@ from agent.core.location import Precision
 from agent.core.ordering import Clock
 from agent.core.purposes import Purpose, parse_envelope, rfc3339
 from agent.device import CrashReport, Device
-from tests.core.helpers import Recorder, Rig
+from tests.device.helpers import Recorder, Rig
 
 NOW = 1_800_000_000.0
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core import sigkill_writer
+from tests.device import sigkill_writer
 
 KILLS = 200
 
@@ -52,7 +52,7 @@ def _check(root: Path, log: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_sigkill_at_random_points(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["tests.core.sigkill_writer"])
+    ctx.set_forkserver_preload(["tests.device.sigkill_writer"])
     rng = random.Random(20261122)
     log = tmp_path / "log"
     log.touch()

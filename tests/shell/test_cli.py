@@ -18,7 +18,7 @@ from agent.errors import ConfigError, StoreLocked
 from agent.store.statedir import locked
 from simulator.cli import main as sim_main
 from simulator.pki import DevPki
-from tests.core.helpers import install_identity
+from tests.device.helpers import install_identity
 
 GOOD = """
 [device]

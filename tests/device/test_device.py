@@ -16,7 +16,7 @@ from agent.core.purposes import CrashData, Purpose, parse_envelope
 from agent.device import CrashReport
 from agent.errors import ConsentNotInForce, IllegalTransition
 from agent.runtime.daemon import retention
-from tests.core.helpers import Recorder, Rig
+from tests.device.helpers import Recorder, Rig
 
 A, D = Purpose.ACTIVATION, Purpose.DIAGNOSTICS
 CRASH = CrashReport(

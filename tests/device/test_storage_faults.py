@@ -13,7 +13,7 @@ from agent.core.purposes import Purpose
 from agent.device import CrashReport
 from agent.errors import StorageError
 from agent.store.records import DeviceStore
-from tests.core.helpers import Recorder, Rig, granted_rig
+from tests.device.helpers import Recorder, Rig, granted_rig
 
 D = Purpose.DIAGNOSTICS
 

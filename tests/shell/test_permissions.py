@@ -16,8 +16,8 @@ from agent.errors import UnsafePermissions
 from agent.runtime.tls import client_context
 from agent.store import fsutil
 from simulator.pki import DevPki
-from tests.core.helpers import OTHER_UID, as_other_user, install_identity, shared_dir
-from tests.core.test_cli import GOOD
+from tests.device.helpers import OTHER_UID, as_other_user, install_identity, shared_dir
+from tests.shell.test_cli import GOOD
 
 
 @pytest.fixture
