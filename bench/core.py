@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, CrashReport, Device
+from agent.device import CoreConfig, CrashReport, Device, build_device
 from agent.store.database import Database, Synchronous
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 
 REPORT = CrashReport(
     signature="SIGSEGV in fan_ctl",
@@ -32,8 +31,8 @@ REPORT = CrashReport(
 
 def _core(root: Path, sync: Synchronous) -> Device:
     db = Database(root / "state.db", synchronous=sync)
-    store = DeviceStore(db, "bench-1", FileKeyStore(root / "keys"))
-    core = Device(store, CoreConfig("bench-1", "S", "m", "1", outbox_cap=1_000_000), now=1e9)
+    config = CoreConfig("bench-1", "S", "m", "1", outbox_cap=1_000_000)
+    core = build_device(db, FileKeyStore(root / "keys"), config, now=1e9)
     core.bind("b", now=1e9)
     core.grant(Purpose.DIAGNOSTICS, now=1e9)
     return core

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from agent.core.identity import backend_id
-from agent.device import CoreConfig, Device
+from agent.device import CoreConfig, build_device
 from agent.errors import AgentError
 from agent.runtime import metrics
 from agent.runtime.target import BrokerTarget
@@ -32,7 +32,6 @@ from agent.runtime.tls import client_context
 from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 from simulator import settling
 from simulator.acks import AckBatch
 from simulator.actions import Player, command_results
@@ -204,8 +203,9 @@ class Fleet:
         """The device's agent starts: its store opens, a new transport (not yet running).
         It runs the firmware it ran before (a reboot is not an update)."""
         firmware = FIRMWARE if dev.core is None else dev.core.config.firmware_version
-        dev.core = Device(
-            DeviceStore(store.db, dev.device_id, store.keys),
+        dev.core = build_device(
+            store.db,
+            store.keys,
             CoreConfig(
                 device_id=dev.device_id,
                 serial=f"SN-{dev.device_id}",

@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.device import CoreConfig, CrashReport, Device
+from agent.device import CoreConfig, CrashReport, Device, build_device
 from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import client_context
 from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 from simulator.broker import LocalBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
@@ -50,7 +49,6 @@ class Agent:
     def open(self) -> Device:
         """Open (or reopen, as after a reboot) the device's store and core."""
         self.db = Database(self.root / "state.db", synchronous="NORMAL")
-        store = DeviceStore(self.db, self.device_id, FileKeyStore(self.root / "keys"))
         config = CoreConfig(
             device_id=self.device_id,
             serial="SN-" + self.device_id,
@@ -59,8 +57,9 @@ class Agent:
             policy_version=self.policy_version,
         )
         prefix = f"{self.device_id}-{int(time.time() * 1000)}-"
-        self.core = Device(
-            store,
+        self.core = build_device(
+            self.db,
+            FileKeyStore(self.root / "keys"),
             config,
             now=time.time(),
             crash_dirs=[self.root / "crash"],

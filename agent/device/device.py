@@ -9,17 +9,14 @@ sendable) and the simulator's ground truth (what was queued, acknowledged, dropp
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.config import AgentConfig
 from agent.core import cloud, ledger, rules
 from agent.core.commands import Command
 from agent.core.consent import ConsentState, Decision, Reason, Source
@@ -36,10 +33,7 @@ from agent.device.plans import Plans
 from agent.device.wipe import Wipe
 from agent.errors import StorageError
 from agent.store.crash_files import CrashFiles
-from agent.store.database import Database
-from agent.store.keys import FileKeyStore
 from agent.store.records import DeviceStore
-from agent.store.statedir import locked
 
 log = logging.getLogger("smartmi.device")
 
@@ -375,23 +369,3 @@ class Device:
         """The store's health as ``status`` shows it; ``ok`` false while anything is
         not durable or the last write failed."""
         return status.storage(self)
-
-
-@contextlib.contextmanager
-def open_device(
-    config: AgentConfig, *, now: float | None = None, wait_s: float = 0.0
-) -> Iterator[Device]:
-    """The device over its state directory, locked for the duration (waiting up to
-    ``wait_s`` for another process to let the lock go)."""
-    with locked(config.state_dir, wait_s=wait_s):
-        db = Database(config.state_dir / "state.db")
-        try:
-            store = DeviceStore(db, config.device.id, FileKeyStore(config.state_dir / "keys"))
-            yield Device(
-                store,
-                config.core_config(),
-                now=time.time() if now is None else now,
-                crash_dirs=config.crash_dirs,
-            )
-        finally:
-            db.close()

@@ -15,10 +15,9 @@ import pytest
 
 from agent.core.items import DropReason, Outgoing
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, Device
+from agent.device import CoreConfig, Device, build_device
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 from simulator.pki import DevPki
 
 
@@ -78,9 +77,9 @@ class Rig:
         if self.db is not None:
             self.db.close()
         self.db = Database(self.root / "state.db", synchronous="NORMAL")
-        store = DeviceStore(self.db, self.device_id, FileKeyStore(self.root / "keys"))
-        self.core = Device(
-            store,
+        self.core = build_device(
+            self.db,
+            FileKeyStore(self.root / "keys"),
             self.config(),
             now=self.now,
             crash_dirs=crash_dirs or [self.root / "crash"],

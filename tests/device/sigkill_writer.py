@@ -14,10 +14,9 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, CrashReport, Device
+from agent.device import CoreConfig, CrashReport, Device, build_device
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 
 DEVICE = "kill-1"
 
@@ -25,9 +24,8 @@ DEVICE = "kill-1"
 def open_core(root: Path) -> Device:
     """The core as the writer and the checker both open it."""
     db = Database(root / "state.db", synchronous="FULL")
-    store = DeviceStore(db, DEVICE, FileKeyStore(root / "keys"))
     config = CoreConfig(device_id=DEVICE, serial="S", model="m", firmware_version="1")
-    return Device(store, config, now=time.time())
+    return build_device(db, FileKeyStore(root / "keys"), config, now=time.time())
 
 
 def run(root: Path, log_path: Path, seed: int, started: Event) -> None:

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from agent.core.purposes import Purpose
-from agent.device import CoreConfig, Device
+from agent.device import CoreConfig, Device, build_device
 from agent.errors import StorageError
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 
 
 def test_a_fleets_counters_are_written_at_flush_and_read_back(tmp_path: Path) -> None:
@@ -57,8 +56,7 @@ def test_a_failed_flush_keeps_the_counter_for_the_next(tmp_path: Path) -> None:
 def test_a_rolled_back_fleet_store_is_found_out_after_a_flush(tmp_path: Path) -> None:
     def open_device(keys: FileKeyStore) -> tuple[Database, Device]:
         db = Database(tmp_path / "fleet.db", synchronous="NORMAL")
-        store = DeviceStore(db, "sim-1", keys)
-        return db, Device(store, CoreConfig("sim-1", "S", "m", "1"), now=1e9)
+        return db, build_device(db, keys, CoreConfig("sim-1", "S", "m", "1"), now=1e9)
 
     keys = FileKeyStore(tmp_path / "keys", durable=False)
     db, device = open_device(keys)

@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 
 from agent.core.purposes import Purpose, rfc3339
-from agent.device import CoreConfig, CrashReport, Device
+from agent.device import CoreConfig, CrashReport, Device, build_device
 from agent.runtime import mqtt
 from agent.runtime.target import BrokerTarget
 from agent.runtime.tls import client_context
 from agent.runtime.transport import Transport
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore
-from agent.store.records import DeviceStore
 from simulator.pki import DevPki
 
 pytestmark = pytest.mark.asyncio
@@ -159,9 +158,8 @@ class StalledPeer:
 
 def _open_device(root: Path) -> Device:
     db = Database(root / "state.db", synchronous="NORMAL")
-    store = DeviceStore(db, DEVICE, FileKeyStore(root / "keys"))
     config = CoreConfig(device_id=DEVICE, serial="SN", model="m", firmware_version="1.0.0")
-    return Device(store, config, now=time.time() - 60)
+    return build_device(db, FileKeyStore(root / "keys"), config, now=time.time() - 60)
 
 
 async def test_a_withdrawal_under_backpressure_stops_what_has_not_left(
