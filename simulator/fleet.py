@@ -136,6 +136,8 @@ class Fleet:
         # on the path's own delay (faults add theirs); stated in the report.
         self.grace_s = scenario.grace_s if grace_s is None else grace_s
         self.rng = random.Random(self.seed)  # noqa: S311  # simulation, not cryptography
+        # One source of backoff jitter for every transport: a Random each is 2.5 KiB.
+        self.jitter = random.Random(f"jitter-{self.seed}")  # noqa: S311
         self.devices: dict[str, SimDevice] = {}
         self.proxies: dict[str, FaultProxy] = {}
         self.stats = FleetStats()
@@ -221,7 +223,7 @@ class Fleet:
             dev.core,
             dev.target,
             clock=dev.now,
-            rng=random.Random(self.rng.random()),  # noqa: S311
+            rng=self.jitter,
             command_listener=command_results(dev, self.stats),
             ack_sink=store.acks.add,
         )
