@@ -250,6 +250,8 @@ async def test_a_full_socket_is_awaited_the_adapter_says_when_it_took_the_last_b
                 await asyncio.sleep(0.5)  # the loop runs; the writer waits on the socket
                 if conn.pending_write():
                     break
+        # No marker can pass a peer that reads nothing: the half second the loop ran
+        # with the socket full is what bounds this.
         assert not writable.is_set()  # no word while the socket stays full
         peer.drain.set()  # the peer reads again
         await asyncio.wait_for(writable.wait(), 15)
