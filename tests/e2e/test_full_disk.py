@@ -76,6 +76,7 @@ def crash_dir_outside(conf: Path) -> Path:
     return crashes
 
 
+@pytest.mark.slow
 async def test_a_full_disk_never_stops_the_daemon_or_a_withdrawal_or_a_wipe(  # noqa: PLR0917  # fixtures
     tmp_path: Path,
     small_disk: Path,

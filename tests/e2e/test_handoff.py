@@ -162,6 +162,7 @@ def _open_device(root: Path) -> Device:
     return build_device(db, FileKeyStore(root / "keys"), config, now=time.time() - 60)
 
 
+@pytest.mark.slow
 async def test_a_withdrawal_under_backpressure_stops_what_has_not_left(
     tmp_path: Path, pki: DevPki
 ) -> None:

@@ -23,6 +23,7 @@ SCENARIOS = Path(__file__).parents[2] / "simulator" / "scenarios"
 SMOKE = SCENARIOS / "smoke.toml"
 
 
+@pytest.mark.slow
 def test_workers_are_judged_together_as_one_fleet(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -52,6 +53,7 @@ def test_workers_are_judged_together_as_one_fleet(
     assert "300 devices in 2 shards" in printed.out
 
 
+@pytest.mark.slow
 def test_shards_run_apart_and_check_judges_them_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -172,6 +174,7 @@ def publish_as(broker: MosquittoBroker, pki: DevPki, device_id: str) -> None:
     client.close()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_workers_and_the_broker_and_judges_what_arrived(
     tmp_path: Path,
 ) -> None:
