@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # a 3-node NATS cluster and a fleet
 @pytest.mark.timeout(600)  # two node kills and the drain of every acknowledged item
 def test_a_fleet_on_a_cluster_loses_nothing_when_nodes_are_killed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -69,6 +70,7 @@ def test_a_cluster_of_two_is_refused_with_the_reason(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a 3-node NATS cluster and a fleet
 @pytest.mark.timeout(600)  # twenty kills, each waiting for a node to catch up
 def test_twenty_kills_of_a_node_lose_no_acknowledged_item(tmp_path: Path) -> None:
     # Four agents publish about 200 crash reports a second while a random node is

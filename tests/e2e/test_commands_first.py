@@ -23,13 +23,14 @@ import pytest
 from agent.core.backoff import Backoff
 from agent.core.identity import backend_id
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
-from agent.errors import StorageError
+from agent.errors import CommandRejected, StorageError
 from agent.runtime import commands as commands_mod
 from agent.runtime import mqtt
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
 from simulator.pki import DevPki
-from simulator.rig import Agent, crash, kinds, until
+from simulator.rig import Agent, crash, until
+from tests.e2e.marker import before_marker
 from tests.mqtt_probe import PahoClient
 
 pytestmark = pytest.mark.asyncio
@@ -78,8 +79,7 @@ async def test_a_command_issued_while_offline_applies_before_anything_leaves(
         if expected:
             await until(cloud, lambda: len(cloud.of(agent.device_id)) >= len(expected))
         await agent.idle()
-        await asyncio.sleep(0.3)  # anything wrongly sent would be on its way by now
-        assert kinds(cloud, agent) == expected
+        assert [m.kind for m in await before_marker(agent, cloud)] == expected
     finally:
         await agent.stop()
 
@@ -93,21 +93,23 @@ async def test_without_an_answer_to_the_sync_personal_data_waits(
     agent.core.unbind(now=time.time())  # a deletion request, then a new owner's data
     agent.core.bind("b-2", now=time.time())
     agent.core.grant(Purpose.DIAGNOSTICS, now=time.time())
-    agent.core.capture_crash(crash(99), now=time.time())
+    held = agent.core.capture_crash(crash(99), now=time.time())
     cloud.answer_syncs = False  # a bare broker: nobody answers the command sync
     transport = agent.start()
     try:
         await agent.connected()
         await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 1)
-        await asyncio.sleep(1.0)
-        assert kinds(cloud, agent) == ["deletion-request"]  # it may leave at once
+        # The first hand-over was the deletion request's, the crash held back from it.
+        before = await before_marker(agent, cloud)
+        assert [m.kind for m in before] == ["deletion-request"]  # it may leave at once
         assert not transport.status()["commands_synced"]
         assert agent.core.queued_count() == 1  # held, not dropped
         cloud.answer_syncs = True  # the cloud is back and answers the request it held
         cloud.answer_held(-1)
         await agent.synced()
-        await until(cloud, lambda: len(cloud.of(agent.device_id)) >= 2)
-        assert sorted(kinds(cloud, agent)) == ["crash", "deletion-request"]
+        await until(cloud, lambda: held in {m.msg_id for m in cloud.of(agent.device_id)})
+        after = cloud.of(agent.device_id)[len(before) + 1 :]  # after the marker
+        assert [m.msg_id for m in after] == [held]
     finally:
         await agent.stop()
 
@@ -137,9 +139,15 @@ async def test_a_late_answer_to_an_earlier_request_of_this_connection_counts(
                 cloud, lambda: sum(sent_at(k) > cut for k in range(len(cloud.held_syncs))) >= 2
             )
             mine = [k for k in range(len(cloud.held_syncs)) if sent_at(k) > cut]
-            for k in range(mine[0]):
-                cloud.answer_held(k)  # the earlier connection's requests
-            await asyncio.sleep(0.5)
+            for k in range(mine[0]):  # the earlier connection's requests, answered in turn
+                device_id, request = cloud.held_syncs[k]
+                answer = {"sync_id": json.loads(request)["sync_id"], "now": rfc3339(time.time())}
+                await cloud.send_raw(device_id, "sync", json.dumps(answer).encode())
+            # A marker behind them on down/sync (one publisher, one topic, QoS 1: in
+            # order, v5 §4.6): an answer the device rejects, and says so.
+            await cloud.send_raw(agent.device_id, "sync", b"not a sync answer")
+            name, rejected = await agent.next_command()
+            assert (name, type(rejected)) == ("sync", CommandRejected)
             assert transport.stats.connects == 2
             assert not transport.synced.is_set()
             cloud.answer_held(mine[0])  # this connection's first request, after it asked again
@@ -178,8 +186,11 @@ async def test_a_command_whose_effect_cannot_be_written_is_delivered_again(
         assert transport.stats.connects == 2
         assert not core.decide(Purpose.DIAGNOSTICS).allowed
         await agent.idle()
-        await asyncio.sleep(0.3)
-        assert agent.commands.empty()  # applied exactly once
+        # A marker behind it on the same topic: a command the device rejects. Had the
+        # broker still held the consent for the device, it would come first (v5 §4.6).
+        await cloud.send_raw(agent.device_id, "consent", b"not a command")
+        name, rejected = await agent.next_command()
+        assert (name, type(rejected)) == ("consent", CommandRejected)  # applied exactly once
         withdrawals = [
             e for e in core.export(now=time.time())["entries"] if e.get("action") == "withdraw"
         ]
@@ -222,8 +233,7 @@ async def test_a_narrowing_command_on_the_socket_is_taken_before_anything_else_l
         captured = {core.capture_crash(crash(k), now=time.time()) for k in range(20)}
         assert await agent.next_command() == ("suspend-collection", {"suspension": "applied"})
         await agent.idle()
-        await asyncio.sleep(0.3)  # anything wrongly handed over would have arrived
-        assert not captured & {m.msg_id for m in cloud.of(agent.device_id)}
+        assert not captured & {m.msg_id for m in await before_marker(agent, cloud)}
     finally:
         app.close()
         await agent.stop()

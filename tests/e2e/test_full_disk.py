@@ -76,6 +76,7 @@ def crash_dir_outside(conf: Path) -> Path:
     return crashes
 
 
+@pytest.mark.slow
 async def test_a_full_disk_never_stops_the_daemon_or_a_withdrawal_or_a_wipe(  # noqa: PLR0917  # fixtures
     tmp_path: Path,
     small_disk: Path,
@@ -101,8 +102,8 @@ async def test_a_full_disk_never_stops_the_daemon_or_a_withdrawal_or_a_wipe(  # 
         filler = fill(small_disk)
         proxy.partition(False)
         await log_line(proc, "connected")
-        # All twenty reach the broker once; their acknowledgements cannot be written,
-        # so the drain pauses: no re-send loop.
+        # All twenty reach the broker; their acknowledgements cannot be written, so the
+        # drain pauses: no re-send loop (each exactly once, judged at the end).
         try:
             await until(cloud, lambda: len(cloud.of(DEVICE, "crash")) >= 20)
         except TimeoutError:
@@ -110,9 +111,8 @@ async def test_a_full_disk_never_stops_the_daemon_or_a_withdrawal_or_a_wipe(  # 
                 proc.kill()
             assert proc.stderr is not None
             raise AssertionError((await proc.stderr.read()).decode()[-4000:]) from None
-        await asyncio.sleep(3)
         arrived = [m.envelope()["msg_id"] for m in cloud.of(DEVICE, "crash")]
-        assert sorted(arrived) == sorted(queued)  # each exactly once
+        assert sorted(arrived) == sorted(queued)
         status = agent(conf, capsys, "status")
         storage = status["storage"]
         assert isinstance(storage, dict)
@@ -145,11 +145,18 @@ async def test_a_full_disk_never_stops_the_daemon_or_a_withdrawal_or_a_wipe(  # 
             await asyncio.sleep(0.2)
         assert storage["ok"] is True, storage
         assert status["queued"] == 0
-        assert len(cloud.of(DEVICE, "crash")) == 20
         # Full again, then an unbind: the wipe completes and its deletion request leaves.
         filler = fill(small_disk)
         agent(conf, capsys, "unbind")
         await until(cloud, lambda: len(cloud.of(DEVICE, "deletion-request")) >= 1)
+        # The deletion request is the marker: a crash sent again at any time before it,
+        # on the full disk or once space returned, arrived before it. It is on another
+        # topic, which MQTT does not order against up/crash (v5 §4.6); Mosquitto does,
+        # routing one client's PUBLISHes as it reads them into the cloud's one queue.
+        # Sent again after it nothing can be: the wipe took the crashes.
+        got = cloud.of(DEVICE)
+        before = got[: [m.kind for m in got].index("deletion-request")]
+        assert sorted(m.msg_id or "" for m in before) == sorted(queued)  # each exactly once
         status = agent(conf, capsys, "status")
         assert status["lifecycle"] == "factory-new"
         assert not list((small_disk / "keys").glob("*.data.key"))

@@ -162,6 +162,7 @@ def _open_device(root: Path) -> Device:
     return build_device(db, FileKeyStore(root / "keys"), config, now=time.time() - 60)
 
 
+@pytest.mark.slow
 async def test_a_withdrawal_under_backpressure_stops_what_has_not_left(
     tmp_path: Path, pki: DevPki
 ) -> None:
@@ -250,6 +251,8 @@ async def test_a_full_socket_is_awaited_the_adapter_says_when_it_took_the_last_b
                 await asyncio.sleep(0.5)  # the loop runs; the writer waits on the socket
                 if conn.pending_write():
                     break
+        # No marker can pass a peer that reads nothing: the half second the loop ran
+        # with the socket full is what bounds this.
         assert not writable.is_set()  # no word while the socket stays full
         peer.drain.set()  # the peer reads again
         await asyncio.wait_for(writable.wait(), 15)

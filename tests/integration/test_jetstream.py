@@ -33,10 +33,13 @@ from simulator.truth import DeviceTruth
 from tests.core.test_checker import message
 from tests.mqtt_probe import PahoClient
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("nats-server") is None and not Path("/usr/sbin/nats-server").exists(),
-    reason="nats-server is not installed (Debian: apt-get install nats-server)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("nats-server") is None and not Path("/usr/sbin/nats-server").exists(),
+        reason="nats-server is not installed (Debian: apt-get install nats-server)",
+    ),
+    pytest.mark.slow,  # a NATS cluster (with JetStream) per module
+]
 
 DEVICE = "js-a"
 WAIT_S = 20.0
