@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -245,42 +246,110 @@ def load_toml(path: Path, model: type[M], *, what: str = "file") -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<file>"
-            problem = f"{key}: {err['msg'].removeprefix('Value error, ')}"
-            close = _did_you_mean(err, model)
-            if close is not None:
-                problem += f" (did you mean {close!r}?)"
-            problems.append(problem)
+        problems = [_problem(err, model) for err in exc.errors()]
         raise ConfigError("; ".join(problems), where=str(path)) from exc
 
 
-def _did_you_mean(err: Any, model: type[BaseModel]) -> str | None:
-    """The key, or the value of a fixed set, closest to a mistyped one; None if none is."""
+def _problem(err: Any, model: type[BaseModel]) -> str:
+    """One of pydantic's errors as the file's author fixes it: the key, what is wrong, and
+    the key or value meant where one is close."""
+    loc, msg = tuple(err["loc"]), err["msg"].removeprefix("Value error, ")
+    ctx = err.get("ctx", {})
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # pydantic names the table; the key to fix is the one that picks its kind.
+        loc += (ctx["discriminator"].strip("'"),)
+        msg = "Field required"
+        if err["type"] == "union_tag_invalid":
+            msg = f"{ctx['tag']!r} is not one of {ctx['expected_tags']}"
+    where, holder, kin = _locate(loc, model)
+    problem = f"{where or '<file>'}: {msg}"
+    if err["type"] == "extra_forbidden":
+        # A key of another kind of the table (another action's) is not a misspelt one.
+        owners = [tag for tag, m in kin.items() if loc[-1] in m.model_fields]
+        if owners:
+            named = ", ".join(owners[:3]) + (f" and {len(owners) - 3} more" if owners[3:] else "")
+            takes = "takes" if len(owners) == 1 else "take"
+            return f"{problem} ({named} {takes} it, not this one: its keys are {_keys(holder)})"
+    close = _did_you_mean(err, holder)
+    if close is not None:
+        problem += f" (did you mean {close!r}?)"
+    elif err["type"] == "extra_forbidden":
+        problem += f" (the keys here: {_keys(holder)})"
+    return problem
+
+
+def _keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _locate(
+    loc: tuple[int | str, ...], model: type[BaseModel]
+) -> tuple[str, type[BaseModel], dict[str, type[BaseModel]]]:
+    """Where in the file an error is, the model whose keys are there and, where that is a
+    tagged union's member, the union's members by tag. The tag, which pydantic puts in
+    ``loc``, is shown after its table: ``events.2 (grant)``."""
+    done: list[str] = []  # each table that is a tagged union's member, with its tag
+    keys: list[str] = []  # the keys since
+    holder, kind, kin = model, typing.cast(Any, model), dict[str, type[BaseModel]]()
+    for part in loc:
+        kinds = _variants(kind)
+        models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        # A tagged union's tag: the one value of a key (``by``) of one of its members.
+        by = next((n for m in models for n, v in _tags(m) if len(models) > 1 and v == part), "")
+        if by:
+            kin = {v: m for m in models for n, v in _tags(m) if n == by}
+            holder = kind = kin[str(part)]
+            done.append(f"{'.'.join(keys)} ({part})")
+            keys = []
+            continue
+        keys.append(str(part))
+        keyed = [m for m in models if part in m.model_fields]
+        if keyed:
+            holder, kin = keyed[0], {}
+            kind = holder.model_fields[str(part)].annotation
+        elif models:  # a key none of them has
+            holder, kind = models[0], Any
+        else:  # an item of a list, or of a table of its own
+            args = typing.get_args(kinds[0]) if len(kinds) == 1 else ()
+            kind = args[-1] if args else Any
+    return ": ".join([*done, ".".join(keys)] if keys else done), holder, kin
+
+
+def _variants(kind: Any) -> tuple[Any, ...]:
+    """The types a value of ``kind`` may have: Annotated unwrapped, a union's members."""
+    while typing.get_origin(kind) is typing.Annotated:
+        kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return tuple(v for k in typing.get_args(kind) for v in _variants(k))
+    return (kind,)
+
+
+def _tags(model: type[BaseModel]) -> list[tuple[str, Any]]:
+    """The keys of ``model`` that have one value only, with it: what can tag it in a union."""
+    return [
+        (name, typing.get_args(f.annotation)[0])
+        for name, f in model.model_fields.items()
+        if typing.get_origin(f.annotation) is Literal and len(typing.get_args(f.annotation)) == 1
+    ]
+
+
+def _did_you_mean(err: Any, holder: type[BaseModel]) -> str | None:
+    """The key of ``holder``, or the value of a fixed set, closest to a mistyped one; None
+    if none is."""
     import difflib  # only for a file with a mistake in it (daemon memory)
 
+    ctx = err.get("ctx", {})
     if err["type"] == "extra_forbidden" and err["loc"]:
-        given, choices = str(err["loc"][-1]), _field_names(model)
+        given, choices = str(err["loc"][-1]), set(holder.model_fields)
     elif err["type"] in ("literal_error", "enum") and isinstance(err.get("input"), str):
         given = err["input"]
-        choices = set(re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", ""))))
+        choices = set(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+    elif err["type"] == "union_tag_invalid":
+        given, choices = ctx["tag"], set(re.findall(r"'([^']*)'", ctx["expected_tags"]))
     else:
         return None
     close = difflib.get_close_matches(given, sorted(choices), n=1)
     return close[0] if close else None
-
-
-def _field_names(model: type[BaseModel]) -> set[str]:
-    """Every key ``model`` and the models within it accept (for "did you mean")."""
-    names: set[str] = set()
-    for name, field in model.model_fields.items():
-        names.add(name)
-        for inner in (field.annotation, *typing.get_args(field.annotation)):
-            for kind in (inner, *typing.get_args(inner)):
-                if isinstance(kind, type) and issubclass(kind, BaseModel):
-                    names |= _field_names(kind)
-    return names
 
 
 def load_config(path: Path) -> AgentConfig:

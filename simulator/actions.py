@@ -1,12 +1,12 @@
-"""What each of a scenario's actions does, one table for each way it can come: a local
-action on a device's agent (``LOCAL``), a cloud command (``COMMANDS``), a fault on a
-group's path to the broker (``FAULTS_ON``); and the ``Player`` that carries out the
-timeline's planned events with them, at their time.
+"""What each of a scenario's actions does, by the way it comes: a local action on a
+device's agent (``local_action``), a cloud command (``command``), a fault on a group's
+path to the broker (``fault_on``); and the ``Player`` that carries out the timeline's
+planned events with them, at their time.
 
 Each records the ground truth the checker needs: a local action at the real time the
-user acted, a cloud command at its issue time with its ``command_id``. The scenario's
-validation (``simulator.scenario``) gives every event the keys its action needs, and
-lets no action come from where it cannot.
+user acted, a cloud command at its issue time with its ``command_id``. Each handler
+takes its action's model (``simulator.scenario``), which has the keys it needs; the
+dispatches are ``match`` statements that mypy checks are exhaustive.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, assert_never
 
-from agent.core.location import Precision
+from agent.core.location import Precision as Level
 from agent.core.purposes import Purpose, parse_rfc3339, rfc3339
 from agent.device import Device
 from agent.errors import AgentError, CommandRejected
@@ -26,56 +26,75 @@ from simulator.cloud import Cloud
 from simulator.devices import SimDevice, crash_report
 from simulator.faults import FaultProxy
 from simulator.sampling import FleetStats
-from simulator.scenario import FAULTS, Event
+from simulator.scenario import (
+    AccountCancelled,
+    Bind,
+    BrokerRestart,
+    Clock,
+    Crash,
+    FactoryReset,
+    Fault,
+    FirmwareUpdate,
+    Grant,
+    Latency,
+    Location,
+    Loss,
+    Partition,
+    PolicyVersion,
+    Precision,
+    Reboot,
+    Replay,
+    Resume,
+    Suspend,
+    Unbind,
+    Withdraw,
+)
 from simulator.schedule import Pace, Planned
 
 # -- local actions: the device acts at its own clock (``now``), the truth is ``real`` time.
 
 
-def _bind(dev: SimDevice, e: Event, now: float, real: float) -> None:
+def _bind(dev: SimDevice, e: Bind, now: float, real: float) -> None:
     dev.binds += 1
     dev.core.bind(f"{dev.device_id}-b{dev.binds}", now=now, minor=e.minor)
     dev.truth.log(real, "bind", minor=e.minor)
 
 
-def _grant(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    dev.core.grant(Purpose(str(e.purpose)), now=now)
+def _grant(dev: SimDevice, e: Grant, now: float, real: float) -> None:
+    dev.core.grant(Purpose(e.purpose), now=now)
     dev.truth.log(real, "grant", purpose=e.purpose)
 
 
-def _withdraw(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    dev.core.withdraw(Purpose(str(e.purpose)), now=now)
+def _withdraw(dev: SimDevice, e: Withdraw, now: float, real: float) -> None:
+    dev.core.withdraw(Purpose(e.purpose), now=now)
     dev.truth.log(real, "withdraw", purpose=e.purpose)
 
 
-def _policy_version(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    assert e.version is not None  # noqa: S101  # validated
+def _policy_version(dev: SimDevice, e: PolicyVersion, now: float, real: float) -> None:
     dev.truth.log(real, "policy-version", version=e.version)
     dev.core.set_policy_version(e.version, now=now)
 
 
-def _location(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    assert e.lat is not None and e.lon is not None  # noqa: S101, PT018  # validated
+def _location(dev: SimDevice, e: Location, now: float) -> None:
     dev.core.set_location(e.lat, e.lon, now=now)
 
 
-def _precision(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    dev.core.set_precision(Precision(str(e.level)), now=now)
+def _precision(dev: SimDevice, e: Precision, now: float, real: float) -> None:
+    dev.core.set_precision(Level(e.level), now=now)
     dev.truth.log(real, "precision", level=e.level)
 
 
-def _firmware_update(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    assert e.version is not None  # noqa: S101  # validated
+def _firmware_update(dev: SimDevice, e: FirmwareUpdate, now: float) -> None:
     dev.core.firmware_updated(e.version, now=now)
 
 
-def _clock(dev: SimDevice, e: Event, now: float, real: float) -> None:
-    assert e.shift_s is not None  # noqa: S101  # validated
+def _clock(dev: SimDevice, e: Clock, real: float) -> None:
     dev.clock_offset += e.shift_s
     dev.truth.log(real, "clock", offset_s=dev.clock_offset)
     dev.core.sweep_retention(now=dev.now())  # the device's timer runs on its (new) clock
 
 
+Wipe = Unbind | FactoryReset | AccountCancelled
 _WIPES: Final = {
     "unbind": Device.unbind,
     "factory-reset": Device.factory_reset,
@@ -83,31 +102,40 @@ _WIPES: Final = {
 }
 
 
-def _wipe(dev: SimDevice, e: Event, now: float, real: float) -> None:
+def _wipe(dev: SimDevice, e: Wipe, now: float, real: float) -> None:
     dev.truth.log(real, "wipe", reason=e.action)
     _WIPES[e.action](dev.core, now=now)
 
 
-LocalAction = Callable[[SimDevice, Event, float, float], None]
-LOCAL: Final[dict[str, LocalAction]] = {
-    "bind": _bind,
-    "grant": _grant,
-    "withdraw": _withdraw,
-    "policy-version": _policy_version,
-    "location": _location,
-    "precision": _precision,
-    "firmware-update": _firmware_update,
-    "clock": _clock,
-    **dict.fromkeys(_WIPES, _wipe),
-}
+LocalEvent = (
+    Bind | Grant | Withdraw | PolicyVersion | Location | Precision | FirmwareUpdate | Clock | Wipe
+)
 
 
-def local_action(dev: SimDevice, e: Event, real: float) -> None:
+def local_action(dev: SimDevice, e: LocalEvent, real: float) -> None:
     """Carry out local action ``e`` on ``dev`` at real time ``real``."""
-    act = LOCAL.get(e.action)
-    if act is None:  # the scenario's validation keeps every other action from getting here
-        raise CommandRejected("not-a-local-action", e.action)
-    act(dev, e, real + dev.clock_offset, real)
+    now = real + dev.clock_offset
+    match e:
+        case Bind():
+            _bind(dev, e, now, real)
+        case Grant():
+            _grant(dev, e, now, real)
+        case Withdraw():
+            _withdraw(dev, e, now, real)
+        case PolicyVersion():
+            _policy_version(dev, e, now, real)
+        case Location():
+            _location(dev, e, now)
+        case Precision():
+            _precision(dev, e, now, real)
+        case FirmwareUpdate():
+            _firmware_update(dev, e, now)
+        case Clock():
+            _clock(dev, e, real)
+        case Unbind() | FactoryReset() | AccountCancelled():
+            _wipe(dev, e, now, real)
+        case _:
+            assert_never(e)
 
 
 # -- cloud commands: the ground truth is the user's choice at the command's issue time.
@@ -127,58 +155,62 @@ def _binding(core: Device, issued: float) -> dict[str, Any]:
     return {"binding_id": core.settings.binding_id or "not-bound", "issued_at": rfc3339(issued)}
 
 
-def _consent(e: Event, core: Device, issued: float) -> Command:
+def _consent(e: Grant | Withdraw, core: Device, issued: float) -> Command:
     body = {
         **_binding(core, issued),
-        "purposes": {e.purpose: e.action == "grant"},
+        "purposes": {e.purpose: isinstance(e, Grant)},
         "policy_version": core.config.policy_version,
     }
     return Command("consent", body, e.action, {"purpose": e.purpose})
 
 
-def _precision_command(e: Event, core: Device, issued: float) -> Command:
+def _precision_command(e: Precision, core: Device, issued: float) -> Command:
     body = {**_binding(core, issued), "precision": e.level}
     return Command("location-precision", body, "precision", {"level": e.level})
 
 
-def _wipe_command(e: Event, core: Device, issued: float) -> Command:
+def _wipe_command(e: Unbind | AccountCancelled, core: Device, issued: float) -> Command:
     return Command(e.action, _binding(core, issued), "wipe", {"reason": e.action})
 
 
-def _collection(e: Event, core: Device, issued: float) -> Command:
+def _collection(e: Suspend | Resume, issued: float) -> Command:
     return Command(f"{e.action}-collection", {"issued_at": rfc3339(issued)}, e.action, {})
 
 
-COMMANDS: Final[dict[str, Callable[[Event, Device, float], Command]]] = {
-    "grant": _consent,
-    "withdraw": _consent,
-    "precision": _precision_command,
-    "unbind": _wipe_command,
-    "account-cancelled": _wipe_command,
-    "suspend": _collection,
-    "resume": _collection,
-}
+CommandEvent = Grant | Withdraw | Precision | Unbind | AccountCancelled | Suspend | Resume
 
 
-async def send_command(cloud: Cloud, dev: SimDevice, e: Event) -> None:
+def command(e: CommandEvent, core: Device, issued: float) -> Command:
+    """The cloud command that carries out ``e`` on ``core``, issued at ``issued``."""
+    match e:
+        case Grant() | Withdraw():
+            return _consent(e, core, issued)
+        case Precision():
+            return _precision_command(e, core, issued)
+        case Unbind() | AccountCancelled():
+            return _wipe_command(e, core, issued)
+        case Suspend() | Resume():
+            return _collection(e, issued)
+        case _:
+            assert_never(e)
+
+
+async def send_command(cloud: Cloud, dev: SimDevice, e: CommandEvent | Replay) -> None:
     """Issue cloud command ``e`` to ``dev`` now, logged with the command's ID (an
     observer on ``down/`` sees when the broker forwarded it, and the checker measures
     the command's path delay from there)."""
     issued = parse_rfc3339(rfc3339(time.time()))  # as the command carries it
-    if e.action == "replay":
+    if isinstance(e, Replay):
         # Not the user's choice: the cloud's latest command to the device, again.
         last = next((c for c in reversed(cloud.issued) if c[0] == dev.device_id), None)
         if last is not None:
             dev.issued.append(None)
             await cloud.send_raw(dev.device_id, last[1], json.dumps(last[2]).encode())
         return
-    make = COMMANDS.get(e.action)
-    if make is None:
-        raise CommandRejected("not-a-cloud-command", e.action)
-    command = make(e, dev.core, issued)
+    made = command(e, dev.core, issued)
     dev.issued.append(issued)
-    command_id, sending = cloud.issue(dev.device_id, command.name, command.body)
-    dev.truth.log(issued, command.what, **command.info, via="cloud", command_id=command_id)
+    command_id, sending = cloud.issue(dev.device_id, made.name, made.body)
+    dev.truth.log(issued, made.what, **made.info, via="cloud", command_id=command_id)
     await sending
 
 
@@ -204,23 +236,17 @@ def command_results(dev: SimDevice, stats: FleetStats) -> Callable[[str, Any, fl
 # -- faults: on a group's proxy for ``for_s``, then healed.
 
 
-def _latency(proxy: FaultProxy, e: Event) -> None:
-    proxy.latency_s = (e.ms or 0) / 1000
-
-
-def _loss(proxy: FaultProxy, e: Event) -> None:
-    proxy.loss = e.rate or 0.0
-
-
-def _partition(proxy: FaultProxy, e: Event) -> None:
-    proxy.partition(True)
-
-
-FAULTS_ON: Final[dict[str, Callable[[FaultProxy, Event], None]]] = {
-    "latency": _latency,
-    "loss": _loss,
-    "partition": _partition,
-}
+def fault_on(proxy: FaultProxy, e: Fault) -> None:
+    """Start fault ``e`` on ``proxy``."""
+    match e:
+        case Latency():
+            proxy.latency_s = e.ms / 1000
+        case Loss():
+            proxy.loss = e.rate
+        case Partition():
+            proxy.partition(True)
+        case _:
+            assert_never(e)
 
 
 def heal(proxy: FaultProxy) -> None:
@@ -231,7 +257,7 @@ def heal(proxy: FaultProxy) -> None:
 
 # -- the timeline ------------------------------------------------------------------------
 
-Reboot = Callable[[SimDevice], Coroutine[Any, Any, None]]
+PowerCycle = Callable[[SimDevice], Coroutine[Any, Any, None]]
 
 
 class Player:
@@ -248,7 +274,7 @@ class Player:
         stats: FleetStats,
         *,
         restart_broker: Callable[[], object] | None,
-        reboot: Reboot,
+        reboot: PowerCycle,
     ) -> None:
         self.devices = devices
         self.proxies = proxies
@@ -259,12 +285,6 @@ class Player:
         self.pace = Pace(stats)
         self._sending: set[asyncio.Task[None]] = set()
         self._restarting: asyncio.Task[None] | None = None  # the latest broker restart
-        # The actions carried out apart; any other is a cloud command or a local action.
-        self._apart: dict[str, Callable[[Planned, float], Awaitable[None]]] = {
-            "broker-restart": self._broker_restart,
-            "reboot": self._reboot,
-            **dict.fromkeys(FAULTS, self._fault),
-        }
 
     async def play(self, planned: list[Planned], duration_s: float) -> None:
         """Every planned event at its time, then the rest of the timeline; returns once
@@ -282,14 +302,18 @@ class Player:
     async def apply(self, p: Planned, due: float) -> None:
         """Carry out ``p``'s event, scheduled at ``p.at`` seconds into the timeline, which
         is monotonic time ``due``."""
-        apart = self._apart.get(p.event.action)
-        if apart is not None:
-            await apart(p, due)
-        elif p.event.source == "cloud":
+        e = p.event
+        if isinstance(e, BrokerRestart):
+            await self._broker_restart(p, due)
+        elif isinstance(e, Reboot):
+            await self._reboot(p, due)
+        elif isinstance(e, Fault):
+            await self._fault(p, e, due)
+        elif e.via == "cloud":
             # Sent, not awaited: the cloud does not wait for one device before the next.
-            self._background(self._command(self.devices[p.target], p, due))
+            self._background(self._command(self.devices[p.target], p, e, due))
         else:
-            await self._local(p, due)
+            await self._local(p, e, due)
 
     async def _broker_restart(self, p: Planned, due: float) -> None:
         self.pace.on_time(due, p.event, p.at, "the broker")
@@ -311,13 +335,12 @@ class Player:
         await asyncio.to_thread(restart)
         self.stats.events_applied += 1
 
-    async def _fault(self, p: Planned, due: float) -> None:
-        self.pace.on_time(due, p.event, p.at, f"group {p.target}")
-        asyncio.get_running_loop().create_task(self._fault_for(self.proxies[p.target], p.event))
+    async def _fault(self, p: Planned, e: Fault, due: float) -> None:
+        self.pace.on_time(due, e, p.at, f"group {p.target}")
+        asyncio.get_running_loop().create_task(self._fault_for(self.proxies[p.target], e))
 
-    async def _fault_for(self, proxy: FaultProxy, e: Event) -> None:
-        assert e.for_s is not None  # noqa: S101  # validated
-        FAULTS_ON[e.action](proxy, e)
+    async def _fault_for(self, proxy: FaultProxy, e: Fault) -> None:
+        fault_on(proxy, e)
         self.stats.events_applied += 1
         await asyncio.sleep(e.for_s)
         heal(proxy)
@@ -329,14 +352,16 @@ class Player:
         self._background(self.reboot(dev))
         self.stats.events_applied += 1
 
-    async def _command(self, dev: SimDevice, p: Planned, due: float) -> None:
-        self.pace.on_time(due, p.event, p.at, dev.device_id)  # issued now
-        await send_command(self.cloud, dev, p.event)
+    async def _command(
+        self, dev: SimDevice, p: Planned, e: CommandEvent | Replay, due: float
+    ) -> None:
+        self.pace.on_time(due, e, p.at, dev.device_id)  # issued now
+        await send_command(self.cloud, dev, e)
 
-    async def _local(self, p: Planned, due: float) -> None:
-        dev, e = self.devices[p.target], p.event
+    async def _local(self, p: Planned, e: LocalEvent | Crash, due: float) -> None:
+        dev = self.devices[p.target]
         try:
-            if e.action == "crash":
+            if isinstance(e, Crash):
                 await self._crash(dev, e)
             else:
                 local_action(dev, e, time.time())
@@ -345,7 +370,7 @@ class Player:
             self.stats.events_refused[f"{e.action}:{type(exc).__name__}"] += 1
         self.pace.on_time(due, e, p.at, p.target)  # when it was done: a burst takes its time
 
-    async def _crash(self, dev: SimDevice, e: Event) -> None:
+    async def _crash(self, dev: SimDevice, e: Crash) -> None:
         """``e.count`` crashes captured one after another, each at the device's time, and
         the loop let go between them (``Pace.breathe``)."""
         for k in range(e.count):

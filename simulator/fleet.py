@@ -41,7 +41,7 @@ from simulator.faults import FaultProxy
 from simulator.jetstream import JetStreamAt
 from simulator.pki import DevPki
 from simulator.sampling import FleetStats, Sampler, rss_kib
-from simulator.scenario import FAULTS, Scenario
+from simulator.scenario import Fault, Latency, Loss, Scenario
 from simulator.schedule import plan
 from simulator.truth import DeviceTruth
 
@@ -172,7 +172,7 @@ class Fleet:
         store = self.store = SharedStore(db, keys, AckBatch(db, forgotten=self._forgotten_ack))
         host = self.broker.host
         for g in self.scenario.groups:
-            if any(e.action in FAULTS for e in g.events):
+            if any(isinstance(e, Fault) for e in g.events):
                 proxy = FaultProxy(host, self.broker.port, random.Random(self.rng.random()))  # noqa: S311
                 await proxy.start()
                 self.proxies[g.name] = proxy
@@ -181,8 +181,8 @@ class Fleet:
             ctx = client_context(self.pki.ca_cert, ident.cert, ident.key)
             via = self.proxies.get(g.name)
             grace = self.grace_s + max(
-                [(e.ms or 0) / 1000 for e in g.events if e.action == "latency"]
-                + [FaultProxy.RETRANSMIT_S for e in g.events if e.action == "loss"]
+                [e.ms / 1000 for e in g.events if isinstance(e, Latency)]
+                + [FaultProxy.RETRANSMIT_S for e in g.events if isinstance(e, Loss)]
                 + [0.0]
             )
             truth = DeviceTruth(device_id, g.name, g.policy_version, grace_s=grace)

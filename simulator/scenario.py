@@ -19,99 +19,58 @@ Example::
     purpose = "activation"
     via = "cloud"          # or "local" (the default): the app, or the device's CLI
 
-Actions and their keys:
+Each event is the model of its ``action`` (``Event``) and has the keys that action
+takes and no other; a key missing, of another action, or misspelt is an error.
+Every event has ``at`` and may carry ``jitter_s``: each device of the group does it
+at a time drawn uniformly from [at, at + jitter_s], from the scenario's seed.
 
 =================  ==========================================================
-bind               ``minor`` (bool)
-grant, withdraw    ``purpose``; ``via`` local (default) or cloud
+action             its other keys (required unless a default is given)
+=================  ==========================================================
+bind               ``minor`` (default false)
+grant, withdraw    ``purpose`` activation|diagnostics; ``via`` local|cloud
 policy-version     ``version`` (the device's configured policy changes, P6)
 location           ``lat``, ``lon``
 precision          ``level`` off|country|region|city; ``via`` local|cloud
-crash              ``count`` (crashes captured, default 1), ``text`` (the crash file's text)
+crash              ``count`` (crashes captured, default 1), ``text`` (the crash
+                   file's text, default a plain crash)
 firmware-update    ``version``
 unbind             ``via`` local|cloud
 factory-reset
 account-cancelled  ``via`` local|cloud
-suspend, resume    by cloud command only (P13)
+suspend, resume    ``via`` cloud only (P13)
+replay             ``via`` cloud only: the cloud re-sends the device's latest command
+clock              ``shift_s``: the devices' clocks jump forward or back
+reboot             the agent restarts: its store reopens, its memory is new
 latency            ``ms``, ``for_s``: delay every byte to and from the broker
 loss               ``rate`` (0-1), ``for_s``: segments late as if retransmitted
 partition          ``for_s``: the group's connections cut and refused
-broker-restart     (the whole fleet's broker; the group is ignored); only a
+broker-restart     none (the whole fleet's broker; the group is ignored); only a
                    broker the simulator started itself, not with ``--broker``
-reboot             the agent restarts: its store reopens, its memory is new
-clock              ``shift_s``: the devices' clocks jump forward or back
-replay             the cloud re-sends the device's latest command (a replay)
 =================  ==========================================================
 
-An event that a group cannot carry out (a suspension from the device, a crash
-from the cloud, a broker restart with ``--broker``) is an error when the file is
-loaded, never a silent refusal. ``outbox_cap`` sets every device's outbox bound.
-
-Every event may carry ``jitter_s``: each device of the group does it at a time
-drawn uniformly from [at, at + jitter_s], from the scenario's seed.
+``via`` says where a user's choice comes from: ``local`` (the default; the app, or
+the device's CLI) or ``cloud`` (a command). The actions done only on the device take
+``via = "local"`` at most; the faults and broker-restart, on a group's path to the
+broker or on the broker, take no ``via``.
+An event that a group cannot carry out (a suspension from the device, a crash from
+the cloud, a broker restart with ``--broker``) is an error when the file is loaded,
+never a silent refusal. ``outbox_cap`` sets every device's outbox bound.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.config import load_toml
 from agent.errors import ConfigError
 
-Action = Literal[
-    "bind",
-    "grant",
-    "withdraw",
-    "policy-version",
-    "location",
-    "precision",
-    "crash",
-    "firmware-update",
-    "unbind",
-    "factory-reset",
-    "account-cancelled",
-    "suspend",
-    "resume",
-    "latency",
-    "loss",
-    "partition",
-    "broker-restart",
-    "reboot",
-    "clock",
-    "replay",
-]
-
 # Versions and names: visible ASCII only (no spaces, control or non-ASCII characters).
 VISIBLE = r"^[\x21-\x7e]+$"
-
-_NEEDS: dict[str, tuple[str, ...]] = {
-    "grant": ("purpose",),
-    "withdraw": ("purpose",),
-    "policy-version": ("version",),
-    "location": ("lat", "lon"),
-    "precision": ("level",),
-    "firmware-update": ("version",),
-    "latency": ("ms", "for_s"),
-    "loss": ("rate", "for_s"),
-    "partition": ("for_s",),
-    "clock": ("shift_s",),
-}
-FAULTS = frozenset({"latency", "loss", "partition"})
-# Where each action can come from; the first is the default.
-_SOURCES: dict[str, tuple[str, ...]] = {
-    "grant": ("local", "cloud"),
-    "withdraw": ("local", "cloud"),
-    "precision": ("local", "cloud"),
-    "unbind": ("local", "cloud"),
-    "account-cancelled": ("local", "cloud"),
-    "suspend": ("cloud",),  # P13: the service's decision, never the device's
-    "resume": ("cloud",),
-    "replay": ("cloud",),  # the cloud (or an attacker on its path) re-sends a command
-}
 MAX_CRASH_TEXT = 16_384
 
 
@@ -119,48 +78,197 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Event(_Model):
-    """One step of a group's timeline."""
+# -- events: one model for each action, told apart by ``action`` -------------------------
+
+
+class _Event(_Model):
+    """What every event has: when it is due, and over how long its group spreads it."""
 
     at: float = Field(ge=0)
-    action: Action
     jitter_s: float = Field(default=0.0, ge=0)
-    via: Literal["local", "cloud"] | None = None  # default: see _SOURCES
-    purpose: Literal["activation", "diagnostics"] | None = None
+
+
+class _OnDevice(_Event):
+    """Done on the device only: by its user (the app, the CLI) or to it."""
+
+    via: Literal["local"] = "local"
+
+
+class _Either(_Event):
+    """A choice the user makes on the device (the default) or in the cloud."""
+
+    via: Literal["local", "cloud"] = "local"
+
+
+class _ByCloud(_Event):
+    """Only ever a cloud command."""
+
+    via: Literal["cloud"] = "cloud"
+
+
+class Bind(_OnDevice):
+    """The device is bound to an account (a minor's, with ``minor``)."""
+
+    action: Literal["bind"]
     minor: bool = False
-    version: str | None = Field(default=None, min_length=1, max_length=64, pattern=VISIBLE)
-    lat: float | None = Field(default=None, ge=-90, le=90)
-    lon: float | None = Field(default=None, ge=-180, le=180)
-    level: Literal["off", "country", "region", "city"] | None = None
+
+
+class Grant(_Either):
+    """Consent to ``purpose`` is given."""
+
+    action: Literal["grant"]
+    purpose: Literal["activation", "diagnostics"]
+
+
+class Withdraw(_Either):
+    """Consent to ``purpose`` is withdrawn."""
+
+    action: Literal["withdraw"]
+    purpose: Literal["activation", "diagnostics"]
+
+
+class PolicyVersion(_OnDevice):
+    """The device's configured policy changes (P6)."""
+
+    action: Literal["policy-version"]
+    version: str = Field(min_length=1, max_length=64, pattern=VISIBLE)
+
+
+class Location(_OnDevice):
+    """The device learns where it is."""
+
+    action: Literal["location"]
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+
+
+class Precision(_Either):
+    """The location precision the user allows changes."""
+
+    action: Literal["precision"]
+    level: Literal["off", "country", "region", "city"]
+
+
+class Crash(_OnDevice):
+    """``count`` crashes are captured, each from a crash file reading ``text`` (hostile
+    input for P3, P12) or from a plain one."""
+
+    action: Literal["crash"]
     count: int = Field(default=1, ge=1, le=1000)
-    ms: float | None = Field(default=None, ge=0, le=10_000)
-    rate: float | None = Field(default=None, ge=0, le=1)
-    for_s: float | None = Field(default=None, gt=0, le=3600)
-    shift_s: float | None = Field(default=None, ge=-90 * 86_400, le=90 * 86_400)
-    # Crash text as another process would write it (hostile input for P3, P12).
     text: str | None = Field(default=None, min_length=1, max_length=MAX_CRASH_TEXT)
 
-    @model_validator(mode="after")
-    def _required(self) -> Event:
-        missing = [k for k in _NEEDS.get(self.action, ()) if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"action {self.action!r} needs {', '.join(missing)}")
-        sources = _SOURCES.get(self.action, ("local",))
-        if self.via is not None and self.via not in sources:
-            raise ValueError(
-                f"action {self.action!r} cannot come from the {self.via}: "
-                f"use via = {' or '.join(repr(v) for v in sources)}"
-            )
-        if self.text is not None and self.action != "crash":
-            raise ValueError("only a crash carries text")
-        return self
 
-    @property
-    def source(self) -> Literal["local", "cloud"]:
-        """Where the event comes from (``via``, or the action's default)."""
-        return self.via or (
-            "cloud" if _SOURCES.get(self.action, ("local",))[0] == "cloud" else "local"
-        )
+class FirmwareUpdate(_OnDevice):
+    """The device's firmware is updated to ``version``."""
+
+    action: Literal["firmware-update"]
+    version: str = Field(min_length=1, max_length=64, pattern=VISIBLE)
+
+
+class Unbind(_Either):
+    """The device is unbound from its account."""
+
+    action: Literal["unbind"]
+
+
+class FactoryReset(_OnDevice):
+    """The device is reset to factory state."""
+
+    action: Literal["factory-reset"]
+
+
+class AccountCancelled(_Either):
+    """The account the device is bound to is cancelled."""
+
+    action: Literal["account-cancelled"]
+
+
+class Suspend(_ByCloud):
+    """The service suspends collection: its decision, never the device's (P13)."""
+
+    action: Literal["suspend"]
+
+
+class Resume(_ByCloud):
+    """The service resumes collection (P13)."""
+
+    action: Literal["resume"]
+
+
+class Replay(_ByCloud):
+    """The cloud (or an attacker on its path) re-sends the device's latest command."""
+
+    action: Literal["replay"]
+
+
+class Clock(_OnDevice):
+    """The devices' clocks jump forward or back by ``shift_s``."""
+
+    action: Literal["clock"]
+    shift_s: float = Field(ge=-90 * 86_400, le=90 * 86_400)
+
+
+class Reboot(_OnDevice):
+    """The agent restarts: its store reopens, its memory is new."""
+
+    action: Literal["reboot"]
+
+
+class BrokerRestart(_Event):
+    """The whole fleet's broker restarts (the group is ignored)."""
+
+    action: Literal["broker-restart"]
+
+
+class _Fault(_Event):
+    """A fault on the group's path to the broker, healed after ``for_s``."""
+
+    for_s: float = Field(gt=0, le=3600)
+
+
+class Latency(_Fault):
+    """Every byte to and from the broker is delayed by ``ms``."""
+
+    action: Literal["latency"]
+    ms: float = Field(ge=0, le=10_000)
+
+
+class Loss(_Fault):
+    """A share ``rate`` of segments is late, as if retransmitted."""
+
+    action: Literal["loss"]
+    rate: float = Field(ge=0, le=1)
+
+
+class Partition(_Fault):
+    """The group's connections are cut and refused."""
+
+    action: Literal["partition"]
+
+
+Fault = Latency | Loss | Partition
+Event = Annotated[
+    Bind
+    | Grant
+    | Withdraw
+    | PolicyVersion
+    | Location
+    | Precision
+    | Crash
+    | FirmwareUpdate
+    | Unbind
+    | FactoryReset
+    | AccountCancelled
+    | Suspend
+    | Resume
+    | Replay
+    | Clock
+    | Reboot
+    | BrokerRestart
+    | Fault,
+    Field(discriminator="action"),
+]
+"""One step of a group's timeline: the model of its ``action``."""
 
 
 class Group(_Model):
@@ -188,7 +296,7 @@ class Scenario(_Model):
     @property
     def restarts_broker(self) -> bool:
         """Whether a timeline restarts the broker (only a broker the simulator started)."""
-        return any(e.action == "broker-restart" for g in self.groups for e in g.events)
+        return any(isinstance(e, BrokerRestart) for g in self.groups for e in g.events)
 
     @model_validator(mode="after")
     def _shares(self) -> Scenario:
@@ -198,12 +306,12 @@ class Scenario(_Model):
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError("group names must be unique")
-        for g in self.groups:
-            for e in g.events:
+        for i, g in enumerate(self.groups):
+            for j, e in enumerate(g.events):
                 if e.at + e.jitter_s > self.duration_s:
                     raise ValueError(
-                        f"group {g.name!r}: an event at {e.at + e.jitter_s:g} s is past "
-                        f"duration_s = {self.duration_s:g}"
+                        f"groups.{i}.events.{j} ({e.action}) of group {g.name!r} is due at "
+                        f"{e.at + e.jitter_s:g} s, past duration_s = {self.duration_s:g}"
                     )
         return self
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from simulator.devices import SimDevice
 from simulator.sampling import FleetStats
-from simulator.scenario import FAULTS, Event, Scenario
+from simulator.scenario import BrokerRestart, Event, Fault, Scenario
 
 # The timeline's own work (a burst of captures, a thousand devices' binds due at once)
 # holds the event loop at most this long before the transports and the cloud get a
@@ -65,7 +65,7 @@ def plan(scenario: Scenario, devices: Collection[SimDevice], rng: random.Random)
     for g in scenario.groups:
         members = [d for d in devices if d.group is g]
         for e in g.events:
-            if e.action == "broker-restart" or e.action in FAULTS:
+            if isinstance(e, BrokerRestart | Fault):
                 planned.append(Planned(e.at, order, g.name, e))
                 order += 1
                 continue

@@ -218,7 +218,7 @@ def test_an_event_a_group_cannot_carry_out_is_a_load_time_error(
         'events = [{ at = 0.0, action = "suspend", via = "local" }]\n'
     )
     assert main(["--dir", str(tmp_path), "run", "--devices", "5", "--scenario", str(bad)]) == 1
-    assert "action 'suspend' cannot come from the local" in capsys.readouterr().err
+    assert "groups.0.events.0 (suspend): via: Input should be 'cloud'" in capsys.readouterr().err
 
 
 def test_output_paths_are_checked_before_anything_starts(
