@@ -27,7 +27,6 @@ sendable after a command or a sync answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -44,7 +43,7 @@ from agent.device import Device
 from agent.errors import AgentError, CommandRejected, TransportError
 from agent.runtime import mqtt
 from agent.runtime.link import Link
-from agent.runtime.waits import wait_at_most
+from agent.runtime.waits import Flag, wait_at_most
 
 # The transport's logger: a command's lines sit among its connection's.
 log = logging.getLogger("smartmi.transport")
@@ -101,7 +100,7 @@ class Commands:
         self.wake = wake  # something may have become sendable
         self.listener = listener
         # Set once the cloud answered this connection's command sync (commands first).
-        self.synced = asyncio.Event()
+        self.synced = Flag()
         # This connection's command sync requests awaiting an answer: sync_id -> sent at.
         # Any of them answered is enough (each covers every command issued before this
         # connection); a request from an earlier connection is not.

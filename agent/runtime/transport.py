@@ -49,7 +49,7 @@ from agent.runtime import mqtt
 from agent.runtime.commands import CommandListener, Commands
 from agent.runtime.link import Connector, Link
 from agent.runtime.target import BrokerTarget
-from agent.runtime.waits import wait_at_most
+from agent.runtime.waits import Flag, wait_at_most
 
 log = logging.getLogger("smartmi.transport")
 
@@ -111,14 +111,14 @@ class Transport:
         self.commands = Commands(
             device, self.stats, clock=clock, rng=self.rng, wake=self.poke, listener=command_listener
         )
-        self.connected = asyncio.Event()
+        self.connected = Flag()
         # Set once the cloud answered this connection's command sync (commands first).
         self.synced = self.commands.synced
         # Set while synced with nothing in flight and nothing sendable right now.
-        self.idle = asyncio.Event()
+        self.idle = Flag()
         # Set on every failed connection or refused PUBLISH; callers clear it.
-        self.trouble = asyncio.Event()
-        self._wake = asyncio.Event()
+        self.trouble = Flag()
+        self._wake = Flag()
         self._connect = connector  # the MQTT adapter's, or a test's fake
         self._conn: Link | None = None
         # paho's packet id -> msg_id, on this connection; the item itself is the device's
