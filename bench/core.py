@@ -29,7 +29,8 @@ REPORT = CrashReport(
 )
 
 
-def _core(root: Path, sync: Synchronous) -> Device:
+def device(root: Path, sync: Synchronous) -> Device:
+    """A bound device with diagnostics granted, on its own store in ``root``."""
     db = Database(root / "state.db", synchronous=sync)
     config = CoreConfig("bench-1", "S", "m", "1", outbox_cap=1_000_000)
     core = build_device(db, FileKeyStore(root / "keys"), config, now=1e9)
@@ -67,7 +68,7 @@ def capture_to_queue(sync: Synchronous, n: int = 2000) -> dict[str, Any]:
     """Time capture_crash (gate, scrub, schema, seal, durable insert) against a bare insert."""
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        core = _core(root, sync)
+        core = device(root, sync)
         samples = []
         for i in range(n):
             t0 = time.perf_counter()
@@ -89,7 +90,7 @@ def withdrawal(pending: int = 10_000, sync: Synchronous = "FULL") -> dict[str, A
     """Time withdraw() with ``pending`` items of the purpose queued."""
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        core = _core(root, sync)
+        core = device(root, sync)
         with core.store.db.transaction():
             for i in range(pending):
                 core.capture_crash(REPORT, now=1e9 + i)

@@ -1,34 +1,24 @@
-"""Fleet and daemon benchmarks against a Mosquitto of their own, with same-run ceilings.
-
-Ceilings, measured in the same run on the same broker:
-
-* connect rate: six ``openssl s_time -new`` processes in parallel, each doing full
-  mutual-TLS handshakes with a device certificate for 5 s; their connections over
-  those 5 s of wall time (``s_time_ceiling``);
-* throughput: one bare paho client publishing QoS 1 in a loop (20 in flight).
-"""
+"""Fleet and daemon benchmarks against a Mosquitto of their own, each with the ceiling
+of ``bench.ceilings`` measured in the same run on the same broker."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
+from agent.core.ledger import sent_entry
 from agent.core.purposes import Purpose
 from agent.device import CrashReport
-from agent.runtime.tls import client_context
-from bench import cpu_seconds
+from agent.runtime.transport import Transport
+from bench import ceilings, core, cpu_seconds, progress
 from simulator.broker import MosquittoBroker, memory_kib
 from simulator.fleet import Fleet, FleetBroker
 from simulator.pki import DevPki
@@ -42,74 +32,19 @@ AGENTS_PER_WORKER = 15_000  # the most one cluster worker takes (its open files)
 CRASH = CrashReport(
     "SIGSEGV in bench", "Traceback (most recent call last):\n  File x", uptime_s=1.0
 )
+# PUBLISHes a connection has awaiting their PUBACK: the agent's, for its ceilings too.
+WINDOW: int = inspect.signature(Transport).parameters["window"].default
 
 
-def s_time_ceiling(
-    broker: MosquittoBroker, pki: DevPki, seconds: int = 5, procs: int = 6
-) -> dict[str, float]:
-    """Mutual-TLS handshakes per second of wall time from ``procs`` parallel
-    ``openssl s_time -new`` (``per_s``), and the figure used before (``per_user_s``).
-
-    ``per_s`` is every connection made over the ``seconds`` each process runs at least,
-    so if anything it is high. ``per_user_s`` sums each process's "connections/user
-    sec": handshakes per second of its own user CPU time. That is a cost, not a rate
-    the machine reaches: it leaves out the kernel's and the broker's share and grows with
-    the number of processes (on 2 cores, 966/s with one, 5,323/s with six, while the
-    wall rate went from 381/s to 684/s).
-    """
-    ident = pki.ensure_devices(["bench-s-time"])["bench-s-time"]
-    cmd = [
-        "openssl", "s_time", "-connect", f"{broker.host}:{broker.port}", "-new",
-        "-time", str(seconds), "-cert", str(ident.cert), "-key", str(ident.key),
-        "-CAfile", str(pki.ca_cert),
-    ]  # fmt: skip
-    runs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for _ in range(procs)
-    ]
-    connections, per_user_s = 0, 0.0
-    for proc in runs:
-        out, _ = proc.communicate(timeout=seconds + 30)
-        m = re.search(r"(\d+) connections in ([\d.]+)s", out)
-        if m is None:
-            raise RuntimeError(f"openssl s_time printed no rate:\n{out[-500:]}")
-        connections += int(m.group(1))
-        per_user_s += int(m.group(1)) / float(m.group(2))
-    return {"per_s": connections / seconds, "per_user_s": per_user_s}
-
-
-def paho_ceiling(broker: MosquittoBroker, pki: DevPki, seconds: float = 5.0) -> float:
-    """QoS 1 PUBLISH+PUBACK per second from one bare paho client, 20 in flight."""
-    device = "bench-paho"
-    ident = pki.ensure_devices([device])[device]
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
-    client.tls_set_context(client_context(pki.ca_cert, ident.cert, ident.key))
-    client.max_inflight_messages_set(20)
-    slots = threading.Semaphore(20)
-    acked = [0]
-    connected = threading.Event()
-    client.on_connect = lambda *_a: connected.set()
-
-    def on_publish(*_a: Any) -> None:
-        acked[0] += 1
-        slots.release()
-
-    client.on_publish = on_publish
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    if not connected.wait(10):
-        raise RuntimeError("the paho ceiling client did not connect")
-    payload = os.urandom(600)
-    topic = f"smartmi/v1/{device}/up/crash"
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        slots.acquire()
-        client.publish(topic, payload, qos=1)
-    took = time.perf_counter() - t0
-    rate = acked[0] / took
-    client.disconnect()
-    client.loop_stop()
-    return rate
+def item_sizes(root: Path) -> tuple[int, int]:
+    """The bytes an agent publishes for ``CRASH``, and the JSON of its "sent" ledger
+    entry: what the same-work ceiling seals, stores and publishes per message."""
+    device = core.device(root, "NORMAL")
+    msg_id = device.capture_crash(CRASH, now=1e9)
+    item = device.store.queued(1)[0]
+    entry = sent_entry(msg_id, item.purpose.value, item.payload, now=1e9)
+    device.store.db.close()
+    return len(item.payload), len(json.dumps(entry, sort_keys=True))
 
 
 def _fleet(n: int, broker: MosquittoBroker, pki: DevPki, workdir: Path) -> Fleet:
@@ -216,23 +151,35 @@ async def _sustain(fleet: Fleet, devs: list[Any], seconds: float) -> dict[str, A
     fleet.start()
     await _until(lambda: all(d.transport.synced.is_set() for d in devs), 300)
     acked0 = sum(d.transport.stats.acknowledged for d in devs)
-    t0 = time.monotonic()
-    i = 0
+    t0, cpu0 = time.monotonic(), time.process_time()
+    i = captured = 0
+    capture_s = 0.0  # the producer's share: capture (gate, scrub, schema, seal, insert)
     while time.monotonic() - t0 < seconds:
         # Keep about 5 items per device queued: the pipeline, not the producer, limits.
+        c0 = time.perf_counter()
         with fleet.store.db.transaction():  # type: ignore[union-attr]
             for _ in range(200):
                 d = devs[i % n]
                 i += 1
                 if d.core.queued_count() < 5:
                     d.core.capture_crash(CRASH, now=time.time())
+                    captured += 1
+        capture_s += time.perf_counter() - c0
         await asyncio.sleep(0)
-    took = time.monotonic() - t0
+    took, cpu = time.monotonic() - t0, time.process_time() - cpu0
     acked = sum(d.transport.stats.acknowledged for d in devs) - acked0
     await fleet.stop()
     assert fleet.store is not None  # noqa: S101
     fleet.store.db.close()
-    return {"devices": n, "seconds": took, "msgs_per_s": acked / took}
+    return {
+        "devices": n,
+        "seconds": took,
+        "msgs_per_s": acked / took,
+        # The whole process's CPU (every agent, and the simulated cloud receiving each
+        # message) per acknowledged message, and the producer's share of it.
+        "cpu_us_per_msg": 1e6 * cpu / max(1, acked),
+        "capture_us_per_msg": 1e6 * capture_s / max(1, captured),
+    }
 
 
 def daemon(
@@ -326,35 +273,90 @@ def workers_start(
     }
 
 
+def throughput_with_ceilings(
+    n: int, seconds: float, broker: MosquittoBroker, pki: DevPki, root: Path, *, ceiling_s: float
+) -> dict[str, Any]:
+    """The agent's throughput between two runs of each ceiling (bare paho, then the same
+    work), so that a change in the machine's load shows; each ceiling's better run counts.
+    """
+    payload_bytes, ledger_bytes = item_sizes(root / "sizes")
+    payload = os.urandom(payload_bytes)
+    runs: dict[str, list[dict[str, float]]] = {"paho": [], "same_work": []}
+    sinks: list[float] = []  # the backend sink's CPU per message, by pair of runs
+
+    def ceiling_runs(when: str) -> None:
+        progress.step(f"throughput ceilings, {when} the agent's: bare paho, then the same work")
+        work = ceilings.SameWork(root / f"same-work-{when}.db", payload, ledger_bytes)
+        with ceilings.backend_sink(broker, pki) as sink:
+            for key, store in (("paho", None), ("same_work", work)):
+                runs[key].append(
+                    ceilings.qos1_ceiling(
+                        broker, pki, window=WINDOW, payload=payload, seconds=ceiling_s, work=store
+                    )
+                )
+        sinks.append(1e6 * sink["cpu_s"] / max(1, sink["messages"]))
+
+    ceiling_runs("before")
+    progress.step(f"throughput, {n:,} agents for {seconds:.0f} s")
+    out = asyncio.run(throughput(n, seconds, broker, pki, root / "tp"))
+    ceiling_runs("after")
+    return {
+        **out,
+        "window": WINDOW,
+        "payload_bytes": payload_bytes,
+        "ledger_entry_bytes": ledger_bytes,
+        "paho_runs": runs["paho"],
+        "paho_msgs_per_s": max(r["msgs_per_s"] for r in runs["paho"]),
+        "same_work_runs": runs["same_work"],
+        "same_work_msgs_per_s": max(r["msgs_per_s"] for r in runs["same_work"]),
+        "sink_cpu_us_per_msg": sinks,
+    }
+
+
 def run_all(
     devices: int,
     throughput_devices: int,
     throughput_s: float,
     idle_s: float,
     *,
+    ceiling_s: float,
+    workers_devices: int,
+    one_workers_run: bool = False,
     cluster_devices: int = 0,
     cluster_limit_s: float = 1800.0,
 ) -> dict[str, Any]:
-    """Every fleet and daemon benchmark with its ceilings, on one broker of their own."""
+    """Every fleet and daemon benchmark with its ceilings, on one broker of their own;
+    ``smartmi-sim run`` with ``--workers 1`` and one per core (only the latter with
+    ``one_workers_run``)."""
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         pki = DevPki(root / "pki").ensure()
         with MosquittoBroker(pki) as broker:
             out: dict[str, Any] = {}
-            s_time = s_time_ceiling(broker, pki)
+            progress.step("connect-rate ceiling: openssl s_time")
+            s_time = ceilings.s_time_ceiling(broker, pki)
             out["s_time_per_s"] = s_time["per_s"]
             out["s_time_per_user_s"] = s_time["per_user_s"]
-            out["paho_msgs_per_s"] = paho_ceiling(broker, pki)
+            progress.step("memory floor: mutual-TLS connections, each with its own context")
+            out["tls_floor_kib"] = ceilings.tls_memory_floor(broker, pki)
+            progress.step(f"fleet start and reconnect storm, {devices:,} agents")
             out["fleet"] = asyncio.run(fleet_start_and_storm(devices, broker, pki, root / "fleet"))
-            out["throughput"] = asyncio.run(
-                throughput(throughput_devices, throughput_s, broker, pki, root / "tp")
+            out["throughput"] = throughput_with_ceilings(
+                throughput_devices, throughput_s, broker, pki, root, ceiling_s=ceiling_s
             )
+            progress.step("daemon floor: a bare paho client process")
+            out["bare_daemon"] = ceilings.bare_daemon(broker, pki)
+            progress.step(f"agent daemon, then {idle_s:.0f} s idle")
             out["daemon"] = daemon(broker, pki, root, idle_s)
         workers = os.cpu_count() or 1
-        out["sharded"] = [workers_start(devices, n, root) for n in sorted({1, workers})]
+        out["sharded"] = []
+        for n in sorted({workers} if one_workers_run else {1, workers}):
+            progress.step(f"smartmi-sim run --workers {n}, {workers_devices:,} agents")
+            out["sharded"].append(workers_start(workers_devices, n, root))
         if cluster_devices:
             # A process may hold 20,000 open files here, and each agent holds a socket.
             shards = max(workers, -(-cluster_devices // AGENTS_PER_WORKER))
+            progress.step(f"3-node NATS cluster, {cluster_devices:,} agents, --workers {shards}")
             out["cluster"] = workers_start(
                 cluster_devices, shards, root, cluster=3, limit_s=cluster_limit_s
             )
