@@ -15,6 +15,7 @@ lines. Whatever else the text holds is ignored.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,11 +66,13 @@ class Frame:
         return {"module": self.module, "function": self.function, "line": self.line}
 
 
+@functools.lru_cache(maxsize=1024)
 def module_of(path: str) -> str:
     """A dotted module name for a file inside the software, else ``<external>``.
 
     A relative path is the software's own (tracebacks print those for frames of
-    the running program); an absolute one counts only below a software root.
+    the running program); an absolute one counts only below a software root. Pure, and
+    a device's crashes name the same few files again and again: remembered.
     """
     p = path.replace("\\", "/")
     if p.startswith("<") and p.endswith(">"):  # <frozen importlib._bootstrap>, <string>
@@ -97,9 +100,13 @@ def _clean(name: str, secrets: Iterable[str]) -> str | None:
     folded = _fold(name)
     if any((s := _fold(secret)) and s in folded for secret in secrets):
         return None
-    if scrub(name) != name:
-        return None
-    return name
+    return name if _unscrubbed(name) else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _unscrubbed(name: str) -> bool:
+    """Whether the scrubber leaves ``name`` as it is (pure: remembered)."""
+    return scrub(name) == name
 
 
 def _fold(text: str) -> str:
