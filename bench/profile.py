@@ -189,6 +189,14 @@ def main() -> int:
         print(f"cpu_s {main1 - main0:.3f} {others1 - others0:.3f} {took:.3f}")
         return 0
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).is_file():
+        # Not a dependency: its wheels do not cover every board the agent runs on.
+        print(
+            "py-spy is not installed: .venv/bin/pip install py-spy (or use --memory, "
+            "which needs nothing more)",
+            file=sys.stderr,
+        )
+        return 2
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         pki = DevPki(root / "pki").ensure()
