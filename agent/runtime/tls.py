@@ -39,7 +39,7 @@ def check_identity(cert: Path, key: Path, device_id: str) -> None:
     and push it off the broker on every reconnect; a key that does not match fails
     every handshake with a bare "PEM lib" or "key values mismatch".
 
-    Only the ssl module is used: the daemon's resident memory has a target (50 MB in
+    Only the ssl module is used: the daemon's resident memory has a target (35 MB in
     bench/), and loading cryptography's X.509 and key parsers for this one look cost it
     about 3 MB. ``smartmi-agent doctor`` reads the certificate in full.
     """

@@ -206,7 +206,7 @@ def test_damaged_certificates_are_a_value_error_never_a_crash() -> None:
 
 
 def test_the_daemon_does_not_load_an_x509_parser() -> None:
-    """Its resident memory has a target (50 MB in bench/): cryptography's X.509 module
+    """Its resident memory has a target (35 MB in bench/): cryptography's X.509 module
     costs the daemon megabytes, and only ``doctor`` needs it."""
     import subprocess
     import sys
