@@ -17,36 +17,7 @@ from agent.config import load_config
 from agent.errors import ConfigError, StoreLocked
 from agent.store.statedir import locked
 from simulator.cli import main as sim_main
-from simulator.pki import DevPki
-from tests.device.helpers import install_identity
-
-GOOD = """
-[device]
-id = "cli-1"
-serial = "SN1"
-model = "smartmi.fan.za5"
-firmware_version = "1.0"
-
-[privacy]
-policy_version = "7"
-
-[paths]
-state_dir = "state"
-
-[broker]
-url = "mqtts://127.0.0.1:8883"
-ca = "pki/ca.pem"
-cert = "pki/dev.pem"
-key = "pki/dev.key"
-"""
-
-
-@pytest.fixture
-def conf(tmp_path: Path, pki: DevPki) -> Path:
-    install_identity(pki, tmp_path / "pki", "cli-1")
-    path = tmp_path / "agent.toml"
-    path.write_text(GOOD)
-    return path
+from tests.shell.conftest import GOOD
 
 
 def run(conf: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, object]:

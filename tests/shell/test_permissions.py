@@ -17,15 +17,7 @@ from agent.runtime.tls import client_context
 from agent.store import fsutil
 from simulator.pki import DevPki
 from tests.device.helpers import OTHER_UID, as_other_user, install_identity, shared_dir
-from tests.shell.test_cli import GOOD
-
-
-@pytest.fixture
-def conf(tmp_path: Path, pki: DevPki) -> Path:
-    install_identity(pki, tmp_path / "pki", "cli-1")
-    path = tmp_path / "agent.toml"
-    path.write_text(GOOD)
-    return path
+from tests.shell.conftest import GOOD
 
 
 @pytest.fixture
