@@ -135,13 +135,37 @@ class Outbox(TableFamily):
             self.db.on_rollback(undo)
             self._item_vaults[key_id] = Vault(self.keys.create(self._item_key_name(key_id)))
         vault = self._item_vault(key_id)
-        if vault is None:  # the key file is gone (tampering, or a restored card)
-            raise StorageError(
-                f"item key {self._item_key_name(key_id)} is missing; withdraw and grant the "
-                "purpose again, or reset the device",
-                kind="corrupt",
-            )
+        if vault is None:  # the key file is gone (tampering, or a store restored from a copy)
+            self._retire_lost_key(purpose, key_id)
+            return self._live_item_key(purpose)
         return key_id, vault
+
+    def _retire_lost_key(self, purpose: Purpose, key_id: str) -> None:
+        """``purpose``'s live item key is gone: none of its rows can be opened, so they go
+        to quarantine (never sent, no longer queued) and the key is forgotten, in the
+        caller's transaction; the caller then makes a new key. Found on a store restored
+        from a copy made before a withdrawal destroyed the key, or on tampering."""
+        moved = self.quarantine.move_outbox_of_key(key_id, "its item key is missing")
+        self.db.conn.execute(
+            "DELETE FROM item_keys WHERE device_id = ? AND key_id = ?", (self.device_id, key_id)
+        )
+        rows = self._rows.pop(key_id, 0)
+        del self._live[purpose]
+
+        def undo() -> None:
+            self._live[purpose] = key_id
+            self._rows[key_id] = rows
+
+        self.db.on_rollback(undo)
+        log.error(
+            "item key missing: its items moved to quarantine, a new key made",
+            extra={
+                "device": self.device_id,
+                "key": self._item_key_name(key_id),
+                "purpose": purpose.value,
+                "count": moved,
+            },
+        )
 
     def _item_vault(self, key_id: str | None) -> Vault | None:
         """The vault that opens rows sealed with ``key_id`` (None: the data key)."""

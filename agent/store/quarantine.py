@@ -69,6 +69,25 @@ class Quarantine:
             extra={"device": self.device_id, "table": source, "reason": exc.reason},
         )
 
+    def move_outbox_of_key(self, key_id: str, reason: str) -> int:
+        """Move every outbox row sealed with item key ``key_id`` to quarantine, in one
+        transaction (the key is gone: none of them can be opened); how many."""
+        with self.db.transaction() as c:
+            rows = c.execute(
+                "DELETE FROM outbox WHERE device_id = ? AND key_id = ? RETURNING msg_id, blob",
+                (self.device_id, key_id),
+            ).fetchall()
+            for msg_id, blob in rows:
+                self._insert(c, "outbox", msg_id, reason, blob)
+            self.outbox_rows += len(rows)
+
+            def undo() -> None:
+                self.outbox_rows -= len(rows)
+
+            self.db.on_rollback(undo)
+        self.problems.extend(TamperedRecord("outbox", msg_id, reason) for msg_id, _blob in rows)
+        return len(rows)
+
     def unreadable_without_key(self) -> int:
         """Move this device's data-key records to quarantine if the key is gone."""
         if self.sealing.has_data_key():

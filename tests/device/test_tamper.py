@@ -250,6 +250,50 @@ def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
     assert "record failed its integrity check" in caplog.text
 
 
+def test_after_a_rolled_back_store_a_new_grant_captures_and_sends_again(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The restored store names, as its purpose's live item key, a key the withdrawal
+    destroyed. A new grant must not stay stuck on it: its rows go to quarantine (never
+    sent, no longer counted as queued) and a new key seals what is captured from then."""
+    core = rig.open()
+    assert rig.db is not None
+    rig.db.checkpoint()
+    old = (rig.root / "state.db").read_bytes()
+    core.withdraw(Purpose.DIAGNOSTICS, now=rig.tick())
+    rig.db.close()
+    rig.db = None
+    for leftover in rig.root.glob("state.db-*"):
+        leftover.unlink()
+    (rig.root / "state.db").write_bytes(old)
+    core = rig.open()  # its state fails its check (rolled back): the device starts anew
+    core.bind("b-2", now=rig.tick())
+    core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
+    new = core.capture_crash(CRASH, now=rig.tick())
+    assert core.queued_count() == 1  # the three restored rows are not queued
+    assert [o.msg_id for o in rig.deliver_all()] == [new]
+    assert core.queued_count() == 0
+    assert "item key missing: its items moved to quarantine" in caplog.text
+
+
+def test_a_lost_item_key_sends_its_rows_to_quarantine_and_a_new_one_seals_new_items(
+    rig: Rig,
+) -> None:
+    """The live item key's file is gone (deleted, a card restored without it): the rows
+    it sealed can never be opened. The next capture moves them all to quarantine, none
+    left behind in the outbox, and seals the new item with a new key."""
+    (key_file,) = (rig.root / "keys").glob("dev-1.item.*.key")
+    key_file.unlink()
+    core = rig.open()
+    assert core.queued_count() == 3
+    new = core.capture_crash(CRASH, now=rig.tick())
+    assert core.queued_count() == 1
+    assert [p.reason for p in core.store.problems].count("its item key is missing") == 3
+    assert rig.db is not None
+    assert rig.db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
+    assert [o.msg_id for o in rig.deliver_all()] == [new]
+
+
 def test_safe_mode_still_sends_a_pending_deletion_request(rig: Rig) -> None:
     _unbound_offline(rig)
     damaged = rig.root / "keys" / "dev-1.data.key"
