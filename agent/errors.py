@@ -148,6 +148,11 @@ class TransportError(AgentError):
     """An MQTT or TLS problem talking to the broker."""
 
 
+class NotSent(TransportError):
+    """The MQTT client took nothing to send (not connected, or it refused the message):
+    the broker cannot have it."""
+
+
 class CertificateProblem(TransportError):
     """The TLS handshake failed because of a certificate; ``kind`` says which way."""
 

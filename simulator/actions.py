@@ -211,7 +211,7 @@ async def send_command(cloud: Cloud, dev: SimDevice, e: CommandEvent | Replay) -
     dev.issued.append(issued)
     command_id, sending = cloud.issue(dev.device_id, made.name, made.body)
     dev.truth.log(issued, made.what, **made.info, via="cloud", command_id=command_id)
-    await sending
+    dev.truth.sent[command_id] = await sending
 
 
 def command_results(dev: SimDevice, stats: FleetStats) -> Callable[[str, Any, float], None]:

@@ -20,8 +20,10 @@ timeline, ``simulator.replay``.
 
 The one allowance is for a narrowing choice the device could not yet have heard: a
 cloud command is heard when the broker forwarded it to the device (the observer's
-capture on ``down/``, ``DeviceTruth.delivered``; its issue time when there is none),
-a local action at once. An item captured before a narrowing choice was heard and
+capture on ``down/``, ``DeviceTruth.delivered``), else no earlier than the cloud's send
+that may have reached the broker began (``DeviceTruth.sent``: later than the issue when
+the cloud's connection broke and it sent the command again), else at its issue time; a
+local action at once. An item captured before a narrowing choice was heard and
 gone within ``grace_s`` after it was heard is judged as if that choice had not been
 made (it was on the wire, or written before the device could act); one that left
 later, or was captured after the device heard the choice, is judged by it.

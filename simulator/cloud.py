@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from agent.core.identity import BACKEND_ID, UP_FILTER_ALL, up_filter
 from agent.core.purposes import rfc3339
-from agent.errors import TransportError
+from agent.errors import NotSent, PublishRefused, TransportError
 from agent.runtime import mqtt
 from agent.runtime.tls import client_context
 from simulator.jetstream import JetStreamAt, Uplink, UplinkReader
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 CONNECT_WITHIN_S = 30.0  # the backend's first connection, or the run gives up
 OPERATION_TIMEOUT_S = 120.0
+SEND_WITHIN_S = 300.0  # a command or sync answer, resent over new connections until then
+RESEND_AFTER_S = 5.0  # at the latest, on a connection that failed a send but lives on
 SUBSCRIBE_BATCH = 500  # filters per SUBSCRIBE packet (a shard subscribes per device)
 
 
@@ -110,7 +112,9 @@ class Cloud:
     syncs_answered: int = 0
     # Every command issued, in order: (device_id, name, document), for replays.
     issued: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
-    _issuing: dict[str, set[asyncio.Future[None]]] = field(default_factory=dict)
+    _issuing: dict[str, set[asyncio.Future[float]]] = field(default_factory=dict)
+    # Set, and replaced by a new one, each time the connection goes or a new one is up.
+    _switched: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stopping: bool = False
 
@@ -143,6 +147,7 @@ class Cloud:
             self.pki.ca_cert, self.pki.backend.cert, self.pki.backend.key
         )
         self.online = asyncio.Event()
+        self._switched = asyncio.Event()
         tasks = [asyncio.create_task(self._run(ctx), name="cloud:collect")]
         reading = asyncio.Event()
         if self.jetstream is not None:
@@ -200,7 +205,7 @@ class Cloud:
             # connection broke.
             try:
                 async with mqtt.connect(self._options(ctx)) as conn:
-                    self._conn = conn
+                    self._switch(conn)
                     await self._subscribe(conn)
                     self.online.set()
                     self.online_at.append(self.clock())
@@ -211,7 +216,7 @@ class Cloud:
                     raise asyncio.CancelledError from None
                 self.last_error = str(exc)
                 self.online.clear()
-                self._conn = None
+                self._switch(None)
                 self._endpoint += 1
                 await asyncio.sleep(0.02)
 
@@ -306,7 +311,7 @@ class Cloud:
 
     def issue(
         self, device_id: str, name: str, body: dict[str, Any]
-    ) -> tuple[str, asyncio.Future[None]]:
+    ) -> tuple[str, asyncio.Future[float]]:
         """Start sending a command (QoS 1) with a fresh command_id and issued_at: its id
         at once, and the send to await. A sync answer for the device waits until this
         command is with the broker."""
@@ -326,18 +331,47 @@ class Cloud:
         await sending
         return command_id
 
-    async def send_raw(self, device_id: str, name: str, payload: bytes) -> None:
-        """Publish raw bytes to a device's down/ topic (for hostile-input tests)."""
-        async with asyncio.timeout(30):
-            await self.online.wait()
-        assert self._conn is not None  # noqa: S101  # online
-        # A command's PUBACK may wait this long: 10,000 agents connecting in the same
-        # process keep the event loop busy for tens of seconds, and the client's default
-        # (its connect timeout, 15 s) ended the run. Connecting keeps that default, so a
-        # node that accepts TLS but never answers MQTT is left for the next one soon.
-        await self._conn.publish(
-            f"smartmi/v1/{device_id}/down/{name}", payload, qos=1, ack_within=OPERATION_TIMEOUT_S
-        )
+    async def send_raw(self, device_id: str, name: str, payload: bytes) -> float:
+        """Publish raw bytes to a device's down/ topic at QoS 1 until the broker has them.
+
+        A real cloud keeps a command until the broker takes it: when the connection
+        breaks first (its node killed, the broker restarted), the same bytes go again on
+        the next one, within ``SEND_WITHIN_S``. Returns when the first attempt that may
+        have reached the broker began, the earliest the device can have heard it; an
+        attempt the client took nothing of (``NotSent``) does not count.
+        """
+        topic = f"smartmi/v1/{device_id}/down/{name}"
+        first: float | None = None
+        async with asyncio.timeout(SEND_WITHIN_S):
+            while True:
+                await self.online.wait()
+                conn = self._conn
+                assert conn is not None  # noqa: S101  # online
+                began = self.clock()
+                try:
+                    # A command's PUBACK may wait this long: 10,000 agents connecting in
+                    # the same process keep the event loop busy for tens of seconds, and
+                    # the client's default (its connect timeout, 15 s) ended the run.
+                    # Connecting keeps that default, so a node that accepts TLS but never
+                    # answers MQTT is left for the next one soon.
+                    await conn.publish(topic, payload, qos=1, ack_within=OPERATION_TIMEOUT_S)
+                except PublishRefused:
+                    raise
+                except NotSent:
+                    pass
+                except TransportError:
+                    first = began if first is None else first
+                else:
+                    return began if first is None else first
+                if conn is self._conn:  # not told yet that it went: wait (a while) until it is
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RESEND_AFTER_S):
+                            await self._switched.wait()
+
+    def _switch(self, conn: mqtt.Connection | None) -> None:
+        self._conn = conn
+        self._switched.set()
+        self._switched = asyncio.Event()
 
     def of(self, device_id: str, kind: str | None = None) -> list[Received]:
         """What arrived from one device (optionally of one kind)."""

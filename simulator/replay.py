@@ -49,13 +49,15 @@ class Choice:
 
 def choices(truth: DeviceTruth) -> list[Choice]:
     """The timeline in the user's order: a cloud command at its issue time, heard when
-    the broker forwarded it to the device (its issue time when nobody saw that)."""
+    the broker forwarded it to the device as an observer saw it, else when the cloud's
+    send that may have reached the broker began (its issue time when neither is known)."""
     out = []
     for t, what, info in sorted(truth.events, key=lambda e: e[0]):
         heard = t
         command_id = info.get("command_id")
         if info.get("via") == "cloud" and isinstance(command_id, str):
-            heard = max(t, truth.delivered.get(command_id, t))
+            seen = truth.delivered.get(command_id, truth.sent.get(command_id, t))
+            heard = max(t, seen)
         out.append(Choice(t, heard, what, info))
     return out
 

@@ -3,7 +3,8 @@
 A **timeline** (JSON) is the ground truth of a run: per device, what the user chose
 and when (local actions at the time the user acted, cloud commands at their issue
 time, each with its ``command_id``), what the device's outbox queued, acknowledged,
-dropped and still held, and when an observer saw each command go down (``delivered``).
+dropped and still held, when an observer saw each command go down (``delivered``), and
+when the cloud's send of each that may have reached the broker began (``sent``).
 The fleet writes one with ``smartmi-sim run --timeline FILE``; a lab harness can
 write one for real devices (``events`` alone are enough to judge consent, precision,
 minors and wipes; without ``queued`` no item can be called lost).
@@ -47,6 +48,7 @@ def dump(truths: dict[str, DeviceTruth], outages: list[tuple[float, float]]) -> 
                 "queued": {m: [p.value, at] for m, (p, at) in t.queued_items.items()},
                 "acked": t.acked,
                 "delivered": t.delivered,
+                "sent": t.sent,
                 "dropped": sorted(t.dropped_items),
                 "pending_at_end": sorted(t.pending_at_end),
                 "deletion_requests_pending": t.deletion_requests_pending,
@@ -83,6 +85,7 @@ def read(path: Path) -> tuple[dict[str, DeviceTruth], list[tuple[float, float]]]
             }
             t.acked = {m: float(at) for m, at in d.get("acked", {}).items()}
             t.delivered = {c: float(at) for c, at in d.get("delivered", {}).items()}
+            t.sent = {c: float(at) for c, at in d.get("sent", {}).items()}
             t.dropped_items = set(d.get("dropped", []))
             t.pending_at_end = set(d.get("pending_at_end", []))
             t.deletion_requests_pending = int(d.get("deletion_requests_pending", 0))

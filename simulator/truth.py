@@ -35,6 +35,11 @@ class DeviceTruth:
     # When the observer subscribed to the device's down/ first saw each cloud command
     # (by command_id): when the broker forwarded it, so the earliest the device heard it.
     delivered: dict[str, float] = field(default_factory=dict)
+    # When the cloud's first send of each command that may have reached the broker
+    # began (by command_id): the earliest the device can have heard it, where no
+    # observer saw it go down. Later than its issue when the cloud's connection broke
+    # and it was sent again on the next one.
+    sent: dict[str, float] = field(default_factory=dict)
 
     # -- what the device tells us (agent.device.DeviceObserver) ------------------
     def queued(self, msg_id: str, purpose: Purpose, at: float) -> None:

@@ -462,6 +462,30 @@ NO_LOCATION = {
 }
 
 
+@pytest.mark.parametrize(
+    ("name", "delivered", "sent", "left", "expected"),
+    [
+        # The cloud's send began 5 s after the issue (its connection broke first and
+        # the command went again on the next one): the device cannot have heard before.
+        ("left before the cloud sent it", {}, {"w": T0 + 15}, T0 + 16.5, []),
+        ("left past the grace after it was sent", {}, {"w": T0 + 15}, T0 + 17.5, ["no-consent"]),
+        # What the observer saw the broker forward is the better evidence: it wins.
+        ("the observer saw it forwarded earlier", {"w": T0 + 11}, {"w": T0 + 15}, T0 + 16.5,
+         ["no-consent"]),
+        ("sent at once", {}, {"w": T0 + 10}, T0 + 12.5, ["no-consent"]),
+    ],
+)  # fmt: skip
+def test_a_command_is_heard_no_earlier_than_the_clouds_send_began(
+    name: str, delivered: dict[str, float], sent: dict[str, float], left: float, expected: list[str]
+) -> None:
+    t = truth()
+    for at, what, info in WITHDRAW_LATE:
+        t.log(at, what, **info)
+    t.delivered, t.sent = dict(delivered), dict(sent)
+    t.seen_at["m"] = left
+    assert kinds_of(t, [message("crash", "m", T0 + 5, left + 30)]) == expected, name
+
+
 def test_a_violation_says_what_was_not_in_force_and_when() -> None:
     t = truth()
     for at, what, info in WITHDRAW_OFFLINE + OFF_OFFLINE:

@@ -90,10 +90,12 @@ def test_a_timeline_file_and_a_shard_merge_keep_the_delivery_times(tmp_path: Pat
         t.log(5.0, "withdraw", purpose="diagnostics", via="cloud", command_id=f"c{n}")
         t.queued(f"m{n}", Purpose.DIAGNOSTICS, 4.0)
         t.delivered[f"c{n}"] = 6.25
+        t.sent[f"c{n}"] = 5.5
         truths[t.device_id] = t
         timeline.write(tmp_path / f"t{n}.json", {t.device_id: t}, [])
     back, _outages = timeline.read(tmp_path / "t1.json")
     assert back["d1"].delivered == {"c1": 6.25}
+    assert back["d1"].sent == {"c1": 5.5}  # when the cloud's send began
     assert back["d1"].events == [
         (5.0, "withdraw", {"purpose": "diagnostics", "via": "cloud", "command_id": "c1"})
     ]
@@ -103,4 +105,5 @@ def test_a_timeline_file_and_a_shard_merge_keep_the_delivery_times(tmp_path: Pat
         [tmp_path / "t1.json", tmp_path / "t2.json"], [capture]
     )
     assert {d: t.delivered for d, t in merged.items()} == {"d1": {"c1": 6.25}, "d2": {"c2": 6.0}}
+    assert {d: t.sent for d, t in merged.items()} == {"d1": {"c1": 5.5}, "d2": {"c2": 5.5}}
     assert received == []

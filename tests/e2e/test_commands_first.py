@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import select
 import socket
 import time
@@ -28,6 +29,7 @@ from agent.runtime import commands as commands_mod
 from agent.runtime import mqtt
 from simulator.broker import MosquittoBroker
 from simulator.cloud import Cloud
+from simulator.faults import FaultProxy
 from simulator.pki import DevPki
 from simulator.rig import Agent, crash, until
 from tests.e2e.marker import before_marker
@@ -237,3 +239,39 @@ async def test_a_narrowing_command_on_the_socket_is_taken_before_anything_else_l
     finally:
         app.close()
         await agent.stop()
+
+
+async def test_a_command_whose_cloud_connection_broke_before_its_puback_still_arrives(
+    make_agent: MakeAgent, broker: MosquittoBroker, pki: DevPki
+) -> None:
+    """The cloud's connection to its node breaks while a command is on its way (a node
+    killed on a cluster): the cloud sends it again on its next connection, as a real
+    cloud keeps a command until the broker has it, and says when that send began."""
+    proxy = FaultProxy(broker.host, broker.port, random.Random(7))
+    await proxy.start()
+    agent = make_agent()
+    try:
+        async with Cloud(broker.host, proxy.port, pki).connected() as cloud:
+            core = agent.open()
+            core.bind("b-1", now=time.time())
+            core.grant(Purpose.DIAGNOSTICS, now=time.time())
+            agent.start()
+            await agent.synced()
+            proxy.latency_s = 1.0  # what the cloud writes now reaches the broker in 1 s
+            issued = time.time()
+            off = {"binding_id": "b-1", "policy_version": "1", "purposes": {"diagnostics": False}}
+            _command_id, sending = cloud.issue(agent.device_id, "consent", off)
+            await asyncio.sleep(0.2)  # the PUBLISH is inside the proxy, not yet at the broker
+            proxy.cut()  # ...and never gets there: the cloud's connection is gone
+            proxy.latency_s = 0.0
+            began = await sending  # a failed send raised here, and the command was lost
+            assert issued <= began <= time.time()
+            name, result = await agent.next_command()
+            while name != "consent":
+                name, result = await agent.next_command()
+            assert isinstance(result, dict)
+            assert "applied" in result.values(), result
+            assert not core.decide(Purpose.DIAGNOSTICS).allowed
+    finally:
+        await agent.stop()
+        await proxy.close()

@@ -25,7 +25,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.errors import PublishRefused, TransportError
+from agent.errors import NotSent, PublishRefused, TransportError
 from agent.runtime.mqtt.client import Client, Incoming, PubAck, register_write_safely
 from agent.runtime.mqtt.options import LastErrorLog, Options, client_arguments
 from agent.runtime.tls import classify_tls_error
@@ -86,7 +86,7 @@ class Connection:
         """Hand a QoS 1 PUBLISH to the client; its PUBACK comes to ``on_puback``."""
         info = self._paho.publish(topic, payload, qos=1)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise TransportError(f"could not publish: {paho.error_string(info.rc)}")
+            raise NotSent(f"could not publish: {paho.error_string(info.rc)}")
         return int(info.mid)
 
     async def publish(
@@ -96,7 +96,7 @@ class Connection:
         connect timeout by default); a refusing PUBACK raises ``PublishRefused``."""
         info = self._paho.publish(topic, payload, qos=qos)
         if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise TransportError(f"could not publish: {paho.error_string(info.rc)}")
+            raise NotSent(f"could not publish: {paho.error_string(info.rc)}")
         if qos == 0:
             return
         waiter = asyncio.get_running_loop().create_future()
