@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from simulator.scenario import (
     Withdraw,
 )
 from simulator.schedule import Pace, Planned
+
+log = logging.getLogger("smartmi.sim.actions")
 
 # -- local actions: the device acts at its own clock (``now``), the truth is ``real`` time.
 
@@ -356,7 +359,18 @@ class Player:
         self, dev: SimDevice, p: Planned, e: CommandEvent | Replay, due: float
     ) -> None:
         self.pace.on_time(due, e, p.at, dev.device_id)  # issued now
-        await send_command(self.cloud, dev, e)
+        try:
+            await send_command(self.cloud, dev, e)
+        except (AgentError, TimeoutError) as exc:  # the broker stayed out of reach
+            self.stats.commands_unsent += 1
+            log.warning(
+                "cloud command not sent",
+                extra={
+                    "device": dev.device_id,
+                    "action": e.action,
+                    "error": str(exc) or "timed out",
+                },
+            )
 
     async def _local(self, p: Planned, e: LocalEvent | Crash, due: float) -> None:
         dev = self.devices[p.target]

@@ -99,9 +99,13 @@ def new_run_dir(dev_dir: Path, name: str, *, prune: bool = True) -> Path:
 
 def outcome(doc: dict[str, Any], failures: int) -> int:
     """The exit code of a run, with its one line on stderr: NO_VERDICT when the fleet
-    fell behind its schedule, or did not drain and found nothing; 1 with ``failures``
-    violations, else 0."""
-    late_by = doc["schedule"]["late"] or (None if failures else report.undrained(doc))
+    fell behind its schedule, its cloud could not send every command, or it did not
+    drain and found nothing; 1 with ``failures`` violations, else 0."""
+    late_by = (
+        doc["schedule"]["late"]
+        or report.unsent(doc)
+        or (None if failures else report.undrained(doc))
+    )
     if late_by:
         print(f"smartmi-sim: no verdict: {late_by}", file=sys.stderr)
         return NO_VERDICT

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from simulator.checker import Verdict, percentiles
+from simulator.cloud import SEND_WITHIN_S
 from simulator.fleet import Fleet
 from simulator.schedule import MAX_LAG_S, late
 
@@ -83,10 +84,23 @@ def undrained(doc: dict[str, Any]) -> str | None:
     return UNDRAINED
 
 
+def unsent(doc: dict[str, Any]) -> str | None:
+    """Why a run whose cloud could not send every command gives no verdict; None if it
+    sent them all."""
+    n = int((doc.get("events") or {}).get("commands_unsent", 0))
+    if not n:
+        return None
+    return (
+        f"{n} cloud command(s) never reached the broker (out of reach for "
+        f"{SEND_WITHIN_S:g} s while the cloud kept sending): the devices could not hear "
+        "every choice the scenario made"
+    )
+
+
 def no_verdict(doc: dict[str, Any]) -> str | None:
-    """Why the run gives no verdict (it fell behind its schedule, or did not drain);
-    None when it gives one."""
-    return (doc.get("schedule") or {}).get("late") or undrained(doc)
+    """Why the run gives no verdict (it fell behind its schedule, its cloud could not
+    send every command, or it did not drain); None when it gives one."""
+    return (doc.get("schedule") or {}).get("late") or unsent(doc) or undrained(doc)
 
 
 def verdict_summary(doc: dict[str, Any]) -> list[str]:
@@ -135,7 +149,11 @@ def build(fleet: Fleet, verdict: Verdict) -> dict[str, Any]:
             "per_device_kib": round(per_device, 1),
             "broker_peak_kib": s.broker_peak_kib,
         },
-        "events": {"applied": s.events_applied, "refused": dict(s.events_refused)},
+        "events": {
+            "applied": s.events_applied,
+            "refused": dict(s.events_refused),
+            "commands_unsent": s.commands_unsent,
+        },
         "delivery": {
             "received": verdict.received,
             "unique": verdict.unique,
@@ -216,6 +234,7 @@ def merged(
         "events": {
             "applied": total("events", "applied"),
             "refused": dict(sum((Counter(d["events"]["refused"]) for d in shards), Counter())),
+            "commands_unsent": sum(int(d["events"].get("commands_unsent", 0)) for d in shards),
         },
         "delivery": {
             "received": verdict.received,
@@ -343,19 +362,23 @@ def write_junit(doc: dict[str, Any], path: Path) -> None:
     """One test case for the schedule, then one per rule; a rule with violations is a
     failed case listing them."""
     late_by = (doc.get("schedule") or {}).get("late")
-    stuck = undrained(doc)
+    stuck, lost_commands = undrained(doc), unsent(doc)
     suite = ET.Element(
         "testsuite",
         name=f"smartmi-privacy.{doc['scenario']}",
-        tests=str(len(RULES) + 2),
+        tests=str(len(RULES) + 3),
         failures=str(
-            sum(1 for k in RULES if doc["violation_counts"][k]) + bool(late_by) + bool(stuck)
+            sum(1 for k in RULES if doc["violation_counts"][k])
+            + bool(late_by)
+            + bool(lost_commands)
+            + bool(stuck)
         ),
         time=str(doc["elapsed_s"]),
     )
-    # Whether the run kept its schedule and drained: without that, the rules were not
-    # tested (a run whose broker died delivered nothing and found no violation).
-    for name, why in (("schedule", late_by), ("drained", stuck)):
+    # Whether the run kept its schedule, sent every cloud command and drained: without
+    # that, the rules were not tested (a run whose broker died delivered nothing and
+    # found no violation).
+    for name, why in (("schedule", late_by), ("commands", lost_commands), ("drained", stuck)):
         case = ET.SubElement(suite, "testcase", classname=doc["scenario"], name=name)
         if why:
             ET.SubElement(case, "failure", message="no verdict").text = why

@@ -35,6 +35,9 @@ class FleetStats:
     stuck_stops: int = 0
     # From a cloud command's issue to the device taking it: the path the grace covers.
     command_delays_s: list[float] = field(default_factory=list)
+    # Cloud commands that never reached the broker (it stayed out of reach while the
+    # cloud kept sending): the devices could not hear every choice, so no verdict.
+    commands_unsent: int = 0
     # The timeline's events, and how many of them were played so far, applied or
     # refused (the progress line).
     events_total: int = 0

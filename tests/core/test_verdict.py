@@ -43,6 +43,22 @@ def test_a_run_that_did_not_drain_and_found_nothing_gives_no_verdict(
     assert failed.get("name") == "drained"
 
 
+def test_a_run_whose_cloud_could_not_send_a_command_gives_no_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The devices could not hear every choice the timeline holds: judging them by it
+    would blame them for the cloud's failure (a wipe without its request)."""
+    cut_off = doc(drained=True, violations=1)
+    cut_off["events"] = {"commands_unsent": 2}
+    assert outcome(cut_off, 1) == NO_VERDICT
+    assert "no verdict: 2 cloud command(s) never reached the broker" in capsys.readouterr().err
+    assert report.verdict_summary(cut_off)[0].startswith("  NO VERDICT  2 cloud command(s)")
+    report.write_junit(cut_off, tmp_path / "j.xml")
+    cases = ET.parse(tmp_path / "j.xml").getroot().findall("testcase")  # noqa: S314  # ours
+    failed = [c.get("name") for c in cases if c.find("failure") is not None]
+    assert failed == ["commands", "no-consent"]
+
+
 @pytest.mark.parametrize(
     ("drained", "violations", "complete", "code"),
     [

@@ -55,7 +55,7 @@ def test_smoke_scenario_with_300_devices_passes(
     assert played
     assert played[-1][0] == played[-1][1]  # every event played, refused ones too
     cases = ET.parse(junit).getroot()  # noqa: S314  # our own file.findall("testcase")
-    assert [c.get("name") for c in cases] == ["schedule", "drained", *RULES]
+    assert [c.get("name") for c in cases] == ["schedule", "commands", "drained", *RULES]
     assert all(c.find("failure") is None for c in cases)
     page = (tmp_path / "r.html").read_text()
     assert fetched(page) == []
