@@ -178,6 +178,13 @@ class Cloud:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Sends still waiting for a connection (sync answers, commands nobody awaits
+            # any more) end with the cloud; each one's own caller hears of it.
+            sends: list[asyncio.Future[Any]] = [*self._tasks]
+            sends += [f for pending in self._issuing.values() for f in pending]
+            for send in sends:
+                send.cancel()
+            await asyncio.gather(*sends, return_exceptions=True)
 
     def _why_not_online(self) -> str:
         if not self.online.is_set():
