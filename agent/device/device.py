@@ -38,6 +38,11 @@ from agent.store.records import DeviceStore
 log = logging.getLogger("smartmi.device")
 
 
+def new_msg_id() -> str:
+    """A fresh random message ID."""
+    return uuid.uuid4().hex
+
+
 class Device:
     """One device: its rules, its store, and what it has handed to the transport."""
 
@@ -48,7 +53,7 @@ class Device:
         *,
         now: float,
         crash_dirs: Sequence[Path] = (),
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_id: Callable[[], str] = new_msg_id,
     ) -> None:
         self.store = store
         self._crash_files = CrashFiles(store.db, store.device_id)

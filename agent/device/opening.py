@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.core.settings import CoreConfig
-from agent.device.device import Device
+from agent.device.device import Device, new_msg_id
 from agent.store.database import Database
 from agent.store.keys import FileKeyStore, KeyStore
 from agent.store.records import DeviceStore
@@ -23,13 +23,11 @@ def build_device(
     *,
     now: float,
     crash_dirs: Sequence[Path] = (),
-    new_id: Callable[[], str] | None = None,
+    new_id: Callable[[], str] = new_msg_id,
 ) -> Device:
     """The device ``config`` names over ``db`` and ``keys``: how the daemon, the fleet,
     the tests and the benchmark each build one."""
     store = DeviceStore(db, config.device_id, keys)
-    if new_id is None:
-        return Device(store, config, now=now, crash_dirs=crash_dirs)
     return Device(store, config, now=now, crash_dirs=crash_dirs, new_id=new_id)
 
 

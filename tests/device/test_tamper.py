@@ -10,7 +10,7 @@ import pytest
 
 from agent.core.items import Outgoing
 from agent.core.purposes import Purpose, parse_envelope, rfc3339
-from agent.device import CrashReport
+from agent.device import CrashReport, Device
 from agent.errors import StorageError
 from agent.store.database import Database
 from tests.device.helpers import Rig
@@ -124,11 +124,7 @@ def test_not_a_database_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
 
 
 def test_tampered_deletion_request_is_quarantined(rig: Rig) -> None:
-    core = rig.open()
-    core.unbind(now=rig.tick())
-    assert rig.db is not None
-    rig.db.close()
-    rig.db = None
+    _unbound_offline(rig)
     rowid, blob = _first_blob(rig, "deletion_requests")
     _edit(rig, "UPDATE deletion_requests SET blob = ? WHERE rowid = ?", blob[:-2] + b"xx", rowid)
     core = rig.open()
@@ -229,9 +225,9 @@ def test_an_inserted_wipe_journal_is_logged(rig: Rig, caplog: pytest.LogCaptureF
     assert "an unfinished wipe was found in the journal" in caplog.text
 
 
-def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
-    rig: Rig, caplog: pytest.LogCaptureFixture
-) -> None:
+def _restored_from_before_a_withdrawal(rig: Rig) -> Device:
+    """Diagnostics withdrawn, then the state file copied while it was granted put back
+    (a restored card): the device opened over it."""
     core = rig.open()
     assert rig.db is not None
     assert core.decide(Purpose.DIAGNOSTICS).allowed
@@ -243,7 +239,13 @@ def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
     for leftover in rig.root.glob("state.db-*"):
         leftover.unlink()
     (rig.root / "state.db").write_bytes(old)  # restored: items and grant are back
-    core = rig.open()
+    return rig.open()
+
+
+def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = _restored_from_before_a_withdrawal(rig)
     assert not core.decide(Purpose.DIAGNOSTICS).allowed
     assert rig.deliver_all() == []
     assert any("rolled back" in p.reason for p in core.store.problems)
@@ -253,20 +255,10 @@ def test_a_rolled_back_store_brings_back_no_withdrawn_consent(
 def test_after_a_rolled_back_store_a_new_grant_captures_and_sends_again(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The restored store names, as its purpose's live item key, a key the withdrawal
-    destroyed. A new grant must not stay stuck on it: its rows go to quarantine (never
-    sent, no longer counted as queued) and a new key seals what is captured from then."""
-    core = rig.open()
-    assert rig.db is not None
-    rig.db.checkpoint()
-    old = (rig.root / "state.db").read_bytes()
-    core.withdraw(Purpose.DIAGNOSTICS, now=rig.tick())
-    rig.db.close()
-    rig.db = None
-    for leftover in rig.root.glob("state.db-*"):
-        leftover.unlink()
-    (rig.root / "state.db").write_bytes(old)
-    core = rig.open()  # its state fails its check (rolled back): the device starts anew
+    """The restored store names, as the purpose's live item key, a key the withdrawal
+    destroyed (the rows it sealed went to quarantine as the store opened). A new grant
+    must not stay stuck on it: the key is retired and a new one seals what comes next."""
+    core = _restored_from_before_a_withdrawal(rig)  # its state fails its check: anew
     core.bind("b-2", now=rig.tick())
     core.grant(Purpose.DIAGNOSTICS, now=rig.tick())
     new = core.capture_crash(CRASH, now=rig.tick())
